@@ -1,0 +1,234 @@
+"""Where session cgroups go, and how the server removes them without blocking.
+
+Session cgroups live under the server's own cgroup in each hierarchy (read
+from /proc/self/cgroup), in a ``shellserver`` child, one directory per
+session. Two layouts are understood:
+
+* hybrid (cgroup v1 controllers plus a controller-less cgroup2 mount): one
+  directory each in the memory, pids and cpu hierarchies, and one in the
+  cgroup2 hierarchy for ``cgroup.kill`` and ``cgroup.events``;
+* unified (cgroup v2 with the controllers enabled): a single directory.
+
+The launcher creates and joins them; the server's ``CgroupReaper`` kills and
+removes what a launcher left behind (it was SIGKILLed, or crashed).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Mapping
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
+
+PARENT_NAME = "shellserver"
+CPU_PERIOD_US = 100_000
+
+
+class CgroupError(Exception):
+    """The host lacks a cgroup hierarchy the sandbox needs."""
+
+
+@frozen
+class CgroupGroup:
+    """One session directory in one hierarchy, with the limits to write."""
+
+    path: str
+    limits: Mapping[str, str] = field(factory=dict)
+
+
+@frozen
+class CgroupLayout:
+    """The parent directories for session cgroups, per hierarchy."""
+
+    memory: str | None
+    pids: str | None
+    cpu: str | None
+    unified: str
+    v2_controllers: bool
+
+    def parents(self) -> tuple[str, ...]:
+        return tuple(
+            p for p in (self.memory, self.pids, self.cpu, self.unified) if p
+        )
+
+    def session_groups(self, session: str, limits) -> tuple[CgroupGroup, ...]:
+        quota_us = int(limits.cpu_quota * CPU_PERIOD_US)
+        if self.v2_controllers:
+            return (
+                CgroupGroup(
+                    os.path.join(self.unified, session),
+                    {
+                        "memory.max": str(limits.memory_bytes),
+                        "memory.swap.max": "0",
+                        "pids.max": str(limits.pids_max),
+                        "cpu.weight": str(max(1, limits.cpu_shares * 100 // 1024)),
+                        "cpu.max": f"{quota_us} {CPU_PERIOD_US}",
+                    },
+                ),
+            )
+        groups = []
+        if self.memory:
+            groups.append(CgroupGroup(
+                os.path.join(self.memory, session),
+                {"memory.limit_in_bytes": str(limits.memory_bytes)},
+            ))
+        if self.pids:
+            groups.append(CgroupGroup(
+                os.path.join(self.pids, session),
+                {"pids.max": str(limits.pids_max)},
+            ))
+        if self.cpu:
+            groups.append(CgroupGroup(
+                os.path.join(self.cpu, session),
+                {
+                    "cpu.shares": str(limits.cpu_shares),
+                    "cpu.cfs_period_us": str(CPU_PERIOD_US),
+                    "cpu.cfs_quota_us": str(quota_us),
+                },
+            ))
+        # The cgroup2 directory comes last: the launcher joins in this order,
+        # and cgroup.kill there reaches every process.
+        groups.append(CgroupGroup(os.path.join(self.unified, session)))
+        return tuple(groups)
+
+
+def parse_layout(mountinfo: str, self_cgroup: str) -> CgroupLayout:
+    """Find the hierarchies and the server's own cgroup in each (pure)."""
+    v1_mounts: dict[str, str] = {}
+    v2_mount = None
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rest = right.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        mount_point, fstype, options = fields[4], rest[0], rest[2]
+        if fstype == "cgroup2" and v2_mount is None:
+            v2_mount = mount_point
+        elif fstype == "cgroup":
+            for option in options.split(","):
+                if option in ("memory", "pids", "cpu"):
+                    v1_mounts.setdefault(option, mount_point)
+    if v2_mount is None:
+        raise CgroupError("no cgroup2 hierarchy is mounted (needed for cgroup.kill)")
+
+    own: dict[str, str] = {}
+    for line in self_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy_id, controllers, path = parts
+        if hierarchy_id == "0" and controllers == "":
+            own["unified"] = path
+        for controller in controllers.split(","):
+            if controller in ("memory", "pids", "cpu"):
+                own[controller] = path
+
+    def parent(mount: str | None, key: str) -> str | None:
+        if mount is None or key not in own:
+            return None
+        return os.path.join(mount, own[key].lstrip("/"), PARENT_NAME)
+
+    unified = parent(v2_mount, "unified")
+    if unified is None:
+        raise CgroupError("the server's cgroup2 path is missing from /proc/self/cgroup")
+    v2_controllers = not v1_mounts
+    layout = CgroupLayout(
+        memory=parent(v1_mounts.get("memory"), "memory"),
+        pids=parent(v1_mounts.get("pids"), "pids"),
+        cpu=parent(v1_mounts.get("cpu"), "cpu"),
+        unified=unified,
+        v2_controllers=v2_controllers,
+    )
+    if not v2_controllers and not (layout.memory and layout.pids and layout.cpu):
+        raise CgroupError(
+            "the memory, pids and cpu cgroup controllers must all be mounted"
+        )
+    return layout
+
+
+def read_layout() -> CgroupLayout:
+    """The layout of this host, read from /proc (start-up only)."""
+    with open("/proc/self/mountinfo") as f:
+        mountinfo = f.read()
+    with open("/proc/self/cgroup") as f:
+        self_cgroup = f.read()
+    return parse_layout(mountinfo, self_cgroup)
+
+
+def prepare_parents(layout: CgroupLayout) -> None:
+    """Create the ``shellserver`` parents (start-up only), enabling v2 controllers."""
+    for path in layout.parents():
+        os.makedirs(path, exist_ok=True)
+    if layout.v2_controllers:
+        control = os.path.join(layout.unified, "cgroup.subtree_control")
+        with open(control, "w") as f:
+            f.write("+memory +pids +cpu")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@define
+class CgroupReaper:
+    """Kill a session's cgroups and remove them, polling on the clock.
+
+    cgroup.kill returns at once, but the directories can only be removed once
+    the kernel has finished killing; polling keeps the reactor free.
+    """
+
+    _clock: IReactorTime
+    _interval: float = 0.01
+    _timeout: float = 10.0
+    _rmdir: Callable[[str], None] = os.rmdir
+    _kill: Callable[[str], None] = field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self._kill is None:
+            self._kill = lambda path: _write(os.path.join(path, "cgroup.kill"), "1")
+
+    def reap(self, groups: tuple[CgroupGroup, ...]) -> Deferred[bool]:
+        """Fire with True once every directory is gone, False on timeout."""
+        for group in groups:
+            try:
+                self._kill(group.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                # v1 hierarchies have no cgroup.kill: the cgroup2 one covers them.
+                if e.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM):
+                    log.warn("cgroup.kill on {path} failed: {error}",
+                             path=group.path, error=e)
+        done: Deferred[bool] = Deferred()
+        remaining = [g.path for g in groups]
+        deadline = self._clock.seconds() + self._timeout
+
+        def attempt() -> None:
+            for path in list(remaining):
+                try:
+                    self._rmdir(path)
+                except FileNotFoundError:
+                    remaining.remove(path)
+                except OSError:
+                    continue
+                else:
+                    remaining.remove(path)
+            if not remaining:
+                done.callback(True)
+            elif self._clock.seconds() >= deadline:
+                log.error("cgroups still busy after {timeout}s: {paths}",
+                          timeout=self._timeout, paths=remaining)
+                done.callback(False)
+            else:
+                self._clock.callLater(self._interval, attempt)
+
+        attempt()
+        return done

@@ -1,0 +1,334 @@
+"""The root launcher: turns a sandbox spec into a running, contained console.
+
+The server runs this file with the system Python as
+``/usr/bin/python3 -I -S launcher.py SPEC_JSON`` in a fresh PTY (Twisted has
+already called setsid and made the PTY our controlling terminal). It imports
+only the standard library: the server's own environment may be unreadable to
+other users and must not leak into the sandbox.
+
+Process layout::
+
+    launcher (root, host namespaces, session leader of the PTY)
+      └─ init (pid 1 of a new pid namespace, session uid)
+           └─ console (IPython, session uid)
+
+The launcher creates the session's cgroups, moves init into them, waits for
+init, and on exit (or SIGTERM/SIGHUP) kills the cgroup and removes it. Init
+builds the root filesystem in new mount/net/ipc/uts/cgroup namespaces,
+chroots, drops privileges, starts the console and reaps orphans; when init
+exits, the kernel kills whatever is left in the pid namespace.
+
+Exit status: the console's own status, or 111 when the sandbox could not be
+built (the reason is printed on the terminal first).
+"""
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+
+SETUP_FAILED = 111
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+# The signals a terminal sends to its foreground process group. The launcher
+# and init share that group with the console and must survive them.
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP,
+                    signal.SIGTTIN, signal.SIGTTOU)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_ulong, ctypes.c_char_p)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong, ctypes.c_ulong)
+
+
+class SetupError(Exception):
+    """The sandbox could not be built; the message says which step failed."""
+
+
+def _check(result, what):
+    if result != 0:
+        err = ctypes.get_errno()
+        raise SetupError(f"{what}: {os.strerror(err)}")
+
+
+def _b(value):
+    return None if value is None else os.fsencode(value)
+
+
+def mount(source, target, fstype, flags=0, data=None):
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
+           f"mount {fstype or source} on {target}")
+
+
+def unshare(flags):
+    _check(_libc.unshare(flags), "unshare")
+
+
+def prctl(option, value):
+    _check(_libc.prctl(option, value, 0, 0, 0), f"prctl {option}")
+
+
+# -- cgroups (launcher side) --------------------------------------------------
+
+def write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def create_cgroups(cgroups):
+    """Create each cgroup directory and write its limits."""
+    for group in cgroups:
+        try:
+            os.mkdir(group["path"], 0o755)
+        except FileExistsError:
+            pass
+        for name, value in group["limits"].items():
+            write_file(os.path.join(group["path"], name), str(value))
+
+
+def join_cgroups(cgroups, pid):
+    for group in cgroups:
+        write_file(os.path.join(group["path"], "cgroup.procs"), str(pid))
+
+
+def kill_cgroups(cgroups):
+    """Kill every process in the session's cgroups (cgroup2 cgroup.kill)."""
+    for group in cgroups:
+        kill = os.path.join(group["path"], "cgroup.kill")
+        if os.path.exists(kill):
+            try:
+                write_file(kill, "1")
+            except OSError:
+                pass
+
+
+def remove_cgroups(cgroups, deadline):
+    """Remove the cgroup directories once they are empty, until deadline."""
+    remaining = [g["path"] for g in cgroups]
+    while remaining and time.monotonic() < deadline:
+        for path in list(remaining):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                remaining.remove(path)
+            except OSError:
+                continue
+            else:
+                remaining.remove(path)
+        if remaining:
+            time.sleep(0.005)
+    return remaining
+
+
+# -- the root filesystem (init side, in the new mount namespace) --------------
+
+def build_root(spec):
+    root = spec["root"]
+    rw_flags = MS_NOSUID | MS_NODEV
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    mount("shellserver", root, "tmpfs", rw_flags, "size=1m,nr_inodes=1024,mode=0755")
+
+    def inside(path):
+        return os.path.join(root, path.lstrip("/"))
+
+    for link, target in spec["symlinks"].items():
+        os.symlink(target, inside(link))
+
+    for path in spec["read_only_binds"]:
+        target = inside(path)
+        if os.path.isdir(path):
+            os.makedirs(target, 0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            open(target, "w").close()
+        mount(path, target, None, MS_BIND | MS_REC)
+        mount(None, target, None,
+              MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+    for tmpfs in spec["tmpfs"]:
+        target = inside(tmpfs["path"])
+        os.makedirs(target, 0o755, exist_ok=True)
+        options = f"size={tmpfs['bytes']},mode={tmpfs['mode']}"
+        if tmpfs.get("owned"):
+            options += f",uid={spec['uid']},gid={spec['gid']}"
+        mount("tmpfs", target, "tmpfs", rw_flags | MS_NOEXEC * tmpfs.get("noexec", 0),
+              options)
+
+    build_dev(inside("/dev"))
+
+    os.makedirs(inside("/proc"), 0o555, exist_ok=True)
+    mount("proc", inside("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          "hidepid=2")
+
+    os.makedirs(inside("/etc"), 0o755, exist_ok=True)
+    for name, text in spec["etc"].items():
+        write_file(inside("/etc/" + name), text)
+        os.chmod(inside("/etc/" + name), 0o644)
+    for path in spec["copies"]:
+        if os.path.exists(path):
+            with open(path, "rb") as src, open(inside(path), "wb") as dst:
+                dst.write(src.read())
+
+    # Nothing in the root itself is writable by the console.
+    mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+DEVICES = {
+    "null": (1, 3), "zero": (1, 5), "full": (1, 7),
+    "random": (1, 8), "urandom": (1, 9), "tty": (5, 0),
+}
+
+
+def build_dev(dev):
+    os.makedirs(dev, 0o755, exist_ok=True)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+    for name, (major, minor) in DEVICES.items():
+        path = os.path.join(dev, name)
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(path, 0o666)
+    os.mkdir(os.path.join(dev, "pts"), 0o755)
+    mount("devpts", os.path.join(dev, "pts"), "devpts", MS_NOSUID | MS_NOEXEC,
+          "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    os.mkdir(os.path.join(dev, "shm"), 0o755)
+    mount("tmpfs", os.path.join(dev, "shm"), "tmpfs",
+          MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=8m,mode=1777")
+    for name, target in (("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2"), ("fd", "/proc/self/fd")):
+        os.symlink(target, os.path.join(dev, name))
+    mount(None, dev, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+
+
+# -- init ---------------------------------------------------------------------
+
+def drop_privileges(spec):
+    import resource
+
+    for name, (soft, hard) in spec["rlimits"].items():
+        resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))
+    os.setgroups([])
+    os.setresgid(spec["gid"], spec["gid"], spec["gid"])
+    os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+    if os.getuid() != spec["uid"] or os.geteuid() != spec["uid"]:
+        raise SetupError("could not drop privileges")
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    # setuid cleared any parent-death signal: set it after the drop.
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_init(spec, go_fd):
+    """Pid 1 of the sandbox: build it, start the console, reap, exit with it."""
+    # Wait until the launcher has moved us into the session's cgroups, so the
+    # cgroup namespace is rooted there.
+    if os.read(go_fd, 1) != b"g":
+        os._exit(SETUP_FAILED)
+    os.close(go_fd)
+    try:
+        unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+                | CLONE_NEWCGROUP)
+        build_root(spec)
+        socket.sethostname(spec["hostname"])
+        os.chroot(spec["root"])
+        os.chdir("/")
+        drop_privileges(spec)
+    except Exception as e:  # noqa: BLE001 - any failure must end setup cleanly
+        os.write(2, f"\r\nshellserver: the sandbox could not be built: {e}\r\n".encode())
+        os._exit(SETUP_FAILED)
+
+    console = os.fork()
+    if console == 0:
+        try:
+            for sig in TERMINAL_SIGNALS + (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            os.chdir(spec["cwd"])
+            os.execve(spec["argv"][0], spec["argv"], spec["env"])
+        except OSError as e:
+            os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n"
+                     .encode())
+        os._exit(SETUP_FAILED)
+
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(SETUP_FAILED)
+        if pid == console:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+# -- launcher -----------------------------------------------------------------
+
+def main(argv):
+    spec = json.loads(argv[1])
+    for sig in TERMINAL_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    cgroups = spec["cgroups"]
+
+    def stop(signum, frame):
+        kill_cgroups(cgroups)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+
+    try:
+        create_cgroups(cgroups)
+        unshare(CLONE_NEWPID)
+    except (OSError, SetupError) as e:
+        os.write(2, f"\r\nshellserver: the sandbox could not be built: {e}\r\n".encode())
+        remove_cgroups(cgroups, time.monotonic() + 1)
+        return SETUP_FAILED
+
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_write)
+        run_init(spec, go_read)
+        os._exit(SETUP_FAILED)  # not reached
+    os.close(go_read)
+    try:
+        join_cgroups(cgroups, pid)
+        os.write(go_write, b"g")
+    except OSError as e:
+        os.write(2, f"\r\nshellserver: the sandbox could not be built: {e}\r\n".encode())
+        os.kill(pid, signal.SIGKILL)
+    os.close(go_write)
+
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            status = SETUP_FAILED << 8
+            break
+    kill_cgroups(cgroups)
+    remove_cgroups(cgroups, time.monotonic() + 2)
+    return os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + (
+        os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

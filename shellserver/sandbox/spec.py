@@ -1,0 +1,197 @@
+"""The sandbox spec: a pure value describing one console's sandbox.
+
+``build_spec`` turns the configuration, a session name, a uid and the cgroup
+layout into a ``SandboxSpec``; the launcher (run as root in the child)
+receives it as JSON and applies it. Nothing here touches the system.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from attrs import field, frozen
+
+from shellserver.sandbox.cgroups import CgroupGroup, CgroupLayout
+
+CONSOLE_USER = "console"
+CONSOLE_HOME = "/home/console"
+CONSOLE_HOSTNAME = "console"
+
+# Debian 12 merges /bin, /sbin and /lib* into /usr: symlinks suffice.
+MERGED_USR_LINKS = {
+    "/bin": "usr/bin",
+    "/sbin": "usr/sbin",
+    "/lib": "usr/lib",
+    "/lib64": "usr/lib64",
+}
+
+# Host files copied (not bound) into the sandbox's /etc.
+HOST_ETC_COPIES = ("/etc/ld.so.cache", "/etc/localtime")
+
+
+@frozen
+class SandboxLimits:
+    """Resource limits for one console."""
+
+    memory_bytes: int
+    pids_max: int
+    cpu_shares: int
+    cpu_quota: float
+    tmp_bytes: int
+    home_bytes: int
+    max_open_files: int
+    max_file_bytes: int
+    max_processes: int
+
+    @classmethod
+    def from_config(cls, sandbox) -> SandboxLimits:
+        mib = 1024 * 1024
+        return cls(
+            memory_bytes=sandbox.memory_mb * mib,
+            pids_max=sandbox.pids_max,
+            cpu_shares=sandbox.cpu_shares,
+            cpu_quota=sandbox.cpu_quota,
+            tmp_bytes=sandbox.tmp_mb * mib,
+            home_bytes=sandbox.home_mb * mib,
+            max_open_files=sandbox.max_open_files,
+            max_file_bytes=sandbox.max_file_mb * mib,
+            max_processes=sandbox.max_processes,
+        )
+
+
+@frozen
+class SandboxSpec:
+    """Everything the launcher needs to build and run one sandbox."""
+
+    session: str
+    uid: int
+    gid: int
+    root: str
+    runtime: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str
+    hostname: str
+    read_only_binds: tuple[str, ...]
+    symlinks: Mapping[str, str]
+    tmpfs: tuple[Mapping[str, object], ...]
+    etc: Mapping[str, str]
+    copies: tuple[str, ...]
+    rlimits: Mapping[str, tuple[int, int]]
+    cgroups: tuple[CgroupGroup, ...] = field(default=())
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "session": self.session,
+                "uid": self.uid,
+                "gid": self.gid,
+                "root": self.root,
+                "argv": list(self.argv),
+                "env": dict(self.env),
+                "cwd": self.cwd,
+                "hostname": self.hostname,
+                "read_only_binds": list(self.read_only_binds),
+                "symlinks": dict(self.symlinks),
+                "tmpfs": [dict(t) for t in self.tmpfs],
+                "etc": dict(self.etc),
+                "copies": list(self.copies),
+                "rlimits": {k: list(v) for k, v in self.rlimits.items()},
+                "cgroups": [
+                    {"path": g.path, "limits": dict(g.limits)} for g in self.cgroups
+                ],
+            },
+            separators=(",", ":"),
+        )
+
+
+def console_argv(runtime: str) -> tuple[str, ...]:
+    """IPython from the runtime venv, isolated from the user site and env."""
+    return (
+        f"{runtime}/bin/python",
+        "-I",
+        "-m",
+        "IPython",
+        "--no-confirm-exit",
+        "--HistoryManager.hist_file=:memory:",
+        "--TerminalInteractiveShell.term_title=False",
+    )
+
+
+def console_env(runtime: str, uid: int) -> dict[str, str]:
+    return {
+        "PATH": f"{runtime}/bin:/usr/local/bin:/usr/bin:/bin",
+        "HOME": CONSOLE_HOME,
+        "USER": CONSOLE_USER,
+        "LOGNAME": CONSOLE_USER,
+        "SHELL": "/bin/sh",
+        "TERM": "xterm-256color",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Nothing may answer prompt_toolkit's cursor-position request in
+        # time (pre-started consoles, plain clients): don't ask.
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+        "IPYTHONDIR": f"{CONSOLE_HOME}/.ipython",
+        "MPLCONFIGDIR": "/tmp",
+    }
+
+
+def etc_files(uid: int, gid: int) -> dict[str, str]:
+    """A synthetic /etc naming only the console user."""
+    return {
+        "passwd": (
+            f"{CONSOLE_USER}:x:{uid}:{gid}:Console user:{CONSOLE_HOME}:/bin/sh\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"{CONSOLE_USER}:x:{gid}:\nnogroup:x:65534:\n",
+        "hostname": f"{CONSOLE_HOSTNAME}\n",
+        "hosts": f"127.0.0.1\tlocalhost {CONSOLE_HOSTNAME}\n::1\tlocalhost\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+    }
+
+
+def build_spec(
+    *,
+    session: str,
+    uid: int,
+    limits: SandboxLimits,
+    runtime: str,
+    root: str,
+    cgroup_layout: CgroupLayout | None,
+    extra_binds: Sequence[str] = (),
+) -> SandboxSpec:
+    """The sandbox for one console session, as a pure value."""
+    gid = uid
+    cgroups = (
+        cgroup_layout.session_groups(session, limits) if cgroup_layout else ()
+    )
+    return SandboxSpec(
+        session=session,
+        uid=uid,
+        gid=gid,
+        root=root,
+        runtime=runtime,
+        argv=console_argv(runtime),
+        env=console_env(runtime, uid),
+        cwd=CONSOLE_HOME,
+        hostname=CONSOLE_HOSTNAME,
+        read_only_binds=("/usr", runtime, *extra_binds),
+        symlinks=MERGED_USR_LINKS,
+        tmpfs=(
+            {"path": "/tmp", "bytes": limits.tmp_bytes, "mode": "1777"},
+            {"path": CONSOLE_HOME, "bytes": limits.home_bytes, "mode": "0700",
+             "owned": True},
+        ),
+        etc=etc_files(uid, gid),
+        copies=HOST_ETC_COPIES,
+        rlimits={
+            "NOFILE": (limits.max_open_files, limits.max_open_files),
+            "FSIZE": (limits.max_file_bytes, limits.max_file_bytes),
+            "NPROC": (limits.max_processes, limits.max_processes),
+            "CORE": (0, 0),
+        },
+        cgroups=tuple(cgroups),
+    )
