@@ -1,0 +1,449 @@
+"""
+The server's configuration: frozen attrs values loaded from TOML.
+
+Every value is checked when it is built, so a bad file fails at start-up with
+one clear message naming the key (``console.idle_timeout: must be a positive
+number of seconds, got -3``) instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import attrs
+from attrs import field, frozen
+
+
+@attrs.define(auto_exc=True, kw_only=True)
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.
+
+    ``key`` is ``"section.key"`` (or a section name) when one value is at
+    fault, None for a file that cannot be read or parsed; ``line`` is the line
+    of a TOML syntax error.
+    """
+
+    message: str
+    key: str | None = None
+    source: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        if self.key is not None:
+            return f"{self.key}: {self.message}"
+        if self.line is not None:
+            return f"{self.source}, line {self.line}: {self.message}"
+        return self.message
+
+
+def _describe(value: object) -> str:
+    """Show a value the way the user wrote it in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return f"an array {list(value)!r}"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__} ({value})"
+
+
+def _fail(instance: object, attribute: attrs.Attribute, message: str) -> ConfigError:
+    return ConfigError(key=f"{instance.section}.{attribute.name}", message=message)  # type: ignore[attr-defined]
+
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _is_number(value: object) -> bool:
+    # TOML true/false arrive as bool, a subclass of int: they are not numbers.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _seconds(*, zero_means_never: bool) -> Validator:
+    """A duration in seconds: positive, or also 0 when 0 means "never"."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not _is_number(value) or not math.isfinite(value):
+            raise _fail(
+                instance,
+                attribute,
+                f"must be a number of seconds, got {_describe(value)}",
+            )
+        if value < 0 or (value == 0 and not zero_means_never):
+            raise _fail(
+                instance,
+                attribute,
+                f"must be a positive number of seconds, got {_describe(value)}",
+            )
+
+    return check
+
+
+def _integer(*, minimum: int = 1, maximum: int | None = None) -> Validator:
+    """An integer in [minimum, maximum]; never a bool or a float."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _fail(
+                instance, attribute, f"must be an integer, got {_describe(value)}"
+            )
+        if value < minimum or (maximum is not None and value > maximum):
+            if minimum == 1 and maximum is None:
+                wanted = "a positive integer"
+            elif maximum is None:
+                wanted = f"an integer >= {minimum}"
+            else:
+                wanted = f"an integer from {minimum} to {maximum}"
+            raise _fail(
+                instance, attribute, f"must be {wanted}, got {_describe(value)}"
+            )
+
+    return check
+
+
+def _path(*, optional: bool) -> Validator:
+    """An absolute path; "" too when ``optional`` (meaning "the default")."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, str) and value == "" and optional:
+            return
+        if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+            hint = ' (or "" for the default)' if optional else ""
+            raise _fail(
+                instance,
+                attribute,
+                f"must be an absolute path{hint}, got {_describe(value)}",
+            )
+
+    return check
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})")
+
+
+def _check_node(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not (value == "" or _NODE_NAME.fullmatch(value)):
+        raise _fail(
+            instance,
+            attribute,
+            "must be a node name (letters, digits, '.', '_', '-'; at most 253) "
+            f'or "" for the host name, got {_describe(value)}',
+        )
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _origin_problem(origin: str) -> str | None:
+    """Why ``origin`` is not a canonical web origin, or None if it is one."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError as error:
+        return str(error)
+    if parts.scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    if not parts.hostname:
+        return "it has no host"
+    if not (_HOST_NAME.fullmatch(parts.hostname) or parts.netloc.startswith("[")):
+        return "the host name has characters a host name cannot have"
+    if parts.username is not None or parts.password is not None:
+        return "it must not contain a user name or password"
+    if parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")):
+        return "it must not have a path (not even a trailing /), query or fragment"
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    canonical = f"{parts.scheme}://{parts.netloc.lower()}"
+    if port == default_port:
+        canonical = canonical.rsplit(":", 1)[0]
+    if origin != canonical:
+        # Browsers send origins in this form, and origins are compared as text.
+        return f"write it as {canonical!r}, the form browsers send"
+    return None
+
+
+def _to_tuple(value: Any) -> Any:
+    """TOML arrays arrive as lists; frozen values hold tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_origins(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, tuple):
+        raise _fail(
+            instance,
+            attribute,
+            "must be an array of origins (scheme://host[:port]), "
+            f"got {_describe(value)}",
+        )
+    for origin in value:
+        if not isinstance(origin, str):
+            raise _fail(
+                instance,
+                attribute,
+                f"must contain origin strings, got {_describe(origin)}",
+            )
+        problem = _origin_problem(origin)
+        if problem is not None:
+            raise _fail(
+                instance,
+                attribute,
+                f"{origin!r} is not an origin scheme://host[:port]: {problem}",
+            )
+
+
+@frozen(kw_only=True)
+class ServerConfig:
+    """The ``[server]`` section."""
+
+    section: ClassVar[str] = "server"
+
+    state_dir: str = field(
+        default="/var/lib/shellserver", validator=_path(optional=False)
+    )
+    node: str = field(default="", validator=_check_node)
+    public_origins: tuple[str, ...] = field(
+        default=(), converter=_to_tuple, validator=_check_origins
+    )
+
+    def node_name(self) -> str:
+        """The node name put in tokens: ``node``, or else the host name."""
+        return self.node or socket.gethostname()
+
+
+def _check_tls_pair(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    other = "private_key" if attribute.name == "certificate" else "certificate"
+    if value == "" and getattr(instance, other) != "":
+        raise _fail(
+            instance,
+            attribute,
+            f"must be set too when tls.{other} is set (give both, or neither "
+            "for a self-signed certificate)",
+        )
+
+
+@frozen(kw_only=True)
+class TLSConfig:
+    """The ``[tls]`` section: both files, or neither for a self-signed certificate."""
+
+    section: ClassVar[str] = "tls"
+
+    certificate: str = field(
+        default="", validator=[_path(optional=True), _check_tls_pair]
+    )
+    private_key: str = field(
+        default="", validator=[_path(optional=True), _check_tls_pair]
+    )
+
+    @property
+    def self_signed(self) -> bool:
+        """True when no certificate is configured."""
+        return self.certificate == ""
+
+
+@frozen(kw_only=True)
+class ConsoleConfig:
+    """The ``[console]`` section: time limits, all in seconds."""
+
+    section: ClassVar[str] = "console"
+
+    auth_timeout: float = field(default=5.0, validator=_seconds(zero_means_never=False))
+    token_ttl: float = field(default=60.0, validator=_seconds(zero_means_never=False))
+    idle_timeout: float = field(
+        default=600.0, validator=_seconds(zero_means_never=True)
+    )
+    max_age: float = field(default=1800.0, validator=_seconds(zero_means_never=True))
+
+
+_NOBODY = 65534
+_UID_LIMIT = 2**31 - 1
+
+
+def _check_uid_max(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    # Runs after every field is set, and after uid_min's own validator.
+    uid_min = instance.uid_min
+    if value < uid_min:
+        raise _fail(
+            instance,
+            attribute,
+            f"must be >= sandbox.uid_min ({uid_min}), got {_describe(value)}",
+        )
+    if value >= _UID_LIMIT:
+        raise _fail(
+            instance, attribute, f"must be < {_UID_LIMIT}, got {_describe(value)}"
+        )
+    if uid_min <= _NOBODY <= value:
+        raise _fail(
+            instance,
+            attribute,
+            f"the uid range [{uid_min}, {value}] must not include {_NOBODY} "
+            "(nobody, which other programs use)",
+        )
+
+
+def _check_cpu_quota(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    cpus = os.cpu_count() or 1
+    if not _is_number(value) or not math.isfinite(value):
+        raise _fail(instance, attribute, f"must be a number, got {_describe(value)}")
+    if not 0 < value <= cpus:
+        raise _fail(
+            instance,
+            attribute,
+            f"must be more than 0 and at most {cpus} (the number of CPUs; "
+            f"1 is one whole CPU), got {_describe(value)}",
+        )
+
+
+@frozen(kw_only=True)
+class SandboxConfig:
+    """The ``[sandbox]`` section: where consoles run and what they may use."""
+
+    section: ClassVar[str] = "sandbox"
+
+    runtime: str = field(default="", validator=_path(optional=True))
+    system_python: str = field(
+        default="/usr/bin/python3", validator=_path(optional=False)
+    )
+    uid_min: int = field(default=200000, validator=_integer(minimum=1000))
+    uid_max: int = field(default=200999, validator=[_integer(), _check_uid_max])
+    memory_mb: int = field(default=256, validator=_integer())
+    pids_max: int = field(default=64, validator=_integer())
+    # cgroup v1 accepts cpu.shares from 2 to 262144.
+    cpu_shares: int = field(default=256, validator=_integer(minimum=2, maximum=262144))
+    cpu_quota: float = field(default=0.5, validator=_check_cpu_quota)
+    tmp_mb: int = field(default=64, validator=_integer())
+    home_mb: int = field(default=32, validator=_integer())
+    max_open_files: int = field(default=256, validator=_integer())
+    max_file_mb: int = field(default=32, validator=_integer())
+    max_processes: int = field(default=64, validator=_integer())
+
+
+_SECTIONS: Mapping[str, type] = {
+    "server": ServerConfig,
+    "tls": TLSConfig,
+    "console": ConsoleConfig,
+    "sandbox": SandboxConfig,
+}
+
+
+@frozen(kw_only=True)
+class Config:
+    """The whole configuration, one attribute per TOML section."""
+
+    server: ServerConfig = field(factory=ServerConfig)
+    tls: TLSConfig = field(factory=TLSConfig)
+    console: ConsoleConfig = field(factory=ConsoleConfig)
+    sandbox: SandboxConfig = field(factory=SandboxConfig)
+
+    @classmethod
+    def defaults(cls) -> Config:
+        """The configuration used when no file is given."""
+        return cls()
+
+    def with_state_dir(self, path: str | os.PathLike[str]) -> Config:
+        """
+        A copy with another ``server.state_dir`` (``--state-dir`` beats the
+        file). The path must be absolute; make it so before calling.
+        """
+        return attrs.evolve(
+            self, server=attrs.evolve(self.server, state_dir=os.fspath(path))
+        )
+
+    @property
+    def tls_dir(self) -> str:
+        """Where the self-signed certificate and its key are kept."""
+        return os.path.join(self.server.state_dir, "tls")
+
+    @property
+    def secret_path(self) -> str:
+        """The HMAC secret that signs console tokens."""
+        return os.path.join(self.server.state_dir, "secret")
+
+    @property
+    def runtime_dir(self) -> str:
+        """The console runtime venv: ``sandbox.runtime``, or state_dir/runtime."""
+        return self.sandbox.runtime or os.path.join(self.server.state_dir, "runtime")
+
+
+def _unknown(name: str, known: list[str], key: str, what: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(
+        key=key, message=f"unknown {what}{hint}; known: {', '.join(known)}"
+    )
+
+
+def _build_section(name: str, table: object) -> Any:
+    cls = _SECTIONS[name]
+    if not isinstance(table, dict):
+        raise ConfigError(
+            key=name, message=f"must be a table [{name}], got {_describe(table)}"
+        )
+    known = [a.name for a in attrs.fields(cls)]
+    for key in table:
+        if key not in known:
+            raise _unknown(key, known, f"{name}.{key}", "key")
+    return cls(**table)
+
+
+def _syntax_error(reason: str, text: str, source: str) -> ConfigError:
+    # Python 3.11's TOMLDecodeError has no line attribute, only a suffix:
+    # "(at line N, column M)" or "(at end of document)".
+    found = re.search(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$", reason)
+    if found is None:
+        return ConfigError(message=f"invalid TOML: {reason}", source=source)
+    line = (
+        int(found.group(1)) if found.group(1) else len(text.rstrip().splitlines()) or 1
+    )
+    return ConfigError(
+        message=f"invalid TOML: {reason[: found.start()]}", source=source, line=line
+    )
+
+
+def load_config(text: str | None, *, source: str = "<config>") -> Config:
+    """
+    Parse and check TOML configuration text; None gives the defaults.
+
+    Missing sections and keys take their defaults. Raises L{ConfigError}.
+    """
+    if text is None:
+        return Config.defaults()
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise _syntax_error(str(error), text, source) from None
+    sections = {}
+    for name, table in document.items():
+        if name not in _SECTIONS:
+            raise _unknown(name, list(_SECTIONS), name, "section")
+        sections[name] = _build_section(name, table)
+    return Config(**sections)
+
+
+def load_config_file(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and check a TOML configuration file. Raises L{ConfigError}."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise ConfigError(
+            message=f"cannot read config file {name}: {error.strerror or error}",
+            source=name,
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            message=f"config file {name} is not UTF-8: {error}", source=name
+        ) from None
+    return load_config(text, source=name)
