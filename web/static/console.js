@@ -1,0 +1,254 @@
+// The terminal page: xterm.js on one side, a SockJS connection speaking the
+// console protocol (docs/protocol.md) on the other, and a status line that
+// tells the visitor what is going on. Nothing is exported; tests read the
+// state from <body data-state="connecting|ready|ended|error">.
+(function () {
+  "use strict";
+
+  // Only transports that need nothing beyond `connect-src`: the iframe-based
+  // ones would load sockjs.js from a CDN and the JSONP one needs
+  // `script-src` for the server, neither of which our CSP allows.
+  var DEFAULT_TRANSPORTS = ["websocket", "xhr-streaming", "xhr-polling"];
+
+  var STATUS_TEXT = {
+    connecting: "Connecting…",
+    starting: "Starting Python…",
+    ready: "Ready. Type Python; exit() or Ctrl-D ends the session.",
+    ended: "The console has ended.",
+    error: "Something went wrong."
+  };
+
+  var body = document.body;
+  var terminalElement = document.getElementById("terminal");
+  var statusText = document.getElementById("status-text");
+  var newConsoleButton = document.getElementById("new-console");
+
+  var state = "connecting";
+  var socket = null;
+  var authenticated = false;  // `a` has been sent on the open socket
+  var userTyped = false;
+  var lastSize = "";
+
+  function metaContent(name) {
+    var element = document.querySelector('meta[name="' + name + '"]');
+    return element ? element.getAttribute("content") : "";
+  }
+
+  function requestedTransports() {
+    var value = new URLSearchParams(window.location.search).get("transports");
+    if (!value) {
+      return DEFAULT_TRANSPORTS;
+    }
+    var names = value.split(",").map(function (name) {
+      return name.trim();
+    }).filter(Boolean);
+    return names.length ? names : DEFAULT_TRANSPORTS;
+  }
+
+  var term = new Terminal({
+    cursorBlink: true,
+    fontFamily: 'ui-monospace, "SFMono-Regular", Menlo, Consolas, ' +
+      '"DejaVu Sans Mono", "Liberation Mono", monospace',
+    fontSize: 14,
+    lineHeight: 1.15,
+    scrollback: 2000,
+    theme: {
+      background: "#14171c",
+      foreground: "#d8dee9",
+      cursor: "#ffd43b",
+      cursorAccent: "#14171c",
+      selectionBackground: "#3b4a5e",
+      black: "#1c1f26",
+      red: "#e06c75",
+      green: "#98c379",
+      yellow: "#e5c07b",
+      blue: "#61afef",
+      magenta: "#c678dd",
+      cyan: "#56b6c2",
+      white: "#d8dee9",
+      brightBlack: "#6b7280",
+      brightRed: "#ef8b93",
+      brightGreen: "#b5e08f",
+      brightYellow: "#f0d39a",
+      brightBlue: "#8cc8f5",
+      brightMagenta: "#d99ee8",
+      brightCyan: "#7fd0da",
+      brightWhite: "#ffffff"
+    }
+  });
+  var fitAddon = new FitAddon.FitAddon();
+  term.loadAddon(fitAddon);
+  term.open(terminalElement);
+
+  // Keys a browser would otherwise lose to the terminal: Ctrl-C with a
+  // selection copies it (as in most desktop terminals), and Ctrl-V /
+  // Ctrl-Shift-V paste instead of sending ^V. Returning false lets the
+  // browser's own copy/paste run; xterm.js handles those events itself.
+  term.attachCustomKeyEventHandler(function (event) {
+    if (event.type !== "keydown" || !event.ctrlKey || event.altKey ||
+        event.metaKey) {
+      return true;
+    }
+    var key = event.key.toLowerCase();
+    if (key === "c" && !event.shiftKey && term.hasSelection()) {
+      window.setTimeout(function () { term.clearSelection(); }, 0);
+      return false;
+    }
+    return key !== "v";
+  });
+
+  function send(type, payload) {
+    if (socket && socket.readyState === SockJS.OPEN) {
+      socket.send(type + payload);
+    }
+  }
+
+  function reportSize() {
+    var size = term.cols + "," + term.rows;
+    if (authenticated && size !== lastSize) {
+      lastSize = size;
+      send("r", size);
+    }
+  }
+
+  var fitPending = false;
+  function scheduleFit() {
+    if (fitPending) {
+      return;
+    }
+    fitPending = true;
+    window.requestAnimationFrame(function () {
+      fitPending = false;
+      fitAddon.fit();  // fires onResize (and so reportSize) if the grid changed
+    });
+  }
+
+  function setState(next, message) {
+    state = next;
+    body.setAttribute("data-state", next);
+    statusText.textContent = message || STATUS_TEXT[next];
+    var finished = next === "ended" || next === "error";
+    newConsoleButton.hidden = !finished;
+    if (finished) {
+      authenticated = false;
+      term.options.disableStdin = true;
+      term.options.cursorBlink = false;
+      term.options.cursorInactiveStyle = "none";
+      if (document.hasFocus()) {
+        newConsoleButton.focus();
+      }
+    } else if (next === "ready") {
+      term.focus();
+    }
+  }
+
+  function finish(next, message) {
+    // The first `x`/`e`/close wins; the close that follows `x` or `e`
+    // repeats the reason and must not overwrite it.
+    if (state === "ended" || state === "error") {
+      return;
+    }
+    setState(next, message);
+  }
+
+  function onMessage(event) {
+    var data = String(event.data);
+    var type = data.charAt(0);
+    var payload = data.slice(1);
+    switch (type) {
+      case "o":
+        term.write(payload);
+        break;
+      case "s":
+        if (payload === "ready") {
+          setState("ready");
+        } else if (state === "connecting") {
+          statusText.textContent = STATUS_TEXT[payload] || payload;
+        }
+        break;
+      case "x":
+        finish("ended", payload);
+        break;
+      case "e":
+        finish("error", payload);
+        break;
+      default:
+        // Unknown types are ignored, so that the server can add messages
+        // without breaking older pages.
+        break;
+    }
+  }
+
+  function onClose(event) {
+    var wasOpen = authenticated;
+    authenticated = false;
+    socket = null;
+    var reason = event.reason || "";
+    if (event.code === 3000) {
+      finish("ended", reason);
+    } else if (event.code >= 4000 && event.code < 5000) {
+      finish("error", reason);
+    } else if (state === "ready") {
+      finish("ended", "The connection closed. Start a new console to continue.");
+    } else if (wasOpen) {
+      finish("error", "The connection closed before Python started.");
+    } else {
+      finish("error", "Could not reach the console server" +
+        (reason ? " (" + reason + ")." : "."));
+    }
+  }
+
+  function connect() {
+    var token = metaContent("shellserver-token");
+    var url = metaContent("shellserver-sockjs-url");
+    if (!token || !url || token.indexOf("{{") === 0) {
+      setState("error", "This page is missing its console token.");
+      return;
+    }
+    socket = new SockJS(url, null, {transports: requestedTransports()});
+    socket.onopen = function () {
+      send("a", token);
+      authenticated = true;
+      reportSize();
+    };
+    socket.onmessage = onMessage;
+    socket.onclose = onClose;
+  }
+
+  term.onData(function (data) {
+    if (authenticated) {
+      if (state === "ready") {
+        userTyped = true;
+      }
+      send("i", data);
+    }
+  });
+  term.onResize(reportSize);
+
+  window.addEventListener("resize", scheduleFit);
+  if (window.ResizeObserver) {
+    new ResizeObserver(scheduleFit).observe(terminalElement);
+  }
+  window.addEventListener("focus", function () {
+    if (state === "ready") {
+      term.focus();
+    }
+  });
+  terminalElement.addEventListener("mousedown", function () {
+    term.focus();
+  });
+  newConsoleButton.addEventListener("click", function () {
+    window.location.reload();  // a new page load mints a new token
+  });
+  // Ctrl-W and friends close the tab before the page sees them; at least
+  // ask before a session the visitor has typed into goes away.
+  window.addEventListener("beforeunload", function (event) {
+    if (state === "ready" && userTyped) {
+      event.preventDefault();
+      event.returnValue = "";
+    }
+  });
+
+  fitAddon.fit();
+  connect();
+}());
