@@ -1,0 +1,303 @@
+"""
+Console tokens: short-lived, single-use, HMAC-signed permissions to open one
+console, minted when the console page is served and redeemed by the first
+message on the SockJS connection.
+
+A token is ``v1.<base64url(JSON claims)>.<base64url(HMAC-SHA256(secret,
+"v1." + payload))>`` (base64url without padding).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import heapq
+import hmac
+import json
+import os
+import re
+import secrets
+import stat
+from typing import Any
+
+import attrs
+from attrs import field, frozen
+from twisted.internet.interfaces import IReactorTime
+
+MAX_TOKEN_LENGTH = 1024
+SECRET_LENGTH = 32
+# A shorter HMAC key would make forging tokens easier than it has to be.
+MIN_SECRET_LENGTH = 16
+
+_VERSION = "v1"
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+FORGED = "forged"
+EXPIRED = "expired"
+REPLAYED = "replayed"
+WRONG_NODE = "wrong node"
+MALFORMED = "malformed"
+WRONG_ORIGIN = "wrong origin"
+
+_MESSAGES = {
+    FORGED: "console token has an invalid signature",
+    EXPIRED: "console token expired",
+    REPLAYED: "console token was already used",
+    WRONG_NODE: "console token is for another node",
+    MALFORMED: "console token is malformed",
+    WRONG_ORIGIN: "console token was issued for another origin",
+}
+
+
+@attrs.define(auto_exc=True)
+class TokenError(Exception):
+    """
+    A console token was refused. ``reason`` is one of L{FORGED},
+    L{EXPIRED}, L{REPLAYED}, L{WRONG_NODE}, L{MALFORMED}, L{WRONG_ORIGIN}.
+    """
+
+    reason: str = field(validator=attrs.validators.in_(_MESSAGES))
+
+    def __str__(self) -> str:
+        return _MESSAGES[self.reason]
+
+
+@frozen(kw_only=True)
+class TokenClaims:
+    """What a console token says: who may open a console, where, until when."""
+
+    user_id: str
+    node: str
+    origin: str
+    issued_at: float
+    expires_at: float
+    nonce: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            attrs.asdict(self), sort_keys=True, separators=(",", ":")
+        ).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> TokenClaims:
+        """Parse claims; raise ValueError for anything but exactly our fields."""
+        document = json.loads(data)
+        names = [a.name for a in attrs.fields(cls)]
+        if not isinstance(document, dict) or sorted(document) != sorted(names):
+            raise ValueError("not the claims object")
+        for name in ("user_id", "node", "origin", "nonce"):
+            if not isinstance(document[name], str):
+                raise ValueError(f"{name} is not a string")
+        for name in ("issued_at", "expires_at"):
+            value = document[name]
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"{name} is not a number")
+        return cls(**document)
+
+
+def _encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@attrs.define
+class TokenAuthority:
+    """
+    Mints console tokens and redeems each at most once.
+
+    Redeemed nonces are remembered until their token expires (after which the
+    expiry check refuses the token anyway) and then forgotten, so memory is
+    bounded by the tokens redeemed within one C{ttl}.
+    """
+
+    _secret: bytes = field(repr=False)
+    _node: str = field(kw_only=True)
+    _clock: IReactorTime = field(kw_only=True, repr=False)
+    _ttl: float = field(kw_only=True)
+    _redeemed: dict[str, float] = field(init=False, factory=dict, repr=False)
+    _expiries: list[tuple[float, str]] = field(init=False, factory=list, repr=False)
+
+    @_secret.validator
+    def _check_secret(self, attribute: Any, value: bytes) -> None:
+        if not isinstance(value, bytes) or len(value) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"the token secret must be at least {MIN_SECRET_LENGTH} bytes"
+            )
+
+    @_ttl.validator
+    def _check_ttl(self, attribute: Any, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"the token ttl must be positive, got {value!r}")
+
+    def _signature(self, payload: str) -> str:
+        message = f"{_VERSION}.{payload}".encode("ascii")
+        return _encode(hmac.new(self._secret, message, hashlib.sha256).digest())
+
+    def _forget_expired(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            _, nonce = heapq.heappop(self._expiries)
+            del self._redeemed[nonce]
+
+    def mint(self, *, user_id: str, origin: str) -> str:
+        """A token letting ``user_id`` open one console from a page on ``origin``."""
+        now = self._clock.seconds()
+        self._forget_expired(now)
+        claims = TokenClaims(
+            user_id=user_id,
+            node=self._node,
+            origin=origin,
+            issued_at=now,
+            expires_at=now + self._ttl,
+            nonce=secrets.token_urlsafe(16),
+        )
+        payload = _encode(claims.to_json())
+        token = f"{_VERSION}.{payload}.{self._signature(payload)}"
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise ValueError(
+                f"a token for this user and origin would be {len(token)} characters, "
+                f"more than {MAX_TOKEN_LENGTH}"
+            )
+        return token
+
+    def redeem(self, token: str, *, origin: str | None) -> TokenClaims:
+        """
+        Check ``token`` and use it up.
+
+        @param origin: the Origin of the connection presenting it, checked
+            against the page's origin in the token; None skips that check
+            (for transports that carry no Origin).
+        @raise TokenError: in this order of checks: L{MALFORMED}, L{FORGED},
+            L{WRONG_NODE}, L{EXPIRED}, L{WRONG_ORIGIN}, L{REPLAYED}.
+        """
+        now = self._clock.seconds()
+        self._forget_expired(now)
+        # Bound the work an attacker can cause before anything is decoded.
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+            raise TokenError(MALFORMED)
+        parts = token.split(".")
+        if (
+            len(parts) != 3
+            or parts[0] != _VERSION
+            or not _BASE64URL.fullmatch(parts[1])
+            or not _BASE64URL.fullmatch(parts[2])
+        ):
+            raise TokenError(MALFORMED)
+        _, payload, signature = parts
+        # Comparing the encoded forms also refuses other spellings of the
+        # same signature bytes.
+        if not hmac.compare_digest(self._signature(payload), signature):
+            raise TokenError(FORGED)
+        try:
+            claims = TokenClaims.from_json(_decode(payload))
+        except (ValueError, TypeError, binascii.Error):
+            raise TokenError(MALFORMED) from None
+        if claims.node != self._node:
+            raise TokenError(WRONG_NODE)
+        if now >= claims.expires_at:
+            raise TokenError(EXPIRED)
+        if origin is not None and origin != claims.origin:
+            raise TokenError(WRONG_ORIGIN)
+        if claims.nonce in self._redeemed:
+            raise TokenError(REPLAYED)
+        self._redeemed[claims.nonce] = claims.expires_at
+        heapq.heappush(self._expiries, (claims.expires_at, claims.nonce))
+        return claims
+
+    @property
+    def remembered(self) -> int:
+        """How many redeemed nonces are held (for metrics and tests)."""
+        return len(self._redeemed)
+
+
+@attrs.define(auto_exc=True, kw_only=True)
+class SecretFileError(Exception):
+    """The token secret file cannot be used."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"token secret file {self.path}: {self.message}"
+
+
+def _read_secret(path: str) -> bytes:
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise SecretFileError(path=path, message="is not a regular file")
+        if mode & 0o077:
+            raise SecretFileError(
+                path=path,
+                message=f"is accessible by group or others (mode "
+                f"{stat.S_IMODE(mode):04o}); it must be 0600 (chmod 600 {path})",
+            )
+        secret = file.read(SECRET_LENGTH + 1)
+    if len(secret) != SECRET_LENGTH:
+        raise SecretFileError(
+            path=path,
+            message=f"must hold exactly {SECRET_LENGTH} bytes, has {len(secret)}",
+        )
+    return secret
+
+
+def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
+    """
+    The 32-byte token secret at ``path``, created (mode 0600, its directory
+    0700 if missing) on first use.
+
+    @raise SecretFileError: the file is readable by group or others, is not
+        32 bytes, or cannot be read or written.
+    """
+    name = os.fspath(path)
+    try:
+        try:
+            return _read_secret(name)
+        except FileNotFoundError:
+            pass
+        directory = os.path.dirname(os.path.abspath(name))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        temporary = f"{name}.{secrets.token_hex(8)}.tmp"
+        descriptor = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(secrets.token_bytes(SECRET_LENGTH))
+                file.flush()
+                os.fsync(file.fileno())
+            # link, unlike rename, never replaces a secret that another
+            # process created meanwhile: the loser reads the winner's.
+            try:
+                os.link(temporary, name)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(temporary)
+        return _read_secret(name)
+    except SecretFileError:
+        raise
+    except OSError as error:
+        raise SecretFileError(path=name, message=error.strerror or str(error)) from None
+
+
+@frozen(kw_only=True)
+class UnregisteredUser:
+    """A throwaway identity, created when a console page is served."""
+
+    user_id: str
+    created_at: float
+    client_address: str
+
+
+def new_unregistered_user(clock: IReactorTime, client_address: str) -> UnregisteredUser:
+    """A fresh unregistered user with a random, unguessable id."""
+    return UnregisteredUser(
+        user_id=secrets.token_urlsafe(12),
+        created_at=clock.seconds(),
+        client_address=client_address,
+    )
