@@ -1,0 +1,239 @@
+"""A console session: one SockJS connection joined to one sandboxed IPython.
+
+The session speaks the console protocol (docs/protocol.md): it waits for the
+token, redeems it, starts a sandbox, then shuttles keystrokes, resizes and
+output, and enforces the authentication, idle and maximum-age timeouts on the
+injected clock. It holds no transport or process details: the connection and
+the sandbox are given to it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+
+from attrs import define, field
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from shellserver.auth import TokenAuthority, TokenError
+from shellserver.sandbox.service import (
+    SETUP_FAILED,
+    IConsoleProcessEvents,
+    ISandbox,
+    ISandboxStarter,
+    SandboxUnavailable,
+)
+
+log = Logger()
+
+# Close codes (docs/protocol.md).
+CLOSE_NORMAL = 3000
+CLOSE_AUTH_FAILED = 4001
+CLOSE_SANDBOX_FAILED = 4002
+CLOSE_PROTOCOL_ERROR = 4003
+
+DEFAULT_COLS, DEFAULT_ROWS = 80, 24
+MAX_COLS, MAX_ROWS = 1000, 500
+_SIZE = re.compile(r"\A([0-9]{1,4}),([0-9]{1,4})\Z")
+
+
+class ProtocolError(Exception):
+    """The client broke the console protocol."""
+
+
+def parse_size(payload: str) -> tuple[int, int]:
+    """``"120,40"`` -> (120, 40), within sane bounds, or ProtocolError."""
+    match = _SIZE.match(payload)
+    if not match:
+        raise ProtocolError(f"resize needs COLS,ROWS, got {payload[:40]!r}")
+    cols, rows = int(match.group(1)), int(match.group(2))
+    if not (1 <= cols <= MAX_COLS and 1 <= rows <= MAX_ROWS):
+        raise ProtocolError(f"terminal size {cols}x{rows} is out of range")
+    return cols, rows
+
+
+def describe_minutes(seconds: float) -> str:
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
+
+
+@define
+class ConsoleSettings:
+    auth_timeout: float
+    idle_timeout: float
+    max_age: float
+
+
+@implementer(IConsoleProcessEvents)
+@define
+class ConsoleSession:
+    """The console protocol over one connection; the SockJS handler."""
+
+    _connection: object  # shellserver.sockjs.SockJSConnection
+    _clock: IReactorTime
+    _tokens: TokenAuthority
+    _sandboxes: ISandboxStarter
+    _settings: ConsoleSettings
+    state: str = "authenticating"  # -> starting -> running -> ended
+    sandbox: ISandbox | None = None
+    _size: tuple[int, int] = (DEFAULT_COLS, DEFAULT_ROWS)
+    _decoder: codecs.IncrementalDecoder = field(
+        factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    _timers: dict[str, IDelayedCall] = field(factory=dict)
+    _end_message: str | None = None
+    user_id: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self._start_timer("auth", self._settings.auth_timeout, self._auth_timed_out)
+
+    # -- timers ---------------------------------------------------------------
+
+    def _start_timer(self, name: str, delay: float, action) -> None:
+        self._cancel_timer(name)
+        if delay > 0:
+            self._timers[name] = self._clock.callLater(delay, action)
+
+    def _cancel_timer(self, name: str) -> None:
+        call = self._timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _auth_timed_out(self) -> None:
+        self._timers.pop("auth", None)
+        self._fail(CLOSE_AUTH_FAILED, "No console token arrived in time.")
+
+    def _idle_timed_out(self) -> None:
+        self._timers.pop("idle", None)
+        self._end(f"Console ended after {describe_minutes(self._settings.idle_timeout)}"
+                  " without input.")
+
+    def _max_age_reached(self) -> None:
+        self._timers.pop("age", None)
+        self._end(f"Console ended: the {describe_minutes(self._settings.max_age)}"
+                  " time limit was reached.")
+
+    # -- from the client (SockJS handler) -------------------------------------
+
+    def message_received(self, text: str) -> None:
+        if self.state == "ended":
+            return
+        kind, payload = text[:1], text[1:]
+        try:
+            if self.state == "authenticating":
+                if kind != "a":
+                    raise ProtocolError("the first message must be the console token")
+                self._authenticate(payload)
+            elif kind == "i":
+                if self.sandbox is not None:
+                    self.sandbox.write(payload.encode("utf-8", "surrogatepass"))
+                    self._start_timer("idle", self._settings.idle_timeout,
+                                      self._idle_timed_out)
+            elif kind == "r":
+                self._size = parse_size(payload)
+                if self.sandbox is not None:
+                    self.sandbox.resize(*self._size)
+            elif kind == "a":
+                raise ProtocolError("already authenticated")
+            else:
+                raise ProtocolError(f"unknown message type {kind!r}")
+        except ProtocolError as e:
+            self._fail(CLOSE_PROTOCOL_ERROR, f"Protocol error: {e}.")
+
+    def closed(self) -> None:
+        """The connection is gone: end the sandbox."""
+        if self.state != "ended":
+            log.info("console {session}: client went away",
+                     session=self.sandbox.session if self.sandbox else None)
+        self.state = "ended"
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        if self.sandbox is not None:
+            self.sandbox.terminate()
+
+    # -- authentication and start ---------------------------------------------
+
+    def _authenticate(self, token: str) -> None:
+        self._cancel_timer("auth")
+        try:
+            claims = self._tokens.redeem(token, origin=self._connection.origin)
+        except TokenError as e:
+            log.info("console refused for {peer}: {reason}",
+                     peer=self._connection.peer_host, reason=e.reason)
+            self._fail(CLOSE_AUTH_FAILED, f"Console refused: {e}.")
+            return
+        self.user_id = claims.user_id
+        self.state = "starting"
+        self._connection.send("sstarting")
+        try:
+            self.sandbox = self._sandboxes.start(self, *self._size)
+        except SandboxUnavailable as e:
+            self._fail(CLOSE_SANDBOX_FAILED, f"No console could be started: {e}")
+            return
+        self._start_timer("idle", self._settings.idle_timeout, self._idle_timed_out)
+        self._start_timer("age", self._settings.max_age, self._max_age_reached)
+
+    # -- from the sandbox (IConsoleProcessEvents) ------------------------------
+
+    def output(self, data: bytes) -> None:
+        if self.state == "starting":
+            self.state = "running"
+            self._connection.send("sready")
+        text = self._decoder.decode(data)
+        if text and self.state != "ended":
+            self._connection.send("o" + text)
+
+    def exited(self, status: int | None, signal: int | None) -> None:
+        tail = self._decoder.decode(b"", final=True)
+        if tail and self.state != "ended":
+            self._connection.send("o" + tail)
+        if self.state == "ended":
+            return
+        if self._end_message is not None:
+            message = self._end_message
+        elif status == SETUP_FAILED:
+            self._fail(CLOSE_SANDBOX_FAILED, "The console sandbox could not be built.")
+            return
+        else:
+            message = "The console has exited."
+        self._finish(CLOSE_NORMAL, "x", message)
+
+    # -- ending ---------------------------------------------------------------
+
+    def _end(self, message: str) -> None:
+        """End the console by policy (timeouts): tell the user, stop the sandbox."""
+        if self.sandbox is None:
+            self._finish(CLOSE_NORMAL, "x", message)
+            return
+        self._end_message = message
+        self.sandbox.terminate()
+
+    def _fail(self, code: int, message: str) -> None:
+        self._finish(code, "e", message)
+        if self.sandbox is not None:
+            self.sandbox.terminate()
+
+    def _finish(self, code: int, kind: str, message: str) -> None:
+        if self.state == "ended":
+            return
+        self.state = "ended"
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        self._connection.send(kind + message)
+        self._connection.close(code, message)
+
+
+@define
+class ConsoleFactory:
+    """Makes a ConsoleSession for each new SockJS connection (its open_session)."""
+
+    _clock: IReactorTime
+    _tokens: TokenAuthority
+    _sandboxes: ISandboxStarter
+    _settings: ConsoleSettings
+
+    def __call__(self, connection) -> ConsoleSession:
+        return ConsoleSession(connection, self._clock, self._tokens, self._sandboxes,
+                              self._settings)

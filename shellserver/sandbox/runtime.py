@@ -1,0 +1,77 @@
+"""The console runtime: a venv of the system Python with IPython installed.
+
+The sandbox binds it read-only at the same path (venvs are not relocatable),
+so it must be built from the system interpreter, never from the server's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
+
+log = Logger()
+
+READY_MARKER = ".shellserver-runtime"
+PACKAGES = ("ipython",)
+
+
+class RuntimeProblem(Exception):
+    """The console runtime is missing or could not be built."""
+
+
+def runtime_is_ready(path: str) -> bool:
+    return os.path.exists(os.path.join(path, READY_MARKER)) and os.access(
+        os.path.join(path, "bin", "python"), os.X_OK
+    )
+
+
+def check_prebuilt(path: str) -> None:
+    """A configured runtime must already exist: say clearly what is wrong."""
+    python = os.path.join(path, "bin", "python")
+    if not os.access(python, os.X_OK):
+        raise RuntimeProblem(f"sandbox.runtime {path!r} is not a venv ({python} is missing)")
+    if not any(
+        os.path.isdir(os.path.join(path, "lib", d, "site-packages", "IPython"))
+        for d in os.listdir(os.path.join(path, "lib"))
+    ):
+        raise RuntimeProblem(f"sandbox.runtime {path!r} has no IPython installed")
+
+
+@inlineCallbacks
+def build_runtime(reactor, path: str, system_python: str) -> Deferred[None]:
+    """Build the runtime into ``path`` without blocking the reactor."""
+    # Built in place (venv scripts name their own path), made valid by the
+    # marker written last: a half-built runtime is removed and rebuilt.
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    log.info("building the console runtime into {path}; this takes a minute",
+             path=path)
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+    for proxy in ("http_proxy", "https_proxy", "no_proxy", "PIP_INDEX_URL",
+                  "PIP_CONFIG_FILE", "PIP_CERT"):
+        if proxy in os.environ:
+            env[proxy] = os.environ[proxy]
+    steps = [
+        (system_python, ["-m", "venv", path]),
+        (os.path.join(path, "bin", "python"),
+         ["-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+          *PACKAGES]),
+    ]
+    for executable, args in steps:
+        out, err, code = yield getProcessOutputAndValue(
+            executable, args, env=env, reactor=reactor
+        )
+        if code != 0:
+            raise RuntimeProblem(
+                f"building the console runtime failed: {executable} {' '.join(args)}"
+                f" exited with {code}: {err.decode(errors='replace')[-2000:]}"
+            )
+    # Make it readable by every session uid.
+    os.chmod(path, 0o755)
+    with open(os.path.join(path, READY_MARKER), "w") as f:
+        f.write("built by shellserver\n")
+    log.info("console runtime ready in {path}", path=path)

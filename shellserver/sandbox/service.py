@@ -1,0 +1,251 @@
+"""The one seam that spawns sandboxes.
+
+``SandboxStarter.start`` allocates a uid, builds the spec, and spawns the root
+launcher in a fresh PTY with ``reactor.spawnProcess(..., usePTY=True)``. The
+``SandboxProcessProtocol`` only turns PTY bytes and the exit into calls on the
+console's ``IConsoleProcessEvents``. When the launcher ends, however it ends,
+the server kills and removes the session's cgroups (the launcher may have been
+SIGKILLed before its own cleanup) and only then gives the uid back.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import struct
+import termios
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from shellserver.sandbox.cgroups import CgroupLayout, CgroupReaper
+from shellserver.sandbox.spec import SandboxLimits, SandboxSpec, build_spec
+from shellserver.sandbox.uids import UidPool, UidsExhausted
+
+log = Logger()
+
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
+# The launcher's exit status when the sandbox could not be built.
+SETUP_FAILED = 111
+
+
+class SandboxUnavailable(Exception):
+    """No sandbox can be started now; str() is the reason for the user."""
+
+
+class IConsoleProcessEvents(Interface):
+    """What a running sandbox reports to its console."""
+
+    def output(data: bytes) -> None:
+        """Bytes the console wrote to its terminal."""
+
+    def exited(status: int | None, signal: int | None) -> None:
+        """The sandbox ended; ``status`` 111 means it could not be built."""
+
+
+class ISandbox(Interface):
+    """A running sandbox, as its console sees it."""
+
+    session = Attribute("The session name (also the cgroup directory name).")
+    uid = Attribute("The uid the console runs as.")
+
+    def write(data: bytes) -> None:
+        """Send keystrokes to the terminal."""
+
+    def resize(cols: int, rows: int) -> None:
+        """Set the terminal size (the console gets SIGWINCH)."""
+
+    def terminate() -> None:
+        """End the sandbox: TERM now, KILL later if need be. Idempotent."""
+
+
+class ISandboxStarter(Interface):
+    def start(events: IConsoleProcessEvents, cols: int, rows: int) -> ISandbox:
+        """Start a sandbox or raise SandboxUnavailable."""
+
+
+@define
+class SandboxProcessProtocol(ProcessProtocol):
+    """PTY bytes and the exit, passed on; no policy here."""
+
+    _sandbox: RunningSandbox
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._sandbox.events.output(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._sandbox.process_ended(reason)
+
+
+@implementer(ISandbox)
+@define
+class RunningSandbox:
+    """One launched sandbox: its spec, its process, and its cleanup."""
+
+    spec: SandboxSpec
+    events: IConsoleProcessEvents
+    _starter: SandboxStarter
+    _transport: object = None
+    _kill_call: IDelayedCall | None = None
+    ended: bool = False
+    cleaned: Deferred[None] = field(factory=Deferred)
+
+    @property
+    def session(self) -> str:
+        return self.spec.session
+
+    @property
+    def uid(self) -> int:
+        return self.spec.uid
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self._transport, "pid", None)
+
+    def write(self, data: bytes) -> None:
+        if not self.ended:
+            self._transport.write(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        if self.ended:
+            return
+        size = struct.pack("HHHH", rows, cols, 0, 0)
+        try:
+            fcntl.ioctl(self._transport.fileno(), termios.TIOCSWINSZ, size)
+        except OSError as e:
+            log.warn("resize of console {session} failed: {error}",
+                     session=self.session, error=e)
+
+    def terminate(self) -> None:
+        if self.ended or self._kill_call is not None:
+            return
+        self._signal("TERM")
+        self._kill_call = self._starter.clock.callLater(
+            self._starter.kill_delay, self._kill
+        )
+
+    def _kill(self) -> None:
+        self._kill_call = None
+        self._signal("KILL")
+
+    def _signal(self, name: str) -> None:
+        try:
+            self._transport.signalProcess(name)
+        except (ProcessExitedAlready, OSError):
+            pass
+
+    def process_ended(self, reason: Failure) -> None:
+        self.ended = True
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            status, signal = 0, None
+        else:
+            status, signal = value.exitCode, value.signal
+        log.info("console {session} (uid {uid}) ended: status {status}, signal {signal}",
+                 session=self.session, uid=self.uid, status=status, signal=signal)
+        self._starter.sandbox_ended(self)
+        try:
+            self.events.exited(status, signal)
+        except Exception:
+            log.failure("console {session} exit handling failed", session=self.session)
+
+
+@implementer(ISandboxStarter)
+@define
+class SandboxStarter:
+    """Starts sandboxes and cleans up after them."""
+
+    reactor: object  # IReactorProcess and IReactorTime
+    limits: SandboxLimits
+    runtime: str
+    root: str
+    cgroup_layout: CgroupLayout | None
+    uids: UidPool
+    system_python: str = "/usr/bin/python3"
+    launcher: str = LAUNCHER
+    kill_delay: float = 5.0
+    reaper: CgroupReaper | None = None
+    running: dict[str, RunningSandbox] = field(factory=dict)
+    _ready: bool = True
+    _unavailable_reason: str = ""
+
+    @property
+    def clock(self):
+        return self.reactor
+
+    def __attrs_post_init__(self) -> None:
+        if self.reaper is None:
+            self.reaper = CgroupReaper(self.reactor)
+
+    def set_unavailable(self, reason: str) -> None:
+        self._ready, self._unavailable_reason = False, reason
+
+    def set_available(self) -> None:
+        self._ready, self._unavailable_reason = True, ""
+
+    def start(self, events: IConsoleProcessEvents, cols: int, rows: int) -> RunningSandbox:
+        if not self._ready:
+            raise SandboxUnavailable(self._unavailable_reason)
+        try:
+            uid = self.uids.allocate()
+        except UidsExhausted as e:
+            raise SandboxUnavailable("all consoles are in use; try again soon") from e
+        session = "s" + secrets.token_hex(8)
+        spec = build_spec(
+            session=session,
+            uid=uid,
+            limits=self.limits,
+            runtime=self.runtime,
+            root=self.root,
+            cgroup_layout=self.cgroup_layout,
+        )
+        sandbox = RunningSandbox(spec=spec, events=events, starter=self)
+        argv = [self.system_python, "-I", "-S", self.launcher, spec.to_json()]
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+        try:
+            sandbox._transport = self.reactor.spawnProcess(
+                SandboxProcessProtocol(sandbox), self.system_python, argv,
+                env=env, path="/", usePTY=True,
+            )
+        except Exception as e:
+            self.uids.release(uid)
+            log.failure("could not spawn the launcher for {session}", session=session)
+            raise SandboxUnavailable("the console could not be started") from e
+        self.running[session] = sandbox
+        sandbox.resize(cols, rows)
+        log.info("console {session} started as uid {uid}", session=session, uid=uid)
+        return sandbox
+
+    def sandbox_ended(self, sandbox: RunningSandbox) -> None:
+        self.running.pop(sandbox.session, None)
+        d = self.reaper.reap(sandbox.spec.cgroups)
+
+        def release(removed: bool) -> None:
+            if removed:
+                self.uids.release(sandbox.uid)
+            else:
+                log.error("uid {uid} quarantined: cgroups of {session} remain",
+                          uid=sandbox.uid, session=sandbox.session)
+                self.uids.quarantine(sandbox.uid)
+            sandbox.cleaned.callback(None)
+
+        d.addCallback(release)
+
+    def stop_all(self) -> Deferred[list]:
+        """Terminate every sandbox; fires when all are cleaned up."""
+        from twisted.internet.defer import gatherResults
+
+        waits = [s.cleaned for s in self.running.values()]
+        for sandbox in list(self.running.values()):
+            sandbox.terminate()
+        return gatherResults(waits)
