@@ -5,7 +5,9 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import stat
+import tempfile
 
 import attrs
 from twisted.internet.task import Clock
@@ -355,8 +357,9 @@ class SecretFileTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.directory = self.mktemp()
-        os.makedirs(self.directory, mode=0o700)
+        # Not self.mktemp(): under pytest that lands in the current directory.
+        self.directory = tempfile.mkdtemp(prefix="shellserver-test-")
+        self.addCleanup(shutil.rmtree, self.directory)
         self.path = os.path.join(self.directory, "secret")
 
     def test_created_once(self) -> None:
