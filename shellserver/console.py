@@ -84,6 +84,7 @@ class ConsoleSession:
     )
     _timers: dict[str, IDelayedCall] = field(factory=dict)
     _end_message: str | None = None
+    _stopping: bool = False
     user_id: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -150,7 +151,11 @@ class ConsoleSession:
         self.state = "ended"
         for name in list(self._timers):
             self._cancel_timer(name)
-        if self.sandbox is not None:
+        self._stop_sandbox()
+
+    def _stop_sandbox(self) -> None:
+        if self.sandbox is not None and not self._stopping:
+            self._stopping = True
             self.sandbox.terminate()
 
     # -- authentication and start ---------------------------------------------
@@ -208,12 +213,11 @@ class ConsoleSession:
             self._finish(CLOSE_NORMAL, "x", message)
             return
         self._end_message = message
-        self.sandbox.terminate()
+        self._stop_sandbox()
 
     def _fail(self, code: int, message: str) -> None:
         self._finish(code, "e", message)
-        if self.sandbox is not None:
-            self.sandbox.terminate()
+        self._stop_sandbox()
 
     def _finish(self, code: int, kind: str, message: str) -> None:
         if self.state == "ended":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
@@ -75,3 +76,30 @@ def build_runtime(reactor, path: str, system_python: str) -> Deferred[None]:
     with open(os.path.join(path, READY_MARKER), "w") as f:
         f.write("built by shellserver\n")
     log.info("console runtime ready in {path}", path=path)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m shellserver.sandbox.runtime [--check] PATH``: build or check."""
+    check = argv[:1] == ["--check"]
+    paths = argv[1:] if check else argv
+    if len(paths) != 1 or not os.path.isabs(paths[0]):
+        print("usage: python -m shellserver.sandbox.runtime [--check] /absolute/path",
+              file=sys.stderr)
+        return 2
+    path = paths[0]
+    if check:
+        return 0 if runtime_is_ready(path) else 1
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    from twisted.internet.task import react
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    try:
+        react(lambda reactor: build_runtime(reactor, path, "/usr/bin/python3"))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

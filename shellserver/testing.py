@@ -1,0 +1,94 @@
+"""Fakes shared by the tests: a SockJS connection, sandboxes and their starter.
+
+They implement the same interfaces as the real parts (checked with
+``verifyObject`` in tests/unit/test_testing.py) and record what happens.
+"""
+
+from __future__ import annotations
+
+from attrs import define, field
+from zope.interface import implementer
+
+from shellserver.sandbox.service import (
+    IConsoleProcessEvents,
+    ISandbox,
+    ISandboxStarter,
+    SandboxUnavailable,
+)
+
+
+@define
+class FakeConnection:
+    """Stands in for shellserver.sockjs.SockJSConnection."""
+
+    origin: str | None = "https://console.example"
+    peer_host: str = "192.0.2.7"
+    transport_name: str = "websocket"
+    session_id: str = "fake"
+    sent: list[str] = field(factory=list)
+    close_code: int | None = None
+    close_reason: str | None = None
+    handler: object = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.close_code is None
+
+    def send(self, text: str) -> None:
+        assert self.is_open, "send() after close()"
+        self.sent.append(text)
+
+    def close(self, code: int = 3000, reason: str = "Go away!") -> None:
+        if self.close_code is not None:
+            return
+        self.close_code, self.close_reason = code, reason
+        if self.handler is not None:
+            self.handler.closed()
+
+
+@implementer(ISandbox)
+@define
+class FakeSandbox:
+    """A sandbox that records keystrokes and resizes and ends when told to."""
+
+    events: IConsoleProcessEvents
+    session: str
+    uid: int
+    size: tuple[int, int]
+    written: list[bytes] = field(factory=list)
+    resizes: list[tuple[int, int]] = field(factory=list)
+    terminated: int = 0
+    ended: bool = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.resizes.append((cols, rows))
+
+    def terminate(self) -> None:
+        self.terminated += 1
+
+    def exit(self, status: int | None = 0, signal: int | None = None) -> None:
+        """Make the console exit as a real one would."""
+        self.ended = True
+        self.events.exited(status, signal)
+
+
+@implementer(ISandboxStarter)
+@define
+class FakeSandboxStarter:
+    """Starts FakeSandboxes; can be told to refuse."""
+
+    started: list[FakeSandbox] = field(factory=list)
+    refuse_with: str | None = None
+    _next_uid: int = 200000
+
+    def start(self, events: IConsoleProcessEvents, cols: int, rows: int) -> FakeSandbox:
+        if self.refuse_with is not None:
+            raise SandboxUnavailable(self.refuse_with)
+        sandbox = FakeSandbox(events, f"fake{len(self.started)}", self._next_uid,
+                              (cols, rows))
+        self._next_uid += 1
+        self.started.append(sandbox)
+        return sandbox

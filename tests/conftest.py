@@ -1,0 +1,168 @@
+"""Shared fixtures: a real `twistd shellserver` on loopback TLS, and leak checks.
+
+The server runs as a subprocess exactly as an operator runs it, with its own
+state directory, certificate and uid range; tests talk to it over real
+sockets. Unit tests (tests/unit) use none of this.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import attrs
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUNTIME = os.environ.get("SHELLSERVER_RUNTIME", "/var/lib/shellserver/runtime")
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@attrs.define
+class RunningServer:
+    """A `twistd shellserver` subprocess and how to reach it."""
+
+    process: subprocess.Popen
+    port: int
+    state_dir: Path
+    cert: str
+    uid_min: int
+    uid_max: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def origin(self) -> str:
+        return self.base_url
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cert)
+
+    def get(self, path: str, headers: dict | None = None):
+        request = urllib.request.Request(self.base_url + path, headers=headers or {})
+        return urllib.request.urlopen(request, context=self.ssl_context(), timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
+                 ) -> RunningServer:
+    """Start a server in ``tmp`` and wait until it answers (bounded)."""
+    from shellserver.tls import endpoint_description, ensure_self_signed
+
+    state = tmp / "state"
+    state.mkdir(mode=0o700)
+    cert, key = ensure_self_signed(str(tmp / "tls"))
+    port = free_port()
+    config_path = tmp / "shellserver.toml"
+    config_path.write_text(
+        f'[server]\nstate_dir = "{state}"\n'
+        f'[sandbox]\nruntime = "{RUNTIME}"\nuid_min = {uid_min}\nuid_max = {uid_max}\n'
+        + config
+    )
+    log_path = tmp / "twistd.log"
+    listen = endpoint_description(port, cert, key, interface="127.0.0.1")
+    process = subprocess.Popen(
+        [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
+         "shellserver", "--config", str(config_path), "--listen", listen],
+        cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    server = RunningServer(process, port, state, cert, uid_min, uid_max, log_path)
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n"
+                               + (server.log() if log_path.exists() else ""))
+        try:
+            server.get("/").read()
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError("server did not answer within 30 s")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real server for the whole run (uids 210000-210199)."""
+    if os.geteuid() != 0:
+        pytest.fail("integration tests need root (they start real sandboxes)")
+    srv = start_server(tmp_path_factory.mktemp("server"), uid_min=210000,
+                       uid_max=210199)
+    yield srv
+    srv.stop()
+    leftovers = sandbox_leftovers(srv)
+    assert leftovers == [], f"server left behind: {leftovers}"
+
+
+def processes_of_uids(first: int, last: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            uid = os.stat(f"/proc/{entry}").st_uid
+        except FileNotFoundError:
+            continue
+        if first <= uid <= last:
+            pids.append(int(entry))
+    return pids
+
+
+def session_cgroups() -> list[str]:
+    from shellserver.sandbox.cgroups import read_layout
+
+    found = []
+    for parent in read_layout().parents():
+        if os.path.isdir(parent):
+            found += [os.path.join(parent, d) for d in os.listdir(parent)
+                      if os.path.isdir(os.path.join(parent, d))]
+    return found
+
+
+def sandbox_leftovers(server: RunningServer) -> list[str]:
+    """Processes, cgroups and mounts a server's sandboxes left behind."""
+    problems = [f"process {pid}" for pid in
+                processes_of_uids(server.uid_min, server.uid_max)]
+    problems += [f"cgroup {path}" for path in session_cgroups()]
+    with open("/proc/self/mountinfo") as f:
+        problems += [f"mount {line.split()[4]}" for line in f
+                     if str(server.state_dir) in line]
+    return problems
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

@@ -1,0 +1,220 @@
+"""Console session logic: the protocol, tokens, timeouts, with fakes and a Clock."""
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from shellserver.auth import TokenAuthority
+from shellserver.console import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_SANDBOX_FAILED,
+    ConsoleFactory,
+    ConsoleSettings,
+    ProtocolError,
+    parse_size,
+)
+from shellserver.sandbox.service import SETUP_FAILED
+from shellserver.testing import FakeConnection, FakeSandboxStarter
+
+ORIGIN = "https://console.example"
+SETTINGS = ConsoleSettings(auth_timeout=5.0, idle_timeout=600.0, max_age=1800.0)
+
+
+class ConsoleTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.tokens = TokenAuthority(b"k" * 32, node="node-1", clock=self.clock, ttl=60.0)
+        self.starter = FakeSandboxStarter()
+        self.factory = ConsoleFactory(self.clock, self.tokens, self.starter, SETTINGS)
+
+    def open(self, origin=ORIGIN):
+        connection = FakeConnection(origin=origin)
+        session = self.factory(connection)
+        connection.handler = session
+        return connection, session
+
+    def token(self):
+        return self.tokens.mint(user_id="u1", origin=ORIGIN)
+
+    def running(self):
+        connection, session = self.open()
+        session.message_received("a" + self.token())
+        sandbox = self.starter.started[-1]
+        session.output(b"In [1]: ")
+        return connection, session, sandbox
+
+
+class AuthenticationTests(ConsoleTestCase):
+    def test_good_token_starts_one_sandbox(self):
+        """A valid token as the first message starts exactly one sandbox."""
+        connection, session = self.open()
+        session.message_received("a" + self.token())
+        self.assertEqual(len(self.starter.started), 1)
+        self.assertEqual(connection.sent, ["sstarting"])
+        self.assertEqual(session.user_id, "u1")
+
+    def test_forged_token_starts_nothing(self):
+        """A token signed with another secret closes with 4001 and starts nothing."""
+        other = TokenAuthority(b"x" * 32, node="node-1", clock=self.clock, ttl=60.0)
+        connection, session = self.open()
+        session.message_received("a" + other.mint(user_id="u", origin=ORIGIN))
+        self.assertEqual(self.starter.started, [])
+        self.assertEqual(connection.close_code, CLOSE_AUTH_FAILED)
+        self.assertIn("invalid signature", connection.sent[-1])
+
+    def test_replayed_token_starts_nothing(self):
+        """The same token used twice is refused the second time."""
+        token = self.token()
+        self.open()[1].message_received("a" + token)
+        connection, session = self.open()
+        session.message_received("a" + token)
+        self.assertEqual(len(self.starter.started), 1)
+        self.assertEqual(connection.close_code, CLOSE_AUTH_FAILED)
+
+    def test_expired_token_starts_nothing(self):
+        """A token presented after its lifetime is refused."""
+        token = self.token()
+        self.clock.advance(61)
+        connection, session = self.open()
+        session.message_received("a" + token)
+        self.assertEqual(self.starter.started, [])
+        self.assertEqual(connection.close_code, CLOSE_AUTH_FAILED)
+
+    def test_token_from_other_origin_refused(self):
+        """A connection whose Origin differs from the page's is refused."""
+        connection, session = self.open(origin="https://evil.example")
+        session.message_received("a" + self.token())
+        self.assertEqual(self.starter.started, [])
+        self.assertEqual(connection.close_code, CLOSE_AUTH_FAILED)
+
+    def test_input_before_token_is_protocol_error(self):
+        """Keystrokes before the token close the connection with 4003."""
+        connection, session = self.open()
+        session.message_received("iprint(1)\r")
+        self.assertEqual(self.starter.started, [])
+        self.assertEqual(connection.close_code, CLOSE_PROTOCOL_ERROR)
+        self.assertTrue(connection.sent[-1].startswith("e"))
+
+    def test_no_token_in_time(self):
+        """Without a token within auth_timeout the connection is closed."""
+        connection, session = self.open()
+        self.clock.advance(4.9)
+        self.assertIsNone(connection.close_code)
+        self.clock.advance(0.2)
+        self.assertEqual(connection.close_code, CLOSE_AUTH_FAILED)
+        self.assertEqual(self.starter.started, [])
+
+    def test_no_capacity(self):
+        """When no sandbox can start the user is told why and nothing leaks."""
+        self.starter.refuse_with = "all consoles are in use"
+        connection, session = self.open()
+        session.message_received("a" + self.token())
+        self.assertEqual(connection.close_code, CLOSE_SANDBOX_FAILED)
+        self.assertIn("all consoles are in use", connection.sent[-1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ShuttleTests(ConsoleTestCase):
+    def test_keystrokes_reach_the_pty(self):
+        """Input messages are written to the sandbox as UTF-8."""
+        connection, session, sandbox = self.running()
+        session.message_received("iprint('é')\r")
+        self.assertEqual(sandbox.written, ["print('é')\r".encode()])
+
+    def test_output_split_utf8(self):
+        """A character split across two PTY reads arrives whole."""
+        connection, session, sandbox = self.running()
+        snowman = "☃".encode()
+        session.output(b"a" + snowman[:1])
+        session.output(snowman[1:] + b"b")
+        text = "".join(m[1:] for m in connection.sent if m.startswith("o"))
+        self.assertTrue(text.endswith("a☃b"), text)
+
+    def test_first_output_means_ready(self):
+        """The first output is preceded by a ready state message."""
+        connection, session, sandbox = self.running()
+        self.assertEqual(connection.sent[:3], ["sstarting", "sready", "oIn [1]: "])
+
+    def test_resize(self):
+        """A resize message sets the terminal size."""
+        connection, session, sandbox = self.running()
+        session.message_received("r120,40")
+        self.assertEqual(sandbox.resizes, [(120, 40)])
+
+    def test_size_before_start_is_used(self):
+        """The size sent before the sandbox started is the size it starts with."""
+        connection, session = self.open()
+        session.message_received("a" + self.token())
+        self.assertEqual(self.starter.started[0].size, (80, 24))
+
+    def test_bad_resize_is_protocol_error(self):
+        """A malformed resize ends the session with a clear error."""
+        connection, session, sandbox = self.running()
+        session.message_received("r99999,1")
+        self.assertEqual(connection.close_code, CLOSE_PROTOCOL_ERROR)
+        self.assertEqual(sandbox.terminated, 1)
+
+    def test_unknown_message_type(self):
+        """An unknown message type is a protocol error, not ignored."""
+        connection, session, sandbox = self.running()
+        session.message_received("zzz")
+        self.assertEqual(connection.close_code, CLOSE_PROTOCOL_ERROR)
+
+    def test_exit_tells_the_user(self):
+        """When IPython exits the user gets an exit message and a normal close."""
+        connection, session, sandbox = self.running()
+        sandbox.exit(0)
+        self.assertEqual(connection.sent[-1], "xThe console has exited.")
+        self.assertEqual(connection.close_code, CLOSE_NORMAL)
+
+    def test_setup_failure_is_an_error(self):
+        """A launcher that could not build the sandbox gives an error message."""
+        connection, session, sandbox = self.running()
+        sandbox.exit(SETUP_FAILED)
+        self.assertEqual(connection.close_code, CLOSE_SANDBOX_FAILED)
+        self.assertTrue(connection.sent[-1].startswith("e"))
+
+    def test_client_gone_terminates_sandbox(self):
+        """Closing the connection terminates the sandbox and all timers."""
+        connection, session, sandbox = self.running()
+        connection.close()
+        self.assertEqual(sandbox.terminated, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class TimeoutTests(ConsoleTestCase):
+    def test_idle_timeout(self):
+        """No input for idle_timeout ends the console with a message."""
+        connection, session, sandbox = self.running()
+        self.clock.advance(599)
+        session.message_received("i1\r")
+        self.clock.advance(599)
+        self.assertEqual(sandbox.terminated, 0)
+        self.clock.advance(2)
+        self.assertEqual(sandbox.terminated, 1)
+        sandbox.exit(None, 15)
+        self.assertIn("10 minutes without input", connection.sent[-1])
+        self.assertEqual(connection.close_code, CLOSE_NORMAL)
+
+    def test_max_age(self):
+        """A console ends at max_age even while it is being used."""
+        connection, session, sandbox = self.running()
+        for _ in range(30):
+            self.clock.advance(60)
+            session.message_received("i1\r")
+        self.assertEqual(sandbox.terminated, 1)
+        sandbox.exit(None, 15)
+        self.assertIn("30 minutes time limit", connection.sent[-1])
+
+
+class ParseSizeTests(SynchronousTestCase):
+    def test_valid(self):
+        """COLS,ROWS parses into integers."""
+        self.assertEqual(parse_size("80,24"), (80, 24))
+
+    def test_invalid(self):
+        """Non-numeric, zero and huge sizes are refused."""
+        for bad in ("", "80", "80x24", "0,24", "80,0", "-1,5", "1001,24", "80,24,1"):
+            self.assertRaises(ProtocolError, parse_size, bad)
