@@ -1,0 +1,96 @@
+"""
+SockJS frames: what the server writes (C{o}, C{h}, C{a[...]}, C{c[...]}) and
+the JSON payloads the client sends.  Pure functions, no I/O.
+"""
+
+import json
+import re
+
+from attrs import frozen
+
+OPEN_FRAME = b"o"
+HEARTBEAT_FRAME = b"h"
+
+# JSON leaves these characters raw, but browsers and proxies mangle them
+# (invisible formatting characters, line separators, non-characters), and
+# lone surrogates are not even encodable as UTF-8; SockJS escapes them as
+# \uXXXX.  json itself already escapes U+0000..U+001F, quote and backslash.
+_ESCAPABLE = re.compile(
+    "[\u200c-\u200f\u2028-\u202f\u2060-\u206f\ufff0-\uffff\ud800-\udfff]"
+)
+
+# ensure_ascii=False keeps non-ASCII text at its UTF-8 size instead of
+# six bytes per character; one encoder, built once.
+_STRING_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
+def _escape_character(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def encode_message(text: str) -> bytes:
+    """
+    Encode one message as the JSON string that goes inside an C{a[...]}
+    frame, escaped as SockJS requires, in UTF-8.
+    """
+    quoted = _ESCAPABLE.sub(_escape_character, _STRING_ENCODER.encode(text))
+    return quoted.encode("utf-8")
+
+
+def encode_raw_message(text: str) -> bytes:
+    """
+    Encode one message for the raw websocket, which carries the text
+    itself; a lone surrogate (not valid UTF-8) becomes U+FFFD.
+    """
+    return text.encode("utf-8", "replace")
+
+
+def messages_frame(encoded: list[bytes]) -> bytes:
+    """
+    Build an C{a[...]} frame from messages made by L{encode_message}.
+    """
+    return b"a[" + b",".join(encoded) + b"]"
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """
+    Build a C{c[code,"reason"]} frame.
+    """
+    return b"c[%d,%s]" % (code, encode_message(reason))
+
+
+@frozen(auto_exc=True)
+class BrokenPayload(Exception):
+    """
+    The client sent something that is not a SockJS payload.
+
+    @ivar reason: what was wrong, for the client (the SockJS protocol fixes
+        these texts for C{xhr_send}).
+    """
+
+    reason: str
+
+
+PAYLOAD_EXPECTED = "Payload expected."
+BROKEN_JSON = "Broken JSON encoding."
+
+
+def decode_payload(data: bytes, *, allow_single: bool = False) -> list[str]:
+    """
+    Decode what a client sent: a JSON array of strings, or (websocket only,
+    C{allow_single}) a single JSON string.
+
+    @raise BrokenPayload: if C{data} is empty or not such JSON.
+    """
+    if not data:
+        raise BrokenPayload(PAYLOAD_EXPECTED)
+    try:
+        decoded = json.loads(data.decode("utf-8"))
+    except ValueError:
+        # UnicodeDecodeError and JSONDecodeError are both ValueErrors.
+        raise BrokenPayload(BROKEN_JSON) from None
+    if isinstance(decoded, str) and allow_single:
+        return [decoded]
+    if isinstance(decoded, list) and all(isinstance(item, str) for item in decoded):
+        return decoded
+    raise BrokenPayload(BROKEN_JSON)

@@ -1,0 +1,64 @@
+"""
+Configuration of one SockJS endpoint, as a frozen value.
+"""
+
+from attrs import field, frozen, validators
+
+
+def _positive(instance: object, attribute: object, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value!r}")  # type: ignore[attr-defined]
+
+
+def _watermarks_ordered(
+    instance: "SockJSOptions", attribute: object, value: int
+) -> None:
+    if not 0 <= value < instance.high_watermark:
+        raise ValueError(
+            f"low_watermark ({value}) must be from 0 to below high_watermark "
+            f"({instance.high_watermark})"
+        )
+
+
+@frozen
+class SockJSOptions:
+    """
+    Settings of a L{shellserver.sockjs.SockJSResource}.
+
+    @ivar heartbeat_interval: seconds between C{h} frames sent to an
+        attached receiver.
+    @ivar disconnect_delay: seconds a session without any receiver survives
+        before it is closed and forgotten.
+    @ivar response_limit: bytes an xhr-streaming response carries before the
+        server ends it so the client reconnects (and frees the memory the
+        browser keeps for the response).
+    @ivar max_message_bytes: largest payload the client may send in one go
+        (one websocket message, one C{xhr_send} body); anything larger
+        closes the session with code 1009.
+    @ivar websocket: whether the websocket transports are offered.
+    @ivar cookie_needed: whether session transports set a C{JSESSIONID}
+        cookie (for load balancers with cookie-based stickiness).
+    @ivar client_url: where the iframe page loads sockjs-client from.
+    @ivar high_watermark: pending output above which a registered producer
+        is paused.
+    @ivar low_watermark: pending output below which a paused producer is
+        resumed.
+    @ivar websocket_ping_interval: seconds between websocket pings (the
+        transport-level liveness check of both websocket transports).
+    @ivar websocket_ping_timeout: seconds to wait for the pong before the
+        websocket connection is dropped.
+    """
+
+    heartbeat_interval: float = field(default=25.0, validator=_positive)
+    disconnect_delay: float = field(default=5.0, validator=_positive)
+    response_limit: int = field(default=128 * 1024, validator=_positive)
+    max_message_bytes: int = field(default=64 * 1024, validator=_positive)
+    websocket: bool = field(default=True, validator=validators.instance_of(bool))
+    cookie_needed: bool = field(default=False, validator=validators.instance_of(bool))
+    client_url: str = field(
+        default="/static/vendor/sockjs.min.js", validator=validators.instance_of(str)
+    )
+    high_watermark: int = field(default=256 * 1024, validator=_positive)
+    low_watermark: int = field(default=64 * 1024, validator=_watermarks_ordered)
+    websocket_ping_interval: float = field(default=20.0, validator=_positive)
+    websocket_ping_timeout: float = field(default=10.0, validator=_positive)

@@ -1,0 +1,477 @@
+"""
+SockJS sessions, independent of the transports that carry them.
+
+A session outlives the HTTP requests of the polling and streaming transports:
+it queues outgoing messages while no receiver is attached, times out
+C{disconnect_delay} after the last receiver went, and sends heartbeats to the
+attached receiver.  Transports are thin adapters that implement L{Receiver}
+and call the session's transport-side methods (those with a leading
+underscore, used only inside this package).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Protocol
+
+from attrs import define, field
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+
+from .options import SockJSOptions
+
+log = Logger()
+
+GO_AWAY = (3000, "Go away!")
+ANOTHER_CONNECTION_OPEN = (2010, "Another connection still open")
+CONNECTION_INTERRUPTED = (1002, "Connection interrupted")
+MESSAGE_TOO_BIG = (1009, "Message too big")
+INTERNAL_ERROR = (1011, "Internal error")
+BROKEN_FRAMING = (3000, "Broken framing.")
+
+
+class SockJSHandler(Protocol):
+    """
+    What C{open_session(connection)} returns: the application's side of one
+    session.
+    """
+
+    def message_received(self, text: str) -> None:
+        """
+        One message from the client, in order.
+        """
+
+    def closed(self) -> None:
+        """
+        The session is gone; called exactly once.
+        """
+
+
+class Receiver(Protocol):
+    """
+    The transport side of a session: one websocket, or one xhr response.
+
+    Each C{write_*} method returns whether the receiver stays attached; a
+    polling response takes a single frame and ends, a streaming response
+    ends when it reaches its size limit.  C{write_close} always ends it.
+    """
+
+    transport_name: str
+
+    def write_open(self) -> bool: ...
+
+    def write_heartbeat(self) -> bool: ...
+
+    def write_messages(self, encoded: list[bytes]) -> bool: ...
+
+    def write_close(self, code: int, reason: str) -> None: ...
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    # closed for the application; the close frame is still served to new
+    # receivers until the session expires
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+def _nothing_to_forget(connection: SockJSConnection) -> None:
+    pass
+
+
+@define(eq=False)
+class SockJSConnection:
+    """
+    One SockJS session, as the application sees it.
+
+    @ivar peer_host: the client's IP address as text (empty if the
+        connection has no IP address, e.g. a UNIX socket).
+    @ivar origin: the C{Origin} header of the request that opened the
+        session, if any.  Checking it is the application's job.
+    @ivar transport_name: the transport attached last: C{"websocket"},
+        C{"websocket-raw"}, C{"xhr-streaming"} or C{"xhr-polling"}.
+    @ivar session_id: the client-chosen session id from the URL.
+    """
+
+    session_id: str
+    peer_host: str
+    origin: str | None
+    transport_name: str
+    _clock: IReactorTime
+    _options: SockJSOptions
+    _encode: Callable[[str], bytes]
+    # True for websocket sessions: their life is the life of one receiver
+    _bound: bool = False
+    _forget: Callable[[SockJSConnection], None] = _nothing_to_forget
+
+    _handler: SockJSHandler | None = field(default=None, init=False)
+    _opening: bool = field(default=False, init=False)
+    _state: _State = field(default=_State.OPEN, init=False)
+    _close_reason: tuple[int, str] = field(default=GO_AWAY, init=False)
+    _closed_notified: bool = field(default=False, init=False)
+    _open_frame_sent: bool = field(default=False, init=False)
+    _outgoing: list[bytes] = field(factory=list, init=False)
+    _pending_bytes: int = field(default=0, init=False)
+    _receiver: Receiver | None = field(default=None, init=False)
+    _receiver_paused: bool = field(default=False, init=False)
+    _heartbeat_call: IDelayedCall | None = field(default=None, init=False)
+    _expiry_call: IDelayedCall | None = field(default=None, init=False)
+    _producer: IPushProducer | None = field(default=None, init=False)
+    _producer_paused: bool = field(default=False, init=False)
+
+    # -- the application's side ---------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """
+        Whether messages can still be sent and received.
+        """
+        return self._state is _State.OPEN
+
+    @property
+    def pending_bytes(self) -> int:
+        """
+        Bytes of messages queued and not yet handed to a transport.
+        """
+        return self._pending_bytes
+
+    def send(self, text: str) -> None:
+        """
+        Queue one message for the client.  Messages are delivered in order,
+        across reconnects of the polling transports; after the session
+        closed they are dropped.
+        """
+        if self._state is not _State.OPEN:
+            log.debug(
+                "dropped a message for closed session {session}",
+                session=self.session_id,
+            )
+            return
+        encoded = self._encode(text)
+        self._outgoing.append(encoded)
+        self._pending_bytes += len(encoded)
+        self._flush()
+        self._check_watermarks()
+
+    def close(self, code: int = GO_AWAY[0], reason: str = GO_AWAY[1]) -> None:
+        """
+        Send the close frame and end the session; C{handler.closed()}
+        follows.  Messages queued before are delivered first.
+        """
+        if self._state is not _State.OPEN:
+            return
+        self._state = _State.CLOSING
+        self._close_reason = (code, reason)
+        self._stop_heartbeat()
+        receiver = self._receiver
+        if receiver is not None:
+            # The session ends: whatever was queued goes out now, even to
+            # a receiver whose transport asked for a pause.
+            if self._send_outgoing(receiver) and self._receiver is receiver:
+                self._receiver = None
+                receiver.write_close(code, reason)
+                self._receiver_gone()
+        self._notify_closed()
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        """
+        Pause C{producer} while more than C{high_watermark} bytes are
+        pending, resume it once fewer than C{low_watermark} are.
+
+        @raise RuntimeError: if a producer is registered already.
+        """
+        if self._producer is not None:
+            raise RuntimeError(f"{self._producer!r} is registered already")
+        self._producer = producer
+        self._producer_paused = False
+        self._check_watermarks()
+
+    def unregister_producer(self) -> None:
+        """
+        Stop pausing and resuming the registered producer.
+        """
+        self._producer = None
+        self._producer_paused = False
+
+    # -- the transports' side -----------------------------------------------
+
+    def _start(self, open_session: Callable[[SockJSConnection], SockJSHandler]) -> None:
+        """
+        Announce the session to the application.
+        """
+        self._opening = True
+        try:
+            handler = open_session(self)
+        except Exception:
+            log.failure(
+                "opening SockJS session {session} failed", session=self.session_id
+            )
+            self._opening = False
+            self.close(*INTERNAL_ERROR)
+        else:
+            self._opening = False
+            self._handler = handler
+            if self._state is not _State.OPEN:
+                # open_session closed the session itself
+                self._call_closed()
+        if self._receiver is None and not self._bound:
+            self._schedule_expiry()
+
+    def _attach(self, receiver: Receiver) -> None:
+        """
+        A transport wants the session's output.
+        """
+        if self._state is _State.CLOSED:
+            receiver.write_close(*self._close_reason)
+            return
+        if self._receiver is not None:
+            receiver.write_close(*ANOTHER_CONNECTION_OPEN)
+            return
+        self._cancel_expiry()
+        self._receiver = receiver
+        self._receiver_paused = False
+        self.transport_name = receiver.transport_name
+        if not self._open_frame_sent:
+            self._open_frame_sent = True
+            if not receiver.write_open():
+                self._detach()
+                return
+        if self._state is _State.OPEN:
+            self._flush()
+            if self._receiver is receiver:
+                self._start_heartbeat()
+            self._check_watermarks()
+        elif self._send_outgoing(receiver) and self._receiver is receiver:
+            self._receiver = None
+            receiver.write_close(*self._close_reason)
+            self._receiver_gone()
+
+    def _receiver_lost(self, receiver: Receiver) -> None:
+        """
+        The receiver's connection went away before it ended by itself: the
+        client's state is unknown now, so the session closes (code 1002).
+        """
+        if receiver is not self._receiver:
+            return
+        self._receiver = None
+        self._stop_heartbeat()
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSING
+            self._close_reason = CONNECTION_INTERRUPTED
+            self._notify_closed()
+        self._receiver_gone()
+
+    def _pause_receiver(self, receiver: Receiver) -> None:
+        """
+        The receiver's transport buffer is full: hold output in the queue.
+        """
+        if receiver is self._receiver:
+            self._receiver_paused = True
+
+    def _resume_receiver(self, receiver: Receiver) -> None:
+        """
+        The receiver's transport can take output again.
+        """
+        if receiver is self._receiver and self._receiver_paused:
+            self._receiver_paused = False
+            self._flush()
+            self._check_watermarks()
+
+    def _deliver(self, messages: list[str]) -> None:
+        """
+        Hand messages from the client to the application, in order.
+        """
+        for text in messages:
+            if self._state is not _State.OPEN or self._handler is None:
+                return
+            try:
+                self._handler.message_received(text)
+            except Exception:
+                log.failure(
+                    "SockJS session {session} failed to handle a message",
+                    session=self.session_id,
+                )
+                self.close(*INTERNAL_ERROR)
+                return
+
+    # -- internals ----------------------------------------------------------
+
+    def _flush(self) -> None:
+        receiver = self._receiver
+        if receiver is not None and not self._receiver_paused:
+            self._send_outgoing(receiver)
+
+    def _send_outgoing(self, receiver: Receiver) -> bool:
+        """
+        Hand the queue to C{receiver}; return whether it is still attached.
+        """
+        if not self._outgoing:
+            return True
+        batch = self._outgoing
+        self._outgoing = []
+        self._pending_bytes = 0
+        if receiver.write_messages(batch):
+            return True
+        self._detach()
+        return False
+
+    def _detach(self) -> None:
+        self._receiver = None
+        self._stop_heartbeat()
+        self._receiver_gone()
+
+    def _receiver_gone(self) -> None:
+        if self._bound:
+            # a websocket session ends with its one connection
+            if self._state is _State.OPEN:
+                self._state = _State.CLOSING
+                self._close_reason = CONNECTION_INTERRUPTED
+                self._notify_closed()
+            self._forget_session()
+        else:
+            self._schedule_expiry()
+
+    def _check_watermarks(self) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        if not self._producer_paused:
+            if self._pending_bytes > self._options.high_watermark:
+                self._producer_paused = True
+                producer.pauseProducing()
+        elif self._pending_bytes < self._options.low_watermark:
+            self._producer_paused = False
+            producer.resumeProducing()
+
+    def _start_heartbeat(self) -> None:
+        self._stop_heartbeat()
+        self._heartbeat_call = self._clock.callLater(
+            self._options.heartbeat_interval, self._heartbeat
+        )
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat_call is not None:
+            if self._heartbeat_call.active():
+                self._heartbeat_call.cancel()
+            self._heartbeat_call = None
+
+    def _heartbeat(self) -> None:
+        self._heartbeat_call = None
+        receiver = self._receiver
+        if receiver is None or self._state is not _State.OPEN:
+            return
+        # a paused transport is busy with data anyway; skip this beat
+        if not self._receiver_paused and not receiver.write_heartbeat():
+            self._detach()
+            return
+        self._start_heartbeat()
+
+    def _schedule_expiry(self) -> None:
+        self._cancel_expiry()
+        self._expiry_call = self._clock.callLater(
+            self._options.disconnect_delay, self._expire
+        )
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry_call is not None:
+            if self._expiry_call.active():
+                self._expiry_call.cancel()
+            self._expiry_call = None
+
+    def _expire(self) -> None:
+        self._expiry_call = None
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSING
+            self._notify_closed()
+        self._forget_session()
+
+    def _forget_session(self) -> None:
+        self._cancel_expiry()
+        self._stop_heartbeat()
+        self._state = _State.CLOSED
+        self._outgoing = []
+        self._pending_bytes = 0
+        self._producer = None
+        self._forget(self)
+
+    def _notify_closed(self) -> None:
+        if self._opening:
+            # _start calls the handler's closed() once open_session returns
+            return
+        self._call_closed()
+
+    def _call_closed(self) -> None:
+        handler = self._handler
+        if handler is None or self._closed_notified:
+            return
+        self._closed_notified = True
+        try:
+            handler.closed()
+        except Exception:
+            log.failure(
+                "SockJS session {session} failed to handle its end",
+                session=self.session_id,
+            )
+
+
+@define
+class SessionRegistry:
+    """
+    The sessions of one endpoint that outlive single requests (all but the
+    websocket ones), by session id.
+    """
+
+    _open_session: Callable[[SockJSConnection], SockJSHandler]
+    _clock: IReactorTime
+    _options: SockJSOptions
+    _sessions: dict[str, SockJSConnection] = field(factory=dict, init=False)
+
+    def get(self, session_id: str) -> SockJSConnection | None:
+        """
+        The live session with this id, if any.
+        """
+        return self._sessions.get(session_id)
+
+    def open(
+        self,
+        *,
+        session_id: str,
+        peer_host: str,
+        origin: str | None,
+        transport_name: str,
+        encode: Callable[[str], bytes],
+        bound: bool,
+    ) -> SockJSConnection:
+        """
+        Create a session and announce it to the application; unbound
+        sessions are registered under their id until they expire.
+        """
+        connection = SockJSConnection(
+            session_id=session_id,
+            peer_host=peer_host,
+            origin=origin,
+            transport_name=transport_name,
+            clock=self._clock,
+            options=self._options,
+            encode=encode,
+            bound=bound,
+            forget=self._forget,
+        )
+        if not bound:
+            self._sessions[session_id] = connection
+        log.debug(
+            "SockJS session {session} opened over {transport} from {peer}",
+            session=session_id,
+            transport=transport_name,
+            peer=peer_host,
+        )
+        connection._start(self._open_session)
+        return connection
+
+    def _forget(self, connection: SockJSConnection) -> None:
+        if self._sessions.get(connection.session_id) is connection:
+            del self._sessions[connection.session_id]
+
+    def __len__(self) -> int:
+        return len(self._sessions)

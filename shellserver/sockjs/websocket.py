@@ -1,0 +1,343 @@
+"""
+The websocket transports, on autobahn's twisted.web integration: framed
+(C{<prefix>/<server>/<session>/websocket}, SockJS frames) and raw
+(C{<prefix>/websocket}, one websocket message per message).  A websocket
+session lives exactly as long as its connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import unquote
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionRequest
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from zope.interface import implementer
+
+from .endpoint import Endpoint
+from .framing import (
+    HEARTBEAT_FRAME,
+    OPEN_FRAME,
+    BrokenPayload,
+    close_frame,
+    decode_payload,
+    encode_message,
+    encode_raw_message,
+    messages_frame,
+)
+from .headers import (
+    disable_nagle,
+    peer_host,
+    render_method_not_allowed,
+    render_text,
+)
+from .options import SockJSOptions
+from .session import (
+    BROKEN_FRAMING,
+    MESSAGE_TOO_BIG,
+    SessionRegistry,
+    SockJSConnection,
+)
+
+BINARY_NOT_SUPPORTED = (1003, "Binary messages are not supported")
+
+# a close frame's payload is at most 125 bytes, two of them the code
+_MAX_CLOSE_REASON_BYTES = 123
+
+
+@implementer(IPushProducer)
+class _TransportBackPressure:
+    """
+    Registered with the websocket's TCP transport in place of the HTTP
+    channel that handed it over: holds the session's output in its queue
+    (where C{pending_bytes} counts it) while the socket buffer is full.
+    """
+
+    def __init__(self, session: SockJSConnection, receiver: _SockJSWebSocket) -> None:
+        self._session = session
+        self._receiver = receiver
+
+    def pauseProducing(self) -> None:
+        self._session._pause_receiver(self._receiver)
+
+    def resumeProducing(self) -> None:
+        self._session._resume_receiver(self._receiver)
+
+    def stopProducing(self) -> None:
+        # connectionLost follows, and onClose tells the session
+        pass
+
+
+class _SockJSWebSocket(WebSocketServerProtocol):
+    """
+    What both websocket transports share: opening the session, the size
+    limit, closing, back-pressure.
+    """
+
+    transport_name = ""
+    _encode: Callable[[str], bytes] = staticmethod(encode_message)
+
+    def __init__(self, registry: SessionRegistry, max_message_bytes: int) -> None:
+        super().__init__()
+        self._registry = registry
+        self._max_message_bytes = max_message_bytes
+        self._session: SockJSConnection | None = None
+        self._origin: str | None = None
+        self._session_id = ""
+        self._incoming_bytes = 0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        disable_nagle(self.transport)
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        self._origin = request.origin or None
+        self._session_id = self._session_id_from_path(request.path)
+        disable_nagle(self.transport)
+
+    def _session_id_from_path(self, path: str) -> str:
+        return ""
+
+    def onOpen(self) -> None:
+        session = self._registry.open(
+            session_id=self._session_id,
+            peer_host=peer_host(self.transport.getPeer()),
+            origin=self._origin,
+            transport_name=self.transport_name,
+            encode=self._encode,
+            bound=True,
+        )
+        self._session = session
+        try:
+            self.transport.unregisterProducer()
+        except RuntimeError:
+            # nothing was registered
+            pass
+        self.transport.registerProducer(_TransportBackPressure(session, self), True)
+        session._attach(self)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._incoming_bytes = 0
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        self._incoming_bytes += length
+        if self._incoming_bytes > self._max_message_bytes and self._session:
+            # Tell the client why, before autobahn (configured with the same
+            # limit) fails the connection.
+            self._session.close(*MESSAGE_TOO_BIG)
+        super().onMessageFrameBegin(length)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._session is not None:
+            self._session._receiver_lost(self)
+
+    def _send_text(self, payload: bytes) -> bool:
+        if self.state != self.STATE_OPEN:
+            return False
+        if len(payload) <= self.maxMessagePayloadSize:
+            self.sendMessage(payload)
+        else:
+            # autobahn applies maxMessagePayloadSize to what it sends as well;
+            # the limit is meant for the client, so large output goes out
+            # through the fragment API, which does not check it.
+            self.beginMessage()
+            self.sendMessageFrame(payload)
+            self.endMessage()
+        return True
+
+    def _close_websocket(self, code: int, reason: str) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        if code == 1000 or 3000 <= code <= 4999:
+            self.sendClose(code, reason)
+        else:
+            # sendClose only takes the codes meant for applications; the
+            # protocol's own (1009 message too big, 1011 internal error)
+            # go out through sendCloseFrame.
+            truncated = reason.encode("utf-8")[:_MAX_CLOSE_REASON_BYTES]
+            self.sendCloseFrame(
+                code=code,
+                reasonUtf8=truncated.decode("utf-8", "ignore").encode("utf-8"),
+            )
+
+
+class _FramedWebSocket(_SockJSWebSocket):
+    """
+    C{<prefix>/<server>/<session>/websocket}: SockJS frames over websocket.
+    """
+
+    transport_name = "websocket"
+    _encode = staticmethod(encode_message)
+
+    def _session_id_from_path(self, path: str) -> str:
+        segments = path.rstrip("/").split("/")
+        return unquote(segments[-2]) if len(segments) >= 3 else ""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self._session
+        if session is None:
+            return
+        if isBinary:
+            session.close(*BROKEN_FRAMING)
+            return
+        if not payload:
+            # empty websocket messages are allowed, and mean nothing
+            return
+        try:
+            messages = decode_payload(payload, allow_single=True)
+        except BrokenPayload:
+            session.close(*BROKEN_FRAMING)
+            return
+        session._deliver(messages)
+
+    def write_open(self) -> bool:
+        return self._send_text(OPEN_FRAME)
+
+    def write_heartbeat(self) -> bool:
+        return self._send_text(HEARTBEAT_FRAME)
+
+    def write_messages(self, encoded: list[bytes]) -> bool:
+        return self._send_text(messages_frame(encoded))
+
+    def write_close(self, code: int, reason: str) -> None:
+        self._send_text(close_frame(code, reason))
+        self._close_websocket(code, reason)
+
+
+class _RawWebSocket(_SockJSWebSocket):
+    """
+    C{<prefix>/websocket}: each websocket text message is one message; no
+    open frame and no heartbeats (autobahn's pings keep it alive).
+    """
+
+    transport_name = "websocket-raw"
+    _encode = staticmethod(encode_raw_message)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self._session
+        if session is None:
+            return
+        if isBinary:
+            session.close(*BINARY_NOT_SUPPORTED)
+            return
+        # autobahn has validated the UTF-8 of text messages
+        session._deliver([payload.decode("utf-8")])
+
+    def write_open(self) -> bool:
+        return self.state == self.STATE_OPEN
+
+    def write_heartbeat(self) -> bool:
+        return self.state == self.STATE_OPEN
+
+    def write_messages(self, encoded: list[bytes]) -> bool:
+        for message in encoded:
+            if not self._send_text(message):
+                return False
+        return True
+
+    def write_close(self, code: int, reason: str) -> None:
+        self._close_websocket(code, reason)
+
+
+class _SockJSWebSocketFactory(WebSocketServerFactory):
+    def __init__(
+        self,
+        protocol_class: type[_SockJSWebSocket],
+        registry: SessionRegistry,
+        max_message_bytes: int,
+        clock: IReactorTime,
+    ) -> None:
+        # No Server header: the version of our websocket library is nobody's
+        # business.
+        super().__init__(server=None, reactor=clock)
+        self._protocol_class = protocol_class
+        self._registry = registry
+        self._max_message_bytes = max_message_bytes
+
+    def buildProtocol(self, addr: object) -> _SockJSWebSocket:
+        protocol = self._protocol_class(self._registry, self._max_message_bytes)
+        protocol.factory = self
+        return protocol
+
+
+def build_websocket_resource(
+    registry: SessionRegistry,
+    options: SockJSOptions,
+    clock: IReactorTime,
+    *,
+    raw: bool,
+) -> IResource:
+    """
+    Build the autobahn resource for one websocket transport, with every
+    option that matters set here rather than left at autobahn's (permissive)
+    defaults.
+
+    autobahn's own timers (handshake timeouts, pings) run on txaio's loop,
+    the global reactor; the SockJS timers (heartbeats, expiry) use C{clock}.
+    """
+    factory = _SockJSWebSocketFactory(
+        _RawWebSocket if raw else _FramedWebSocket,
+        registry,
+        options.max_message_bytes,
+        clock,
+    )
+    factory.setProtocolOptions(
+        # RFC 6455 only (hybi-10 browsers are long gone)
+        versions=[13],
+        # no HTML status page for plain GETs; we answer those with 400
+        webStatus=False,
+        utf8validateIncoming=True,
+        requireMaskedClientFrames=True,
+        # what a client may send in one frame and in one message
+        maxFramePayloadSize=options.max_message_bytes,
+        maxMessagePayloadSize=options.max_message_bytes,
+        # on a protocol violation, send a close frame saying why
+        failByDrop=False,
+        openHandshakeTimeout=5.0,
+        closeHandshakeTimeout=2.0,
+        tcpNoDelay=True,
+        # no permessage-deflate: memory per connection, compression oracles
+        perMessageCompressionAccept=lambda offers: None,
+        autoPingInterval=options.websocket_ping_interval,
+        autoPingTimeout=options.websocket_ping_timeout,
+        # The Origin header is exposed as SockJSConnection.origin and the
+        # application decides (the polling transports cannot refuse an
+        # origin either, so a check here would protect nothing).
+        allowedOrigins=["*"],
+        allowNullOrigin=True,
+        # peers are what the socket says; proxies are the application's call
+        trustXForwardedFor=0,
+        serveFlashSocketPolicy=False,
+    )
+    return WebSocketResource(factory)
+
+
+def render_upgrade(resource: IResource, request: IRequest) -> bytes | int:
+    """
+    Refuse what is not a websocket handshake (autobahn would answer a
+    plain GET with a status page) and hand the rest to C{resource}.
+    """
+    if request.method != b"GET":
+        return render_method_not_allowed(request, [b"GET"])
+    upgrade = (request.getHeader(b"upgrade") or b"").strip().lower()
+    if upgrade != b"websocket":
+        return render_text(request, 400, 'Can "Upgrade" only to "WebSocket".')
+    connection = request.getHeader(b"connection") or b""
+    tokens = [token.strip().lower() for token in connection.split(b",")]
+    if b"upgrade" not in tokens:
+        return render_text(request, 400, '"Connection" must be "Upgrade".')
+    return resource.render(request)
+
+
+def render_framed(
+    endpoint: Endpoint, request: IRequest, session_id: str
+) -> bytes | int:
+    """
+    C{GET .../<server>/<session>/websocket}.
+    """
+    return render_upgrade(endpoint.framed_websocket, request)
