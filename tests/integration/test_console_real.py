@@ -1,0 +1,200 @@
+"""End to end on real parts: twistd, TLS, SockJS websocket, sandboxed IPython.
+
+Each test opens consoles on the shared real server and reads what a user
+would see through a pyte screen, or the raw output stream.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from conftest import processes_of_uids, sandbox_leftovers, session_cgroups, wait_until
+from console_client import ConsoleClient, fetch_token
+
+pytestmark = pytest.mark.integration
+
+
+def output_of(client: ConsoleClient) -> str:
+    return "".join(client.raw_output)
+
+
+@pytest.fixture
+def console(server):
+    client = ConsoleClient(server)
+    client.login()
+    assert client.wait_for_prompt(1, timeout=20), client.display()
+    yield client
+    client.close()
+
+
+def ask(console: ConsoleClient, expression: str, prompt_after: int) -> str:
+    """Evaluate an expression in the console; return the line printed after RES."""
+    console.run(f"print('RES', {expression}, 'END')", prompt_after)
+    text = output_of(console)
+    start = text.rindex("RES ")
+    return text[start + 4:text.index(" END", start)]
+
+
+def test_print_six_times_seven(console):
+    """print(6*7) in a real sandboxed IPython shows 42 on the screen."""
+    screen = console.run("print(6*7)", 2)
+    lines = screen.splitlines()
+    at = next(i for i, line in enumerate(lines) if "print(6*7)" in line)
+    assert lines[at + 1].strip() == "42"
+    assert console.messages[0] == "sstarting"
+    assert console.messages[1] == "sready"
+
+
+def test_runs_as_session_uid_without_groups(console, server):
+    """The console's uid is non-zero, in the configured range, with no groups."""
+    console.run("import os", 2)
+    uid, gid, groups = eval(ask(console, "(os.getuid(), os.getgid(), os.getgroups())",
+                                3))
+    assert uid != 0
+    assert server.uid_min <= uid <= server.uid_max
+    assert gid == uid
+    assert groups == []
+
+
+def test_cannot_read_shadow(console):
+    """open('/etc/shadow') fails inside the sandbox."""
+    console.run("import os", 2)
+    result = ask(console, "(lambda: (open('/etc/shadow').read()[:5], 'READ'))() "
+                 "if os.path.exists('/etc/shadow') else 'ABSENT'", 3)
+    assert result == "ABSENT"
+    assert os.path.exists("/etc/shadow"), "the host has /etc/shadow"
+
+
+def test_root_is_the_sandbox_root(console):
+    """/ shows only the sandbox's own root, not the host's."""
+    listing = set(eval(ask(console, "sorted(__import__('os').listdir('/'))", 2)))
+    assert {"usr", "proc", "dev", "tmp", "home", "etc"} <= listing
+    host_only = set(os.listdir("/")) - listing
+    assert {"root", "boot", "srv"} & set(os.listdir("/")) <= host_only
+    assert "root" not in listing and "boot" not in listing
+
+
+def test_state_dir_and_tls_key_invisible(console, server):
+    """The server's state directory, secret and TLS key are not visible inside."""
+    paths = [str(server.state_dir), str(server.state_dir / "secret"),
+             server.cert, server.cert.replace("certificate.pem", "private-key.pem")]
+    result = eval(ask(console, f"[__import__('os').path.exists(p) for p in {paths!r}]",
+                      2))
+    assert result == [False] * len(paths)
+    assert all(os.path.exists(p) for p in paths), "the host has them"
+
+
+def test_no_network(console, server):
+    """A TCP connection to the server's own port fails: there is no network."""
+    console.run("import socket", 2)
+    result = ask(
+        console,
+        f"(lambda s: (s.settimeout(3), s.connect_ex(('127.0.0.1', {server.port}))))"
+        "(socket.socket())[1]",
+        3,
+    )
+    assert int(result) != 0
+    interfaces = eval(ask(console, "[n for _, n in socket.if_nameindex()]", 4))
+    assert interfaces == ["lo"]
+
+
+def test_ctrl_c_interrupts_a_loop(console):
+    """Ctrl-C stops `while True: pass` and gives the prompt back; the console lives."""
+    console.type("while True: pass\r")
+    time.sleep(0.5)
+    console.type("\x03")
+    assert console.wait_for_screen("KeyboardInterrupt", timeout=10), console.display()
+    assert console.wait_for_prompt(2, timeout=10), console.display()
+    assert ask(console, "6*7", 3) == "42"
+
+
+def test_resize_reaches_the_terminal(console):
+    """A resize message changes the size the console's terminal reports."""
+    console.send("r123,41")
+    time.sleep(0.2)
+    size = ask(console, "tuple(__import__('os').get_terminal_size())", 2)
+    assert size == "(123, 41)"
+
+
+def test_utf8_output_intact(console):
+    """Large multi-byte output arrives without a corrupted character."""
+    console.run("print('S' + '☃é€😀' * 3000 + 'E')", 2, timeout=20)
+    text = output_of(console)
+    assert "S" + "☃é€😀" * 3000 + "E" in text.replace("\r\n", "")
+    assert "\ufffd" not in text
+
+
+def test_exit_ends_the_console_with_a_message(server):
+    """`exit` ends the console: the browser gets an exit message and a close."""
+    client = ConsoleClient(server)
+    client.login()
+    assert client.wait_for_prompt(1, timeout=20)
+    client.type("exit\r")
+    assert client.wait_closed(timeout=15)
+    assert client.last_message("x") == "The console has exited."
+
+
+def test_closing_releases_everything(server):
+    """Closing the connection kills the sandbox: no processes, cgroups remain."""
+    client = ConsoleClient(server)
+    client.login()
+    assert client.wait_for_prompt(1, timeout=20)
+    uid = int(ask(client, "__import__('os').getuid()", 2))
+    assert processes_of_uids(uid, uid)
+    client.close()
+    assert wait_until(lambda: not processes_of_uids(uid, uid), timeout=15)
+    assert wait_until(lambda: not session_cgroups(), timeout=15)
+
+
+def test_twenty_consoles_leave_nothing_behind(server):
+    """20 consoles opened and closed in a row leave no processes, cgroups, mounts."""
+    for _ in range(20):
+        client = ConsoleClient(server)
+        client.login()
+        assert client.wait_for_prompt(1, timeout=20), client.display()
+        client.close()
+    assert wait_until(lambda: sandbox_leftovers(server) == [], timeout=30), \
+        sandbox_leftovers(server)
+
+
+def test_bad_tokens_start_no_process(server):
+    """Forged, replayed, malformed and missing tokens start no sandbox."""
+    before = len(server.log().splitlines())
+    good = fetch_token(server)
+    forged = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    for token, reason in [(forged, "invalid signature"), ("v1.x.y", "malformed"),
+                          ("", "malformed")]:
+        client = ConsoleClient(server)
+        client.login(token)
+        assert client.wait_closed(timeout=10)
+        assert reason in (client.last_message("e") or ""), client.messages
+        assert not processes_of_uids(server.uid_min, server.uid_max)
+    # A token redeemed once cannot be replayed.
+    first = ConsoleClient(server)
+    first.login(good)
+    assert first.wait_for_prompt(1, timeout=20)
+    replay = ConsoleClient(server)
+    replay.login(good)
+    assert replay.wait_closed(timeout=10)
+    assert "already used" in (replay.last_message("e") or "")
+    first.close()
+    started = [line for line in server.log().splitlines()[before:]
+               if "started as uid" in line]
+    assert len(started) == 1, started
+
+
+def test_token_must_come_in_time(server):
+    """A connection that sends no token is closed after the auth timeout."""
+    client = ConsoleClient(server)
+    assert client.wait_closed(timeout=15)
+    assert "in time" in (client.last_message("e") or "")
+
+
+def test_wrong_origin_refused(server):
+    """A token used from a page on another origin is refused."""
+    client = ConsoleClient(server, origin="https://evil.example")
+    client.login()
+    assert client.wait_closed(timeout=10)
+    assert "another origin" in (client.last_message("e") or "")
