@@ -100,7 +100,8 @@ class CgroupLayout:
 
 def parse_layout(mountinfo: str, self_cgroup: str) -> CgroupLayout:
     """Find the hierarchies and the server's own cgroup in each (pure)."""
-    v1_mounts: dict[str, str] = {}
+    # Each mount as (mount point, the cgroup directory mounted there).
+    v1_mounts: dict[str, tuple[str, str]] = {}
     v2_mount = None
     for line in mountinfo.splitlines():
         left, _, right = line.partition(" - ")
@@ -108,13 +109,14 @@ def parse_layout(mountinfo: str, self_cgroup: str) -> CgroupLayout:
         rest = right.split()
         if len(fields) < 5 or len(rest) < 3:
             continue
-        mount_point, fstype, options = fields[4], rest[0], rest[2]
+        mount = (fields[4], fields[3])
+        fstype, options = rest[0], rest[2]
         if fstype == "cgroup2" and v2_mount is None:
-            v2_mount = mount_point
+            v2_mount = mount
         elif fstype == "cgroup":
             for option in options.split(","):
                 if option in ("memory", "pids", "cpu"):
-                    v1_mounts.setdefault(option, mount_point)
+                    v1_mounts.setdefault(option, mount)
     if v2_mount is None:
         raise CgroupError("no cgroup2 hierarchy is mounted (needed for cgroup.kill)")
 
@@ -130,10 +132,17 @@ def parse_layout(mountinfo: str, self_cgroup: str) -> CgroupLayout:
             if controller in ("memory", "pids", "cpu"):
                 own[controller] = path
 
-    def parent(mount: str | None, key: str) -> str | None:
+    def parent(mount: tuple[str, str] | None, key: str) -> str | None:
         if mount is None or key not in own:
             return None
-        return os.path.join(mount, own[key].lstrip("/"), PARENT_NAME)
+        mount_point, mount_root = mount
+        path = own[key]
+        # A container may see its own cgroup mounted at the hierarchy's mount
+        # point (mount root /docker/ID): the path is relative to that root.
+        if mount_root != "/" and (path == mount_root
+                                  or path.startswith(mount_root + "/")):
+            path = path[len(mount_root):]
+        return os.path.join(mount_point, path.lstrip("/"), PARENT_NAME)
 
     unified = parent(v2_mount, "unified")
     if unified is None:

@@ -1,0 +1,286 @@
+"""Tests for shellserver.sandbox.cgroups: layout parsing, session groups, the reaper."""
+
+import errno
+
+import attrs
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from shellserver.sandbox.cgroups import (
+    CPU_PERIOD_US,
+    CgroupError,
+    CgroupGroup,
+    CgroupLayout,
+    CgroupReaper,
+    parse_layout,
+)
+from shellserver.sandbox.spec import SandboxLimits
+
+# A hybrid host: cgroup v1 controllers plus a controller-less cgroup2 mount.
+HYBRID_MOUNTINFO = """\
+22 1 0:21 / / rw,relatime - overlay overlay rw,lowerdir=/a,upperdir=/b,workdir=/c
+30 22 0:27 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+38 31 0:35 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+HYBRID_SELF_CGROUP = """\
+9:name=systemd:/
+8:pids:/
+7:blkio:/
+6:freezer:/
+5:devices:/
+4:memory:/process_api/6a318ce842b0f3cb5407c9dc98ed2365
+3:cpuset:/
+2:cpuacct:/
+1:cpu:/
+0::/
+"""
+
+# A systemd host with only cgroup v2, the server in its own service's cgroup.
+UNIFIED_MOUNTINFO = """\
+24 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro
+27 22 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 \
+cgroup2 rw,nsdelegate,memory_recursiveprot
+"""
+UNIFIED_SELF_CGROUP = "0::/system.slice/shellserver.service\n"
+
+# A container that sees only its own cgroups, mounted read-write at the
+# usual mount points (mount root /docker/ID), with cpu and cpuacct together.
+CONTAINER_ID = "/docker/3f2a"
+CONTAINER_MOUNTINFO = f"""\
+41 40 0:40 {CONTAINER_ID} /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup \
+rw,cpu,cpuacct
+42 40 0:41 {CONTAINER_ID} /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+43 40 0:42 {CONTAINER_ID} /sys/fs/cgroup/pids rw,nosuid - cgroup cgroup rw,pids
+44 40 0:43 {CONTAINER_ID} /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw
+"""
+CONTAINER_SELF_CGROUP = f"""\
+5:pids:{CONTAINER_ID}
+4:memory:{CONTAINER_ID}
+3:cpu,cpuacct:{CONTAINER_ID}
+0::{CONTAINER_ID}
+"""
+
+MIB = 1024 * 1024
+LIMITS = SandboxLimits(
+    memory_bytes=256 * MIB,
+    pids_max=61,
+    cpu_shares=512,
+    cpu_quota=0.5,
+    tmp_bytes=64 * MIB,
+    home_bytes=32 * MIB,
+    max_open_files=256,
+    max_file_bytes=32 * MIB,
+    max_processes=64,
+)
+
+
+class ParseLayoutTests(SynchronousTestCase):
+    def test_hybrid(self):
+        """On a hybrid host each v1 controller and cgroup2 get a parent."""
+        layout = parse_layout(HYBRID_MOUNTINFO, HYBRID_SELF_CGROUP)
+        self.assertEqual(
+            layout,
+            CgroupLayout(
+                memory="/sys/fs/cgroup/memory/process_api/"
+                "6a318ce842b0f3cb5407c9dc98ed2365/shellserver",
+                pids="/sys/fs/cgroup/pids/shellserver",
+                cpu="/sys/fs/cgroup/cpu/shellserver",
+                unified="/sys/fs/cgroup/unified/shellserver",
+                v2_controllers=False,
+            ),
+        )
+
+    def test_unified(self):
+        """On a cgroup v2 host there is one parent, under the server's own cgroup."""
+        layout = parse_layout(UNIFIED_MOUNTINFO, UNIFIED_SELF_CGROUP)
+        self.assertEqual(
+            layout,
+            CgroupLayout(
+                memory=None,
+                pids=None,
+                cpu=None,
+                unified="/sys/fs/cgroup/system.slice/shellserver.service/shellserver",
+                v2_controllers=True,
+            ),
+        )
+        self.assertEqual(layout.parents(), (layout.unified,))
+
+    def test_container_mount_root(self):
+        """A hierarchy mounted from the server's own cgroup is not joined twice."""
+        layout = parse_layout(CONTAINER_MOUNTINFO, CONTAINER_SELF_CGROUP)
+        self.assertEqual(layout.memory, "/sys/fs/cgroup/memory/shellserver")
+        self.assertEqual(layout.pids, "/sys/fs/cgroup/pids/shellserver")
+        self.assertEqual(layout.cpu, "/sys/fs/cgroup/cpu,cpuacct/shellserver")
+        self.assertEqual(layout.unified, "/sys/fs/cgroup/unified/shellserver")
+
+    def test_no_cgroup2(self):
+        """Without a cgroup2 mount parsing fails, naming cgroup2."""
+        mountinfo = "".join(
+            line + "\n"
+            for line in HYBRID_MOUNTINFO.splitlines()
+            if "cgroup2" not in line
+        )
+        with self.assertRaises(CgroupError) as caught:
+            parse_layout(mountinfo, HYBRID_SELF_CGROUP)
+        self.assertIn("no cgroup2 hierarchy", str(caught.exception))
+
+    def test_missing_controller(self):
+        """A hybrid host without the pids controller fails, naming the controllers."""
+        mountinfo = "".join(
+            line + "\n"
+            for line in HYBRID_MOUNTINFO.splitlines()
+            if not line.endswith("rw,pids")
+        )
+        with self.assertRaises(CgroupError) as caught:
+            parse_layout(mountinfo, HYBRID_SELF_CGROUP)
+        self.assertIn("memory, pids and cpu", str(caught.exception))
+
+    def test_missing_own_cgroup2_path(self):
+        """A /proc/self/cgroup without the 0:: line fails, naming it."""
+        self_cgroup = HYBRID_SELF_CGROUP.replace("0::/\n", "")
+        with self.assertRaises(CgroupError) as caught:
+            parse_layout(HYBRID_MOUNTINFO, self_cgroup)
+        self.assertIn("cgroup2 path", str(caught.exception))
+
+
+class SessionGroupsTests(SynchronousTestCase):
+    def test_v1_groups(self):
+        """Hybrid: memory, pids and cpu groups with v1 limits, cgroup2 last."""
+        layout = parse_layout(HYBRID_MOUNTINFO, HYBRID_SELF_CGROUP)
+        groups = layout.session_groups("sabc", LIMITS)
+        self.assertEqual(
+            groups,
+            (
+                CgroupGroup(layout.memory + "/sabc",
+                            {"memory.limit_in_bytes": str(256 * MIB)}),
+                CgroupGroup(layout.pids + "/sabc", {"pids.max": "61"}),
+                CgroupGroup(
+                    layout.cpu + "/sabc",
+                    {"cpu.shares": "512", "cpu.cfs_period_us": "100000",
+                     "cpu.cfs_quota_us": "50000"},
+                ),
+                CgroupGroup(layout.unified + "/sabc", {}),
+            ),
+        )
+
+    def test_v2_group(self):
+        """Unified: one group with memory, pids and cpu limits in v2 files."""
+        layout = parse_layout(UNIFIED_MOUNTINFO, UNIFIED_SELF_CGROUP)
+        (group,) = layout.session_groups("sabc", LIMITS)
+        self.assertEqual(group.path, layout.unified + "/sabc")
+        self.assertEqual(
+            dict(group.limits),
+            {
+                "memory.max": str(256 * MIB),
+                "memory.swap.max": "0",
+                "pids.max": "61",
+                "cpu.weight": "50",
+                "cpu.max": "50000 100000",
+            },
+        )
+
+    def test_cpu_quota_scales_with_period(self):
+        """A quota of 1.5 CPUs is 150000us per period."""
+        layout = parse_layout(UNIFIED_MOUNTINFO, UNIFIED_SELF_CGROUP)
+        limits = attrs.evolve(LIMITS, cpu_quota=1.5)
+        (group,) = layout.session_groups("s", limits)
+        self.assertEqual(group.limits["cpu.max"], f"150000 {CPU_PERIOD_US}")
+
+
+class FakeCgroups:
+    """Directories that stay busy for a number of rmdir attempts."""
+
+    def __init__(self, busy):
+        self.busy = dict(busy)
+        self.killed = []
+        self.rmdirs = []
+
+    def kill(self, path):
+        self.killed.append(path)
+
+    def rmdir(self, path):
+        self.rmdirs.append(path)
+        if path not in self.busy:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        if self.busy[path] > 0:
+            self.busy[path] -= 1
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        del self.busy[path]
+
+
+GROUPS = (CgroupGroup("/cg/memory/s1"), CgroupGroup("/cg/unified/s1"))
+
+
+class CgroupReaperTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+
+    def reaper(self, cgroups, **kwargs):
+        return CgroupReaper(self.clock, kill=cgroups.kill, rmdir=cgroups.rmdir,
+                            **kwargs)
+
+    def test_removed_after_busy(self):
+        """The reaper fires True once the last busy directory is removed."""
+        cgroups = FakeCgroups({"/cg/memory/s1": 0, "/cg/unified/s1": 3})
+        d = self.reaper(cgroups, interval=0.01).reap(GROUPS)
+        self.assertEqual(cgroups.killed, ["/cg/memory/s1", "/cg/unified/s1"])
+        self.assertNoResult(d)
+        self.clock.advance(0.01)
+        self.clock.advance(0.01)
+        self.assertNoResult(d)
+        self.clock.advance(0.01)
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(cgroups.busy, {})
+        # The removed directory is not tried again.
+        self.assertEqual(cgroups.rmdirs.count("/cg/memory/s1"), 1)
+        self.assertEqual(cgroups.rmdirs.count("/cg/unified/s1"), 4)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timeout(self):
+        """A directory still busy at the timeout makes the reaper fire False."""
+        cgroups = FakeCgroups({"/cg/unified/s1": 10**6})
+        d = self.reaper(cgroups, interval=1.0, timeout=5.0).reap(
+            (CgroupGroup("/cg/unified/s1"),))
+        self.clock.pump([1.0] * 4)
+        self.assertNoResult(d)
+        self.clock.advance(1.0)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(cgroups.rmdirs), 6)
+
+    def test_already_gone(self):
+        """Directories that do not exist count as removed, at once."""
+        cgroups = FakeCgroups({})
+        d = self.reaper(cgroups).reap(GROUPS)
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_groups(self):
+        """Reaping no groups fires True without scheduling anything."""
+        cgroups = FakeCgroups({})
+        d = self.reaper(cgroups).reap(())
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_kill_errors_ignored(self):
+        """A hierarchy without cgroup.kill does not stop the removal."""
+        cgroups = FakeCgroups({"/cg/memory/s1": 0, "/cg/unified/s1": 0})
+
+        def kill(path):
+            cgroups.killed.append(path)
+            if "memory" in path:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+
+        reaper = CgroupReaper(self.clock, kill=kill, rmdir=cgroups.rmdir)
+        self.assertIs(self.successResultOf(reaper.reap(GROUPS)), True)
+        self.assertEqual(cgroups.killed, ["/cg/memory/s1", "/cg/unified/s1"])
