@@ -1,0 +1,414 @@
+"""Tests for shellserver.sandbox.service: spawning, stopping and reaping sandboxes."""
+
+import errno
+import json
+import os
+import struct
+import termios
+from unittest import mock
+
+from attrs import define, field
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from shellserver.sandbox import service
+from shellserver.sandbox.cgroups import CgroupLayout, CgroupReaper
+from shellserver.sandbox.service import (
+    LAUNCHER,
+    IConsoleProcessEvents,
+    SandboxStarter,
+    SandboxUnavailable,
+)
+from shellserver.sandbox.spec import SandboxLimits
+from shellserver.sandbox.uids import UidPool
+
+MIB = 1024 * 1024
+LIMITS = SandboxLimits(
+    memory_bytes=256 * MIB,
+    pids_max=64,
+    cpu_shares=256,
+    cpu_quota=0.5,
+    tmp_bytes=64 * MIB,
+    home_bytes=32 * MIB,
+    max_open_files=256,
+    max_file_bytes=32 * MIB,
+    max_processes=64,
+)
+LAYOUT = CgroupLayout(memory=None, pids=None, cpu=None,
+                      unified="/cg/shellserver", v2_controllers=True)
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+
+
+@define
+class FakeProcessTransport:
+    """What spawnProcess returns: records writes and signals."""
+
+    pid: int
+    fd: int
+    written: list[bytes] = field(factory=list)
+    signals: list[str] = field(factory=list)
+    exited: bool = False
+
+    def write(self, data):
+        self.written.append(data)
+
+    def signalProcess(self, name):
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+
+    def fileno(self):
+        return self.fd
+
+
+@define
+class Spawned:
+    protocol: object
+    executable: str
+    args: list[str]
+    env: dict[str, str]
+    path: str
+    usePTY: bool
+    transport: FakeProcessTransport
+
+
+class FakeProcessReactor(Clock):
+    """A Clock whose spawnProcess records the call and connects a fake transport."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self.spawn_error = None
+
+    def spawnProcess(self, processProtocol, executable, args=(), env=None, path=None,
+                     uid=None, gid=None, usePTY=False, childFDs=None):
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        transport = FakeProcessTransport(pid=4000 + len(self.spawned),
+                                         fd=90 + len(self.spawned))
+        self.spawned.append(Spawned(processProtocol, executable, list(args), env,
+                                    path, usePTY, transport))
+        processProtocol.makeConnection(transport)
+        return transport
+
+
+class FakeFcntl:
+    """Stands in for the fcntl module: records ioctl calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def ioctl(self, fd, request, arg):
+        self.calls.append((fd, request, arg))
+        return arg
+
+
+@implementer(IConsoleProcessEvents)
+@define
+class RecordingEvents:
+    outputs: list[bytes] = field(factory=list)
+    exits: list[tuple] = field(factory=list)
+    exit_error: Exception | None = None
+
+    def output(self, data):
+        self.outputs.append(data)
+
+    def exited(self, status, signal):
+        self.exits.append((status, signal))
+        if self.exit_error is not None:
+            raise self.exit_error
+
+
+class FakeCgroups:
+    """cgroup directories that stay busy for ``busy_attempts`` rmdir calls each."""
+
+    def __init__(self, busy_attempts=0):
+        self.busy_attempts = busy_attempts
+        self.attempts = {}
+        self.killed = []
+        self.removed = []
+
+    def kill(self, path):
+        self.killed.append(path)
+
+    def rmdir(self, path):
+        count = self.attempts.get(path, 0)
+        self.attempts[path] = count + 1
+        if count < self.busy_attempts:
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        self.removed.append(path)
+
+
+def ended(transport, reason):
+    """End the fake process as the reactor would."""
+    transport.exited = True
+    return Failure(reason)
+
+
+class StarterTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = FakeProcessReactor()
+        self.fcntl = FakeFcntl()
+        self.patch(service, "fcntl", self.fcntl)
+        self.uids = UidPool(200000, 200001)
+        self.make_starter()
+
+    def make_starter(self, busy_attempts=0, timeout=10.0, layout=LAYOUT):
+        self.cgroups = FakeCgroups(busy_attempts)
+        self.starter = SandboxStarter(
+            reactor=self.reactor,
+            limits=LIMITS,
+            runtime="/srv/runtime",
+            root="/srv/root",
+            cgroup_layout=layout,
+            uids=self.uids,
+            system_python=SYSTEM_PYTHON,
+            kill_delay=5.0,
+            reaper=CgroupReaper(self.reactor, interval=1.0, timeout=timeout,
+                                kill=self.cgroups.kill, rmdir=self.cgroups.rmdir),
+        )
+
+    def start(self, cols=80, rows=24):
+        events = RecordingEvents()
+        sandbox = self.starter.start(events, cols, rows)
+        return sandbox, events, self.reactor.spawned[-1]
+
+    def end(self, spawned, reason=None):
+        reason = reason if reason is not None else ProcessDone(0)
+        spawned.protocol.processEnded(ended(spawned.transport, reason))
+
+
+class SpawnTests(StarterTestCase):
+    def test_runs_launcher_with_system_python(self):
+        """The launcher runs as `<system python> -I -S <launcher> <spec json>`."""
+        sandbox, _, spawned = self.start()
+        self.assertEqual(spawned.executable, SYSTEM_PYTHON)
+        self.assertEqual(spawned.args[:4], [SYSTEM_PYTHON, "-I", "-S", LAUNCHER])
+        self.assertEqual(len(spawned.args), 5)
+        self.assertEqual(json.loads(spawned.args[4]),
+                         json.loads(sandbox.spec.to_json()))
+
+    def test_pty_and_root_directory(self):
+        """The launcher gets a PTY and starts in /."""
+        _, _, spawned = self.start()
+        self.assertIs(spawned.usePTY, True)
+        self.assertEqual(spawned.path, "/")
+
+    def test_explicit_minimal_env(self):
+        """The launcher's env is PATH and LANG only, whatever the server's env holds."""
+        leak = {"SHELLSERVER_LEAK": "secret-value", "PYTHONPATH": "/leaked"}
+        with mock.patch.dict(os.environ, leak):
+            _, _, spawned = self.start()
+        self.assertEqual(sorted(spawned.env), ["LANG", "PATH"])
+        self.assertNotIn("/leaked", spawned.env["PATH"])
+        self.assertNotIn("secret-value", "".join(spawned.args))
+
+    def test_spec_uses_pool_uid(self):
+        """Each sandbox runs as the next uid from the pool, named in its spec."""
+        first, _, spawned = self.start()
+        second, _, _ = self.start()
+        self.assertEqual((first.uid, second.uid), (200000, 200001))
+        document = json.loads(spawned.args[4])
+        self.assertEqual((document["uid"], document["gid"]), (200000, 200000))
+        self.assertEqual(self.uids.in_use, 2)
+
+    def test_sessions_are_distinct(self):
+        """Each sandbox gets its own session name and cgroup directory."""
+        first, _, _ = self.start()
+        second, _, _ = self.start()
+        self.assertNotEqual(first.session, second.session)
+        self.assertEqual(first.spec.cgroups[0].path, "/cg/shellserver/" + first.session)
+        self.assertEqual(set(self.starter.running), {first.session, second.session})
+
+    def test_initial_size(self):
+        """The PTY is sized to the requested columns and rows once spawned."""
+        _, _, spawned = self.start(cols=132, rows=43)
+        self.assertEqual(
+            self.fcntl.calls,
+            [(spawned.transport.fd, termios.TIOCSWINSZ,
+              struct.pack("HHHH", 43, 132, 0, 0))],
+        )
+
+    def test_output_passed_on(self):
+        """Bytes from the PTY reach the console's events unchanged."""
+        _, events, spawned = self.start()
+        spawned.protocol.childDataReceived(1, b"In [1]: ")
+        spawned.protocol.childDataReceived(1, b"\x1b[0m")
+        self.assertEqual(events.outputs, [b"In [1]: ", b"\x1b[0m"])
+
+    def test_write(self):
+        """Keystrokes go to the PTY until the process ends, then are dropped."""
+        sandbox, _, spawned = self.start()
+        sandbox.write(b"1+1\r")
+        self.end(spawned)
+        sandbox.write(b"more\r")
+        self.assertEqual(spawned.transport.written, [b"1+1\r"])
+
+    def test_unavailable(self):
+        """While unavailable, start raises SandboxUnavailable with the reason."""
+        self.starter.set_unavailable("the runtime is being built")
+        with self.assertRaises(SandboxUnavailable) as caught:
+            self.start()
+        self.assertEqual(str(caught.exception), "the runtime is being built")
+        self.assertEqual((self.reactor.spawned, self.uids.in_use), ([], 0))
+        self.starter.set_available()
+        self.start()
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_uids_exhausted(self):
+        """With every uid in use, start raises SandboxUnavailable and spawns nothing."""
+        self.start()
+        self.start()
+        with self.assertRaises(SandboxUnavailable) as caught:
+            self.start()
+        self.assertIn("all consoles are in use", str(caught.exception))
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_spawn_failure_releases_uid(self):
+        """If spawnProcess raises, the uid goes back and start raises Unavailable."""
+        self.reactor.spawn_error = OSError(errno.EAGAIN, "Resource unavailable")
+        self.assertRaises(SandboxUnavailable, self.start)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual((self.uids.in_use, self.uids.available), (0, 2))
+        self.assertEqual(self.starter.running, {})
+
+
+class ExitTests(StarterTestCase):
+    def test_process_done(self):
+        """A clean exit is reported as status 0 and no signal."""
+        _, events, spawned = self.start()
+        self.end(spawned, ProcessDone(0))
+        self.assertEqual(events.exits, [(0, None)])
+
+    def test_exit_status(self):
+        """A non-zero exit is reported with its status."""
+        _, events, spawned = self.start()
+        self.end(spawned, ProcessTerminated(exitCode=service.SETUP_FAILED))
+        self.assertEqual(events.exits, [(111, None)])
+
+    def test_killed_by_signal(self):
+        """Death by a signal is reported with the signal and no status."""
+        _, events, spawned = self.start()
+        self.end(spawned, ProcessTerminated(signal=9))
+        self.assertEqual(events.exits, [(None, 9)])
+
+    def test_no_longer_running(self):
+        """An ended sandbox leaves the starter's running table."""
+        sandbox, _, spawned = self.start()
+        self.end(spawned)
+        self.assertNotIn(sandbox.session, self.starter.running)
+        self.assertTrue(sandbox.ended)
+
+    def test_events_failure_logged(self):
+        """An exception from the console's exited() is logged, not raised."""
+        _, events, spawned = self.start()
+        events.exit_error = RuntimeError("console broke")
+        self.end(spawned)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.uids.in_use, 0)
+
+
+class CleanupTests(StarterTestCase):
+    def test_uid_returns_after_reaper(self):
+        """The uid goes back to the pool only once the cgroups are removed."""
+        self.make_starter(busy_attempts=2)
+        sandbox, _, spawned = self.start()
+        self.end(spawned)
+        self.assertEqual(self.cgroups.killed, [sandbox.spec.cgroups[0].path])
+        self.assertEqual(self.uids.in_use, 1)
+        self.assertNoResult(sandbox.cleaned)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.uids.in_use, 1)
+        self.reactor.advance(1.0)
+        self.assertEqual((self.uids.in_use, self.uids.available), (0, 2))
+        self.assertIsNone(self.successResultOf(sandbox.cleaned))
+        self.assertEqual(self.cgroups.removed, [sandbox.spec.cgroups[0].path])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_uid_quarantined_when_cgroups_stay(self):
+        """When the cgroups outlive the reaper's timeout, the uid never returns."""
+        self.make_starter(busy_attempts=10**6, timeout=3.0)
+        sandbox, _, spawned = self.start()
+        self.end(spawned)
+        self.reactor.pump([1.0] * 3)
+        self.assertIsNone(self.successResultOf(sandbox.cleaned))
+        self.assertEqual((self.uids.in_use, self.uids.available), (0, 1))
+        other, _, _ = self.start()
+        self.assertNotEqual(other.uid, sandbox.uid)
+
+    def test_no_cgroups(self):
+        """Without a cgroup layout the uid returns as soon as the process ends."""
+        self.make_starter(layout=None)
+        sandbox, _, spawned = self.start()
+        self.assertEqual(sandbox.spec.cgroups, ())
+        self.end(spawned)
+        self.assertEqual(self.uids.in_use, 0)
+        self.assertIsNone(self.successResultOf(sandbox.cleaned))
+
+
+class TerminateTests(StarterTestCase):
+    def test_term_then_kill(self):
+        """terminate() sends TERM, and KILL after kill_delay if still running."""
+        sandbox, _, spawned = self.start()
+        sandbox.terminate()
+        self.assertEqual(spawned.transport.signals, ["TERM"])
+        self.reactor.advance(4.9)
+        self.assertEqual(spawned.transport.signals, ["TERM"])
+        self.reactor.advance(0.1)
+        self.assertEqual(spawned.transport.signals, ["TERM", "KILL"])
+
+    def test_no_kill_after_exit(self):
+        """A process that ends after TERM gets no KILL, and no timer is left."""
+        self.make_starter(layout=None)
+        sandbox, _, spawned = self.start()
+        sandbox.terminate()
+        self.end(spawned, ProcessTerminated(signal=15))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.reactor.advance(10)
+        self.assertEqual(spawned.transport.signals, ["TERM"])
+
+    def test_idempotent(self):
+        """A second terminate() while waiting for the exit sends nothing more."""
+        sandbox, _, spawned = self.start()
+        sandbox.terminate()
+        sandbox.terminate()
+        self.reactor.advance(5.0)
+        self.assertEqual(spawned.transport.signals, ["TERM", "KILL"])
+
+    def test_after_end(self):
+        """terminate() on an ended sandbox sends nothing and schedules nothing."""
+        self.make_starter(layout=None)
+        sandbox, _, spawned = self.start()
+        self.end(spawned)
+        sandbox.terminate()
+        self.assertEqual(spawned.transport.signals, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_exited_already_ignored(self):
+        """ProcessExitedAlready from signalProcess is ignored, for TERM and KILL."""
+        sandbox, _, spawned = self.start()
+        spawned.transport.exited = True
+        sandbox.terminate()
+        self.reactor.advance(5.0)
+        self.assertEqual(spawned.transport.signals, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stop_all(self):
+        """stop_all terminates every sandbox and fires once all are cleaned up."""
+        first, _, first_spawned = self.start()
+        second, _, second_spawned = self.start()
+        d = self.starter.stop_all()
+        self.assertEqual(first_spawned.transport.signals, ["TERM"])
+        self.assertEqual(second_spawned.transport.signals, ["TERM"])
+        self.end(first_spawned, ProcessTerminated(signal=15))
+        self.assertNoResult(d)
+        self.end(second_spawned, ProcessTerminated(signal=15))
+        self.assertEqual(self.successResultOf(d), [None, None])
+        self.assertEqual((self.starter.running, self.uids.in_use), ({}, 0))
+
+    def test_stop_all_nothing_running(self):
+        """stop_all with no sandboxes fires at once."""
+        self.assertEqual(self.successResultOf(self.starter.stop_all()), [])
