@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 
 from . import websocket, xhr
 from .endpoint import Endpoint, SessionTransport
@@ -70,7 +71,16 @@ _IFRAME_PAGE = """\
 </html>"""
 
 
-class _Greeting(Resource):
+class _Page(Resource):
+    """
+    A page without children.
+    """
+
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        return notFound()
+
+
+class _Greeting(_Page):
     """
     C{<prefix>} and C{<prefix>/}.
     """
@@ -80,7 +90,7 @@ class _Greeting(Resource):
         return b"Welcome to SockJS!\n"
 
 
-class _Info(Resource):
+class _Info(_Page):
     """
     C{<prefix>/info}: what the server offers, asked before every session.
     """
@@ -108,7 +118,7 @@ class _Info(Resource):
         return render_preflight(request, self._clock, [b"OPTIONS", b"GET"])
 
 
-class _IframePage(Resource):
+class _IframePage(_Page):
     """
     C{<prefix>/iframe*.html}: the page sockjs-client loads for its
     cross-domain transports.  The same for every version suffix, strongly
@@ -131,7 +141,7 @@ class _IframePage(Resource):
         return self._body
 
 
-class _RawWebSocketEntry(Resource):
+class _RawWebSocketEntry(_Page):
     """
     C{<prefix>/websocket}.
     """
@@ -242,7 +252,7 @@ class SockJSResource(Resource):
         # the prefix without a trailing slash
         return self._greeting.render(request)
 
-    def getChild(self, path: bytes, request: IRequest) -> Resource:
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
         if path == b"":
             return self._greeting
         if _IFRAME_NAME.fullmatch(path):
