@@ -128,14 +128,19 @@ class SandboxService(Service):
             d.addErrback(failed)
 
     def stopService(self):
+        from shellserver.sandbox.cgroups import remove_parents
+
         super().stopService()
-        return self.starter.stop_all()
+        d = self.starter.stop_all()
+        if self.starter.cgroup_layout is not None:
+            d.addCallback(lambda _: remove_parents(self.starter.cgroup_layout))
+        return d
 
 
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    from shellserver.auth import TokenAuthority, load_or_create_secret
+    from shellserver.auth import SecretFileError, TokenAuthority, load_or_create_secret
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.sandbox.cgroups import prepare_parents, read_layout
     from shellserver.sandbox.runtime import check_prebuilt, runtime_is_ready
@@ -151,7 +156,10 @@ def makeService(options: Options) -> MultiService:
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     os.chmod(state_dir, 0o700)
 
-    secret = load_or_create_secret(os.path.join(state_dir, "secret"))
+    try:
+        secret = load_or_create_secret(os.path.join(state_dir, "secret"))
+    except SecretFileError as e:
+        raise usage.UsageError(str(e)) from e
     tokens = TokenAuthority(
         secret,
         node=config.server.node or socket.gethostname(),

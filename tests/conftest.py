@@ -105,7 +105,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
         except OSError:
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError("server did not answer within 30 s")
+                raise RuntimeError("server did not answer within 30 s") from None
             time.sleep(0.1)
 
 

@@ -181,6 +181,20 @@ def prepare_parents(layout: CgroupLayout) -> None:
             f.write("+memory +pids +cpu")
 
 
+def remove_parents(layout: CgroupLayout) -> None:
+    """Remove the ``shellserver`` parents at shutdown if no session remains.
+
+    rmdir fails on a parent that still has children (another server on the
+    same host, or a session that could not be killed): those stay.
+    """
+    for path in layout.parents():
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                log.warn("could not remove {path}: {error}", path=path, error=e)
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
