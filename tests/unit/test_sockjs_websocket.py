@@ -1,0 +1,380 @@
+"""
+Tests for the websocket transports of shellserver.sockjs: autobahn's
+twisted.web integration over a StringTransport, frames built by hand.
+"""
+
+import struct
+
+from attrs import define, field
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from shellserver.sockjs import SockJSConnection, SockJSOptions, SockJSResource
+
+TEXT = 0x1
+BINARY = 0x2
+CLOSE = 0x8
+
+
+class NoDelayTransport(StringTransport):
+    """
+    A StringTransport that records TCP_NODELAY.
+    """
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.no_delay
+
+
+def client_frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
+    """
+    A masked client frame (with a zero mask, so the payload reads as is).
+    """
+    first = (0x80 if fin else 0) | opcode
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", first, 0x80 | length)
+    elif length < 2**16:
+        header = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, length)
+    return header + b"\x00\x00\x00\x00" + payload
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """
+    Split unmasked server frames into (opcode, payload); continuation
+    frames are joined to their message.
+    """
+    frames: list[tuple[int, bytes]] = []
+    continuing = False
+    while len(data) >= 2:
+        first, second = data[0], data[1]
+        length, offset = second & 0x7F, 2
+        if length == 126:
+            (length,) = struct.unpack("!H", data[2:4])
+            offset = 4
+        elif length == 127:
+            (length,) = struct.unpack("!Q", data[2:10])
+            offset = 10
+        payload = data[offset : offset + length]
+        data = data[offset + length :]
+        opcode = first & 0x0F
+        if opcode == 0 and continuing:
+            frames[-1] = (frames[-1][0], frames[-1][1] + payload)
+        else:
+            frames.append((opcode, payload))
+        continuing = not first & 0x80 and opcode in (0, TEXT, BINARY)
+    return frames
+
+
+@define
+class RecordingHandler:
+    connection: SockJSConnection
+    messages: list[str] = field(factory=list)
+    closed_count: int = 0
+
+    def message_received(self, text: str) -> None:
+        self.messages.append(text)
+        if text == "boom":
+            raise ZeroDivisionError(text)
+        self.connection.send(text)
+
+    def closed(self) -> None:
+        self.closed_count += 1
+
+
+@define
+class WebSocketClient:
+    """
+    The client end of one websocket over a StringTransport.
+    """
+
+    transport: NoDelayTransport
+    _read: int = 0
+
+    @property
+    def protocol(self):
+        return self.transport.protocol
+
+    def send(self, payload: bytes, opcode: int = TEXT) -> None:
+        self.protocol.dataReceived(client_frame(payload, opcode))
+
+    def received(self) -> list[tuple[int, bytes]]:
+        """
+        The frames the server wrote since the last call.
+        """
+        data = self.transport.value()
+        new, self._read = data[self._read :], len(data)
+        return server_frames(new)
+
+    def texts(self) -> list[bytes]:
+        return [payload for opcode, payload in self.received() if opcode == TEXT]
+
+    def lose_connection(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionLost()))
+
+
+class WebSocketTestsMixin:
+    options = SockJSOptions()
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.handlers: list[RecordingHandler] = []
+        root = Resource()
+        root.putChild(
+            b"sockjs",
+            SockJSResource(self.open_session, clock=self.clock, options=self.options),
+        )
+        self.site = Site(root, reactor=self.clock)
+
+    def open_session(self, connection: SockJSConnection) -> RecordingHandler:
+        handler = RecordingHandler(connection)
+        self.handlers.append(handler)
+        return handler
+
+    def connect(self, path: str = "/sockjs/000/s1/websocket") -> WebSocketClient:
+        transport = NoDelayTransport(
+            peerAddress=IPv4Address("TCP", "10.0.0.7", 54321),
+            hostAddress=IPv4Address("TCP", "10.0.0.1", 80),
+        )
+        channel = self.site.buildProtocol(None)
+        # autobahn hands the connection over by setting transport.protocol,
+        # as real TCP transports have it
+        transport.protocol = channel
+        channel.makeConnection(transport)
+        handshake = "\r\n".join(
+            [
+                f"GET {path} HTTP/1.1",
+                "Host: example.com",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version: 13",
+                "Origin: https://example.com",
+                "",
+                "",
+            ]
+        )
+        channel.dataReceived(handshake.encode())
+        head, _, rest = transport.value().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        client = WebSocketClient(transport)
+        client._read = len(head) + 4
+        return client
+
+
+class FramedWebSocketTests(WebSocketTestsMixin, SynchronousTestCase):
+    def test_handshake_and_open(self) -> None:
+        """
+        The handshake succeeds and the session opens with an "o" frame, on
+        a connection without Nagle, with the request's details.
+        """
+        client = self.connect()
+        self.assertEqual(client.texts(), [b"o"])
+        self.assertTrue(client.transport.no_delay)
+        connection = self.handlers[0].connection
+        self.assertEqual(
+            (
+                connection.session_id,
+                connection.peer_host,
+                connection.origin,
+                connection.transport_name,
+            ),
+            ("s1", "10.0.0.7", "https://example.com", "websocket"),
+        )
+
+    def test_echo(self) -> None:
+        """
+        A JSON array of messages or a single JSON string are delivered in
+        order; replies come back as a-frames.
+        """
+        client = self.connect()
+        client.received()
+        client.send(b'["a","b"]')
+        client.send(b'"c"')
+        self.assertEqual(self.handlers[0].messages, ["a", "b", "c"])
+        self.assertEqual(client.texts(), [b'a["a"]', b'a["b"]', b'a["c"]'])
+
+    def test_empty_messages_ignored(self) -> None:
+        """
+        Empty websocket messages and empty arrays deliver nothing and keep
+        the session open.
+        """
+        client = self.connect()
+        client.send(b"")
+        client.send(b"[]")
+        self.assertEqual(self.handlers[0].messages, [])
+        self.assertTrue(self.handlers[0].connection.is_open)
+
+    def test_broken_json_closes(self) -> None:
+        """
+        Broken JSON closes the session and the websocket.
+        """
+        client = self.connect()
+        client.received()
+        client.send(b'["a')
+        frames = client.received()
+        self.assertEqual(frames[0], (TEXT, b'c[3000,"Broken framing."]'))
+        self.assertEqual(frames[1][0], CLOSE)
+        self.assertEqual(self.handlers[0].closed_count, 1)
+
+    def test_heartbeat(self) -> None:
+        """
+        An h frame goes out every heartbeat_interval.
+        """
+        client = self.connect()
+        client.received()
+        self.clock.advance(self.options.heartbeat_interval)
+        self.assertEqual(client.texts(), [b"h"])
+
+    def test_server_close(self) -> None:
+        """
+        close() sends the c-frame, then a websocket close with the same
+        code and reason.
+        """
+        client = self.connect()
+        client.received()
+        self.handlers[0].connection.close(4001, "authentication failed")
+        frames = client.received()
+        self.assertEqual(frames[0], (TEXT, b'c[4001,"authentication failed"]'))
+        self.assertEqual(frames[1], (CLOSE, struct.pack("!H", 4001) + b"authentication failed"))
+        self.assertEqual(self.handlers[0].closed_count, 1)
+
+    def test_client_disconnect(self) -> None:
+        """
+        Losing the connection ends the session at once.
+        """
+        client = self.connect()
+        client.lose_connection()
+        self.assertEqual(self.handlers[0].closed_count, 1)
+        self.assertFalse(self.handlers[0].connection.is_open)
+
+    def test_sessions_not_shared(self) -> None:
+        """
+        Two websockets with the same session id are separate sessions.
+        """
+        first = self.connect()
+        second = self.connect()
+        first.send(b'["1"]')
+        second.send(b'["2"]')
+        self.assertEqual(first.texts(), [b"o", b'a["1"]'])
+        self.assertEqual(second.texts(), [b"o", b'a["2"]'])
+
+    def test_message_too_big(self) -> None:
+        """
+        A message over max_message_bytes closes the session with 1009 and a
+        reason, and is not delivered.
+        """
+        client = self.connect()
+        client.received()
+        client.send(b'["' + b"x" * self.options.max_message_bytes + b'"]')
+        frames = client.received()
+        self.assertEqual(frames[0], (TEXT, b'c[1009,"Message too big"]'))
+        self.assertEqual(frames[1][0], CLOSE)
+        self.assertEqual(frames[1][1][:2], struct.pack("!H", 1009))
+        self.assertEqual(self.handlers[0].messages, [])
+        self.assertEqual(self.handlers[0].closed_count, 1)
+
+    def test_fragmented_message_too_big(self) -> None:
+        """
+        The limit holds for a message split into small fragments.
+        """
+        client = self.connect()
+        client.received()
+        half = self.options.max_message_bytes // 2 + 1
+        client.protocol.dataReceived(client_frame(b'["' + b"x" * half, TEXT, fin=False))
+        client.protocol.dataReceived(client_frame(b"x" * half + b'"]', 0, fin=True))
+        self.assertEqual(client.texts(), [b'c[1009,"Message too big"]'])
+        self.assertEqual(self.handlers[0].messages, [])
+
+    def test_large_output(self) -> None:
+        """
+        Output larger than max_message_bytes (which limits the client) is
+        still delivered whole.
+        """
+        client = self.connect()
+        client.received()
+        big = "y" * (self.options.max_message_bytes * 2)
+        self.handlers[0].connection.send(big)
+        self.assertEqual(client.texts(), [b'a["' + big.encode() + b'"]'])
+
+    def test_handler_exception(self) -> None:
+        """
+        A handler that raises is logged and its session closed with 1011;
+        the server goes on.
+        """
+        client = self.connect()
+        client.received()
+        client.send(b'["boom"]')
+        frames = client.received()
+        self.assertEqual(frames[0], (TEXT, b'c[1011,"Internal error"]'))
+        self.assertEqual(frames[1][1][:2], struct.pack("!H", 1011))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        other = self.connect()
+        other.send(b'["fine"]')
+        self.assertEqual(other.texts(), [b"o", b'a["fine"]'])
+
+    def test_transport_back_pressure(self) -> None:
+        """
+        While the socket buffer is full, output waits in the session and
+        is counted in pending_bytes; it flows when the buffer drains.
+        """
+        client = self.connect()
+        client.received()
+        connection = self.handlers[0].connection
+        client.transport.producer.pauseProducing()
+        connection.send("held")
+        self.assertEqual(connection.pending_bytes, len(b'"held"'))
+        self.assertEqual(client.texts(), [])
+        client.transport.producer.resumeProducing()
+        self.assertEqual(connection.pending_bytes, 0)
+        self.assertEqual(client.texts(), [b'a["held"]'])
+
+
+class RawWebSocketTests(WebSocketTestsMixin, SynchronousTestCase):
+    def test_echo(self) -> None:
+        """
+        Each websocket text message is one message, both ways, unframed.
+        """
+        client = self.connect("/sockjs/websocket")
+        client.send("Hello world!\uffff".encode())
+        self.assertEqual(self.handlers[0].messages, ["Hello world!\uffff"])
+        self.assertEqual(client.texts(), ["Hello world!\uffff".encode()])
+        self.assertEqual(self.handlers[0].connection.transport_name, "websocket-raw")
+
+    def test_no_heartbeat_frames(self) -> None:
+        """
+        The raw websocket carries no SockJS frames at all.
+        """
+        client = self.connect("/sockjs/websocket")
+        self.clock.advance(self.options.heartbeat_interval)
+        self.assertEqual(client.texts(), [])
+
+    def test_close(self) -> None:
+        """
+        close() closes the websocket with the code and reason.
+        """
+        client = self.connect("/sockjs/websocket")
+        self.handlers[0].connection.close()
+        self.assertEqual(client.received(), [(CLOSE, struct.pack("!H", 3000) + b"Go away!")])
+
+    def test_binary_refused(self) -> None:
+        """
+        A binary message closes the connection with 1003.
+        """
+        client = self.connect("/sockjs/websocket")
+        client.send(b"\x00\x01", BINARY)
+        frames = client.received()
+        self.assertEqual(frames[0][1][:2], struct.pack("!H", 1003))
+        self.assertEqual(self.handlers[0].messages, [])
