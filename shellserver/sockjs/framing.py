@@ -15,9 +15,7 @@ HEARTBEAT_FRAME = b"h"
 # (invisible formatting characters, line separators, non-characters), and
 # lone surrogates are not even encodable as UTF-8; SockJS escapes them as
 # \uXXXX.  json itself already escapes U+0000..U+001F, quote and backslash.
-_ESCAPABLE = re.compile(
-    "[\u200c-\u200f\u2028-\u202f\u2060-\u206f\ufff0-\uffff\ud800-\udfff]"
-)
+_ESCAPABLE = re.compile("[\u200c-\u200f\u2028-\u202f\u2060-\u206f\ufff0-\uffff\ud800-\udfff]")
 
 # ensure_ascii=False keeps non-ASCII text at its UTF-8 size instead of
 # six bytes per character; one encoder, built once.

@@ -64,9 +64,7 @@ def set_session_cookie(request: IRequest, options: SockJSOptions) -> None:
         request.addCookie(b"JSESSIONID", value, path=b"/")
 
 
-def render_preflight(
-    request: IRequest, clock: IReactorTime, methods: Iterable[bytes]
-) -> bytes:
+def render_preflight(request: IRequest, clock: IReactorTime, methods: Iterable[bytes]) -> bytes:
     """
     Answer a CORS preflight (C{OPTIONS}) request.
     """

@@ -10,9 +10,7 @@ def _positive(instance: object, attribute: object, value: float) -> None:
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")  # type: ignore[attr-defined]
 
 
-def _watermarks_ordered(
-    instance: "SockJSOptions", attribute: object, value: int
-) -> None:
+def _watermarks_ordered(instance: "SockJSOptions", attribute: object, value: int) -> None:
     if not 0 <= value < instance.high_watermark:
         raise ValueError(
             f"low_watermark ({value}) must be from 0 to below high_watermark "

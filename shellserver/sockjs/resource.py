@@ -198,9 +198,7 @@ class _SessionRoute(Resource):
         if request.method not in transport.methods:
             allowed = transport.methods + ((b"OPTIONS",) if transport.preflight else ())
             return render_method_not_allowed(request, allowed)
-        return transport.render(
-            self._endpoint, request, session_id.decode("utf-8", "replace")
-        )
+        return transport.render(self._endpoint, request, session_id.decode("utf-8", "replace"))
 
 
 class SockJSResource(Resource):
@@ -231,9 +229,7 @@ class SockJSResource(Resource):
             framed_websocket=websocket.build_websocket_resource(
                 registry, options, clock, raw=False
             ),
-            raw_websocket=websocket.build_websocket_resource(
-                registry, options, clock, raw=True
-            ),
+            raw_websocket=websocket.build_websocket_resource(registry, options, clock, raw=True),
         )
         self._greeting = _Greeting()
         self._iframe = _IframePage(options.client_url, clock)

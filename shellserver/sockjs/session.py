@@ -204,9 +204,7 @@ class SockJSConnection:
         try:
             handler = open_session(self)
         except Exception:
-            log.failure(
-                "opening SockJS session {session} failed", session=self.session_id
-            )
+            log.failure("opening SockJS session {session} failed", session=self.session_id)
             self._opening = False
             self.close(*INTERNAL_ERROR)
         else:
@@ -369,9 +367,7 @@ class SockJSConnection:
 
     def _schedule_expiry(self) -> None:
         self._cancel_expiry()
-        self._expiry_call = self._clock.callLater(
-            self._options.disconnect_delay, self._expire
-        )
+        self._expiry_call = self._clock.callLater(self._options.disconnect_delay, self._expire)
 
     def _cancel_expiry(self) -> None:
         if self._expiry_call is not None:

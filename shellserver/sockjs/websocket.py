@@ -334,9 +334,7 @@ def render_upgrade(resource: IResource, request: IRequest) -> bytes | int:
     return resource.render(request)
 
 
-def render_framed(
-    endpoint: Endpoint, request: IRequest, session_id: str
-) -> bytes | int:
+def render_framed(endpoint: Endpoint, request: IRequest, session_id: str) -> bytes | int:
     """
     C{GET .../<server>/<session>/websocket}.
     """

@@ -49,9 +49,7 @@ class _XhrReceiver:
     the session.
     """
 
-    def __init__(
-        self, request: IRequest, transport_name: str, limit: int | None
-    ) -> None:
+    def __init__(self, request: IRequest, transport_name: str, limit: int | None) -> None:
         self.transport_name = transport_name
         self._request = request
         self._limit = limit
@@ -164,9 +162,7 @@ def render_streaming(endpoint: Endpoint, request: IRequest, session_id: str) -> 
     """
     _start_response(request, endpoint)
     request.write(STREAMING_PRELUDE)
-    receiver = _XhrReceiver(
-        request, "xhr-streaming", limit=endpoint.options.response_limit
-    )
+    receiver = _XhrReceiver(request, "xhr-streaming", limit=endpoint.options.response_limit)
     receiver.start(_session_for(endpoint, request, session_id, "xhr-streaming"))
     return NOT_DONE_YET
 

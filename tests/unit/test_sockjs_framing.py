@@ -134,9 +134,7 @@ class DecodePayloadTests(SynchronousTestCase):
         are "Broken JSON encoding.".
         """
         for data in [b'["a', b'["\xff"]', b"[1]", b'["a", null]', b"{}", b"1"]:
-            error = self.assertRaises(
-                BrokenPayload, decode_payload, data, allow_single=True
-            )
+            error = self.assertRaises(BrokenPayload, decode_payload, data, allow_single=True)
             self.assertEqual(error.reason, BROKEN_JSON, data)
 
 
@@ -164,9 +162,7 @@ class OptionsTests(SynchronousTestCase):
         """
         The low watermark must be below the high one.
         """
-        self.assertRaises(
-            ValueError, SockJSOptions, high_watermark=100, low_watermark=100
-        )
+        self.assertRaises(ValueError, SockJSOptions, high_watermark=100, low_watermark=100)
 
     def test_positive(self) -> None:
         """

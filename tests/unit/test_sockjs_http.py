@@ -124,9 +124,7 @@ class HTTPTestsMixin:
     def setUp(self) -> None:
         self.clock = Clock()
         self.handlers: list[RecordingHandler] = []
-        self.resource = SockJSResource(
-            self.open_session, clock=self.clock, options=self.options
-        )
+        self.resource = SockJSResource(self.open_session, clock=self.clock, options=self.options)
         root = Resource()
         root.putChild(b"sockjs", self.resource)
         self.site = Site(root, reactor=self.clock)
@@ -155,9 +153,7 @@ class HTTPTestsMixin:
         channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         return Exchange(channel, transport)
 
-    def fetch(
-        self, method: str, path: str, body: bytes = b"", **headers: str
-    ) -> Response:
+    def fetch(self, method: str, path: str, body: bytes = b"", **headers: str) -> Response:
         headers = {name.replace("_", "-"): value for name, value in headers.items()}
         return self.request(method, path, body, headers).response()
 
@@ -201,13 +197,9 @@ class StaticPageTests(HTTPTestsMixin, SynchronousTestCase):
         """
         response = self.fetch("GET", "/sockjs/info", origin="https://example.com")
         self.assertEqual(response.status, 200)
-        self.assertEqual(
-            response.header("content-type"), "application/json; charset=UTF-8"
-        )
+        self.assertEqual(response.header("content-type"), "application/json; charset=UTF-8")
         self.assertEqual(response.header("cache-control"), NO_CACHE)
-        self.assertEqual(
-            response.header("access-control-allow-origin"), "https://example.com"
-        )
+        self.assertEqual(response.header("access-control-allow-origin"), "https://example.com")
         self.assertEqual(response.header("access-control-allow-credentials"), "true")
         self.assertIsNone(response.header("set-cookie"))
         info = json.loads(response.body)
@@ -250,9 +242,7 @@ class StaticPageTests(HTTPTestsMixin, SynchronousTestCase):
         self.assertEqual(response.header("cache-control"), "public, max-age=31536000")
         self.assertIsNotNone(response.header("expires"))
         self.assertEqual(response.header("access-control-max-age"), "31536000")
-        self.assertEqual(
-            response.header("access-control-allow-methods"), "OPTIONS, GET"
-        )
+        self.assertEqual(response.header("access-control-allow-methods"), "OPTIONS, GET")
         self.assertEqual(response.header("access-control-allow-origin"), "null")
         self.assertEqual(response.header("access-control-allow-headers"), "a, b")
 
@@ -265,12 +255,8 @@ class StaticPageTests(HTTPTestsMixin, SynchronousTestCase):
         for path in ["/sockjs/iframe.html", "/sockjs/iframe-0.1.2abc-dirty.2144.html"]:
             response = self.fetch("GET", path + "?t=123")
             self.assertEqual(response.status, 200)
-            self.assertEqual(
-                response.header("content-type"), "text/html; charset=UTF-8"
-            )
-            self.assertEqual(
-                response.header("cache-control"), "public, max-age=31536000"
-            )
+            self.assertEqual(response.header("content-type"), "text/html; charset=UTF-8")
+            self.assertEqual(response.header("cache-control"), "public, max-age=31536000")
             self.assertIsNotNone(response.header("expires"))
             self.assertIsNone(response.header("last-modified"))
             self.assertIsNotNone(response.header("etag"))
@@ -315,9 +301,7 @@ class XhrPollingTests(HTTPTestsMixin, SynchronousTestCase):
         response = exchange.response()
         self.assertEqual((response.status, response.body), (200, b"o\n"))
         self.assertTrue(response.complete)
-        self.assertEqual(
-            response.header("content-type"), "application/javascript; charset=UTF-8"
-        )
+        self.assertEqual(response.header("content-type"), "application/javascript; charset=UTF-8")
         self.assertEqual(response.header("cache-control"), NO_CACHE)
         self.assertEqual(response.header("access-control-allow-origin"), "o")
         self.assertTrue(exchange.transport.no_delay)
@@ -333,9 +317,7 @@ class XhrPollingTests(HTTPTestsMixin, SynchronousTestCase):
         gets the echo.
         """
         self.fetch("POST", "/sockjs/000/s1/xhr")
-        response = self.fetch(
-            "POST", "/sockjs/000/s1/xhr_send", b'["a","b"]', origin="o"
-        )
+        response = self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["a","b"]', origin="o")
         self.assertEqual((response.status, response.body), (204, b""))
         self.assertEqual(response.header("content-type"), "text/plain; charset=UTF-8")
         self.assertEqual(response.header("cache-control"), NO_CACHE)
@@ -448,9 +430,7 @@ class XhrPollingTests(HTTPTestsMixin, SynchronousTestCase):
         for name in ["xhr", "xhr_send", "xhr_streaming"]:
             response = self.fetch("OPTIONS", f"/sockjs/abc/abc/{name}", origin="test")
             self.assertEqual(response.status, 204)
-            self.assertEqual(
-                response.header("access-control-allow-methods"), "OPTIONS, POST"
-            )
+            self.assertEqual(response.header("access-control-allow-methods"), "OPTIONS, POST")
             self.assertEqual(response.header("access-control-allow-origin"), "test")
             self.assertEqual(response.header("access-control-max-age"), "31536000")
 
@@ -572,9 +552,7 @@ class CookieTests(HTTPTestsMixin, SynchronousTestCase):
         """
         polling = self.fetch("POST", "/sockjs/000/s1/xhr")
         self.assertEqual(polling.header("set-cookie"), "JSESSIONID=dummy; Path=/")
-        echoed = self.fetch(
-            "POST", "/sockjs/000/s2/xhr_streaming", cookie="JSESSIONID=abcdef"
-        )
+        echoed = self.fetch("POST", "/sockjs/000/s2/xhr_streaming", cookie="JSESSIONID=abcdef")
         self.assertEqual(echoed.header("set-cookie"), "JSESSIONID=abcdef; Path=/")
         sent = self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["a"]')
         self.assertEqual(sent.header("set-cookie"), "JSESSIONID=dummy; Path=/")
@@ -610,9 +588,7 @@ class WebSocketRequestTests(HTTPTestsMixin, SynchronousTestCase):
         Websocket URLs only take GET: 405 with Allow, without body.
         """
         for path in ["/sockjs/0/0/websocket", "/sockjs/websocket"]:
-            response = self.fetch(
-                "POST", path, upgrade="WebSocket", connection="Upgrade"
-            )
+            response = self.fetch("POST", path, upgrade="WebSocket", connection="Upgrade")
             self.assertEqual((response.status, response.body), (405, b""), path)
             self.assertEqual(response.header("allow"), "GET")
 
@@ -622,11 +598,7 @@ class WebSocketRequestTests(HTTPTestsMixin, SynchronousTestCase):
         """
         self.options = SockJSOptions(websocket=False)
         self.setUp()
-        self.assertFalse(
-            json.loads(self.fetch("GET", "/sockjs/info").body)["websocket"]
-        )
+        self.assertFalse(json.loads(self.fetch("GET", "/sockjs/info").body)["websocket"])
         for path in ["/sockjs/0/0/websocket", "/sockjs/websocket"]:
-            response = self.fetch(
-                "GET", path, upgrade="websocket", connection="Upgrade"
-            )
+            response = self.fetch("GET", path, upgrade="websocket", connection="Upgrade")
             self.assertEqual(response.status, 404, path)

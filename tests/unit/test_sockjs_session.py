@@ -30,10 +30,7 @@ class RecordingReceiver:
     def _take(self, frame: str) -> bool:
         assert not self.ended, f"{frame!r} written to an ended receiver"
         self.frames.append(frame)
-        if (
-            self.frames_per_attach is not None
-            and len(self.frames) >= self.frames_per_attach
-        ):
+        if self.frames_per_attach is not None and len(self.frames) >= self.frames_per_attach:
             self.ended = True
             return False
         return True
@@ -126,9 +123,7 @@ class OpeningTests(SessionTestsMixin, SynchronousTestCase):
         request's details, and registers it under its id.
         """
         connection = self.open()
-        self.assertEqual(
-            [handler.connection for handler in self.handlers], [connection]
-        )
+        self.assertEqual([handler.connection for handler in self.handlers], [connection])
         self.assertEqual(
             (connection.session_id, connection.peer_host, connection.origin),
             ("s1", "10.0.0.7", "https://example.com"),
@@ -522,9 +517,7 @@ class BackPressureTests(SessionTestsMixin, SynchronousTestCase):
         """
         connection = self.open()
         connection.register_producer(RecordingProducer())
-        self.assertRaises(
-            RuntimeError, connection.register_producer, RecordingProducer()
-        )
+        self.assertRaises(RuntimeError, connection.register_producer, RecordingProducer())
         connection.unregister_producer()
         connection.register_producer(RecordingProducer())
 
