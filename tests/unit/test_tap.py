@@ -1,0 +1,183 @@
+"""Tests for shellserver.tap's options and host checks, and the twistd plugin."""
+
+import os
+import shutil
+import tempfile
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+import shellserver.sandbox.cgroups
+from shellserver import tap
+from shellserver.config import Config, load_config
+from shellserver.sandbox.cgroups import CgroupError, CgroupLayout
+from shellserver.tap import Options, check_host
+
+LAYOUT = CgroupLayout(memory=None, pids=None, cpu=None, unified="/cg/shellserver",
+                      v2_controllers=True)
+
+
+class OptionsTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.checked = []
+        self.patch(tap, "check_host", self.checked.append)
+
+    def parse(self, *argv):
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def config_file(self, text):
+        directory = tempfile.mkdtemp(prefix="shellserver-tap-")
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "shellserver.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+
+class OptionsTests(OptionsTestCase):
+    def test_defaults(self):
+        """Without options: no listeners, the default configuration, host checked."""
+        options = self.parse()
+        self.assertEqual(options["listen"], [])
+        self.assertEqual(options["configuration"], Config.defaults())
+        self.assertEqual(self.checked, [options["configuration"]])
+
+    def test_listen_repeatable(self):
+        """--listen and -l accumulate, in order."""
+        options = self.parse("--listen", "tcp:8080", "-l", "tcp:8081:interface=127.0.0.1",
+                             "--listen", "unix:/run/shellserver.sock")
+        self.assertEqual(
+            options["listen"],
+            ["tcp:8080", "tcp:8081:interface=127.0.0.1", "unix:/run/shellserver.sock"],
+        )
+
+    def test_listen_lists_are_per_instance(self):
+        """One Options' listeners do not leak into another's."""
+        self.parse("--listen", "tcp:8080")
+        self.assertEqual(self.parse()["listen"], [])
+
+    def test_bad_endpoint(self):
+        """An endpoint string Twisted cannot parse is a UsageError naming it."""
+        with self.assertRaises(UsageError) as caught:
+            self.parse("--listen", "tcp:8080", "--listen", "nosuchthing:8443")
+        self.assertIn("--listen 'nosuchthing:8443'", str(caught.exception))
+        self.assertEqual(self.checked, [])
+
+    def test_bad_config(self):
+        """An invalid configuration file is a UsageError naming the key."""
+        path = self.config_file("[console]\nidle_timeout = -3\n")
+        with self.assertRaises(UsageError) as caught:
+            self.parse("--config", path)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith("configuration: "), message)
+        self.assertIn("console.idle_timeout", message)
+
+    def test_unreadable_config(self):
+        """A configuration file that cannot be read is a UsageError naming it."""
+        path = os.path.join(tempfile.gettempdir(), "shellserver-no-such-dir", "x.toml")
+        with self.assertRaises(UsageError) as caught:
+            self.parse("-c", path)
+        self.assertTrue(str(caught.exception).startswith("configuration: "))
+        self.assertIn(path, str(caught.exception))
+
+    def test_config_file(self):
+        """Values from the configuration file are used."""
+        path = self.config_file('[server]\nstate_dir = "/srv/from-file"\n'
+                                "[console]\nidle_timeout = 42\n")
+        config = self.parse("--config", path)["configuration"]
+        self.assertEqual(config.server.state_dir, "/srv/from-file")
+        self.assertEqual(config.console.idle_timeout, 42)
+
+    def test_state_dir_overrides_file(self):
+        """--state-dir beats server.state_dir from the file, keeping the rest."""
+        path = self.config_file('[server]\nstate_dir = "/srv/from-file"\n'
+                                "[console]\nidle_timeout = 42\n")
+        config = self.parse("--config", path, "--state-dir", "/srv/from-flag")[
+            "configuration"]
+        self.assertEqual(config.server.state_dir, "/srv/from-flag")
+        self.assertEqual(config.console.idle_timeout, 42)
+
+    def test_relative_state_dir(self):
+        """A relative --state-dir is made absolute."""
+        options = self.parse("--state-dir", "relative/state")
+        expected = os.path.abspath("relative/state")
+        self.assertEqual(options["state-dir"], expected)
+        self.assertEqual(options["configuration"].server.state_dir, expected)
+
+
+class CheckHostTests(SynchronousTestCase):
+    """check_host with the system calls it makes replaced."""
+
+    def setUp(self):
+        self.patch(os, "geteuid", lambda: 0)
+        self.patch(os, "access", lambda path, mode: True)
+        self.patch(shellserver.sandbox.cgroups, "read_layout", lambda: LAYOUT)
+        self.patch(tap, "NAMESPACES", ())
+
+    def test_all_present(self):
+        """As root with namespaces, cgroups and the system python, the check passes."""
+        self.assertIsNone(check_host(Config.defaults()))
+
+    def test_non_root(self):
+        """Not being root is a UsageError that says root is needed."""
+        self.patch(os, "geteuid", lambda: 1000)
+        with self.assertRaises(UsageError) as caught:
+            check_host(Config.defaults())
+        self.assertIn("must run as root", str(caught.exception))
+
+    def test_non_root_from_options(self):
+        """parseOptions runs the host check: non-root fails there."""
+        self.patch(os, "geteuid", lambda: 1000)
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions([])
+        self.assertIn("root", str(caught.exception))
+
+    def test_missing_namespace(self):
+        """A kernel without a needed namespace is a UsageError naming it."""
+        self.patch(tap, "NAMESPACES", ("mnt", "cgroup"))
+        self.patch(os.path, "exists", lambda path: not path.endswith("/cgroup"))
+        with self.assertRaises(UsageError) as caught:
+            check_host(Config.defaults())
+        self.assertIn("namespaces the sandbox needs: cgroup", str(caught.exception))
+
+    def test_cgroups(self):
+        """A host without usable cgroups is a UsageError with the reason."""
+
+        def read_layout():
+            raise CgroupError("no cgroup2 hierarchy is mounted")
+
+        self.patch(shellserver.sandbox.cgroups, "read_layout", read_layout)
+        with self.assertRaises(UsageError) as caught:
+            check_host(Config.defaults())
+        self.assertEqual(str(caught.exception),
+                         "cgroups: no cgroup2 hierarchy is mounted")
+
+    def test_missing_system_python(self):
+        """A missing system python is a UsageError naming sandbox.system_python."""
+        checked = []
+
+        def access(path, mode):
+            checked.append((path, mode))
+            return False
+
+        self.patch(os, "access", access)
+        config = load_config('[sandbox]\nsystem_python = "/opt/none/bin/python3"\n')
+        with self.assertRaises(UsageError) as caught:
+            check_host(config)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith("sandbox.system_python: "), message)
+        self.assertIn("/opt/none/bin/python3", message)
+        self.assertEqual(checked, [("/opt/none/bin/python3", os.X_OK)])
+
+
+class PluginTests(SynchronousTestCase):
+    def test_discoverable(self):
+        """twistd finds the shellserver plugin, and it uses shellserver.tap."""
+        makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "shellserver"]
+        self.assertEqual(len(makers), 1)
+        self.assertIs(makers[0].options, Options)
+        self.assertIs(makers[0].makeService, tap.makeService)
