@@ -78,14 +78,12 @@ def build_root(reactor) -> Resource:
 
 
 async def main(reactor, port_text: str) -> None:
-    port = reactor.listenTCP(
-        int(port_text), Site(build_root(reactor)), interface="127.0.0.1"
-    )
+    port = reactor.listenTCP(int(port_text), Site(build_root(reactor)), interface="127.0.0.1")
     print(f"listening {port.getHost().port}", flush=True)
     # serve until killed
     await Deferred()
 
 
 if __name__ == "__main__":
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     react(lambda reactor: ensureDeferred(main(reactor, sys.argv[1])))
