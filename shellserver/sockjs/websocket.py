@@ -136,6 +136,13 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         if self._session is not None:
             self._session._receiver_lost(self)
 
+    def dropConnection(self, abort: bool = False) -> None:
+        # After a clean closing handshake autobahn resets the TCP connection;
+        # end it with a FIN instead, so clients see an orderly close.  Every
+        # unclean case (timeouts, violations) still aborts.
+        clean = getattr(self, "wasClean", False)
+        super().dropConnection(abort=abort and not clean)
+
     def _send_text(self, payload: bytes) -> bool:
         if self.state != self.STATE_OPEN:
             return False
@@ -182,16 +189,18 @@ class _FramedWebSocket(_SockJSWebSocket):
         session = self._session
         if session is None:
             return
-        if isBinary:
-            session.close(*BROKEN_FRAMING)
-            return
-        if not payload:
+        if not payload and not isBinary:
             # empty websocket messages are allowed, and mean nothing
             return
         try:
+            if isBinary:
+                raise BrokenPayload(BROKEN_FRAMING[1])
             messages = decode_payload(payload, allow_single=True)
         except BrokenPayload:
-            session.close(*BROKEN_FRAMING)
+            # Like the reference server: no close frame for a client that
+            # does not speak SockJS, just the end of the websocket.
+            self._close_websocket(*BROKEN_FRAMING)
+            session._receiver_lost(self)
             return
         session._deliver(messages)
 

@@ -219,15 +219,26 @@ class FramedWebSocketTests(WebSocketTestsMixin, SynchronousTestCase):
 
     def test_broken_json_closes(self) -> None:
         """
-        Broken JSON closes the session and the websocket.
+        Broken JSON ends the session and closes the websocket with 3000,
+        without a close frame (as the reference server does).
         """
         client = self.connect()
         client.received()
         client.send(b'["a')
         frames = client.received()
-        self.assertEqual(frames[0], (TEXT, b'c[3000,"Broken framing."]'))
-        self.assertEqual(frames[1][0], CLOSE)
+        self.assertEqual(frames, [(CLOSE, struct.pack("!H", 3000) + b"Broken framing.")])
         self.assertEqual(self.handlers[0].closed_count, 1)
+        self.assertFalse(self.handlers[0].connection.is_open)
+
+    def test_binary_closes(self) -> None:
+        """
+        A binary message is not SockJS either: the websocket closes.
+        """
+        client = self.connect()
+        client.received()
+        client.send(b'["a"]', BINARY)
+        self.assertEqual(client.received()[0][0], CLOSE)
+        self.assertEqual(self.handlers[0].messages, [])
 
     def test_heartbeat(self) -> None:
         """
