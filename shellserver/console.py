@@ -177,6 +177,8 @@ class ConsoleSession:
         except SandboxUnavailable as e:
             self._fail(CLOSE_SANDBOX_FAILED, f"No console could be started: {e}")
             return
+        # Stop reading the PTY while the client has too much output pending.
+        self._connection.register_producer(self.sandbox)
         self._start_timer("idle", self._settings.idle_timeout, self._idle_timed_out)
         self._start_timer("age", self._settings.max_age, self._max_age_reached)
 

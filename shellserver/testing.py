@@ -29,6 +29,8 @@ class FakeConnection:
     close_code: int | None = None
     close_reason: str | None = None
     handler: object = None
+    pending_bytes: int = 0
+    producer: object = None
 
     @property
     def is_open(self) -> bool:
@@ -37,6 +39,14 @@ class FakeConnection:
     def send(self, text: str) -> None:
         assert self.is_open, "send() after close()"
         self.sent.append(text)
+
+    def register_producer(self, producer) -> None:
+        if self.producer is not None:
+            raise RuntimeError(f"{self.producer!r} is registered already")
+        self.producer = producer
+
+    def unregister_producer(self) -> None:
+        self.producer = None
 
     def close(self, code: int = 3000, reason: str = "Go away!") -> None:
         if self.close_code is not None:
@@ -59,6 +69,16 @@ class FakeSandbox:
     resizes: list[tuple[int, int]] = field(factory=list)
     terminated: int = 0
     ended: bool = False
+    paused: bool = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.terminate()
 
     def write(self, data: bytes) -> None:
         self.written.append(data)

@@ -11,7 +11,8 @@ import os
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
@@ -56,7 +57,7 @@ class StaticFiles(File):
     """Files without directory listings."""
 
     def directoryListing(self):
-        return NoResource()
+        return notFound()
 
     def createSimilarFile(self, path):
         similar = super().createSimilarFile(path)
@@ -125,7 +126,7 @@ class Root(Resource):
     def getChild(self, path: bytes, request):
         if path == b"":
             return self._host_page
-        return NoResource()
+        return notFound()
 
 
 def vendor_resource(node_modules: str) -> Resource:

@@ -19,7 +19,7 @@ import termios
 from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,8 +50,12 @@ class IConsoleProcessEvents(Interface):
         """The sandbox ended; ``status`` 111 means it could not be built."""
 
 
-class ISandbox(Interface):
-    """A running sandbox, as its console sees it."""
+class ISandbox(IPushProducer):
+    """A running sandbox, as its console sees it.
+
+    As a push producer of terminal output, it can be paused (the server stops
+    reading the PTY) while the client is behind.
+    """
 
     session = Attribute("The session name (also the cgroup directory name).")
     uid = Attribute("The uid the console runs as.")
@@ -123,9 +127,23 @@ class RunningSandbox:
             log.warn("resize of console {session} failed: {error}",
                      session=self.session, error=e)
 
+    def pauseProducing(self) -> None:
+        if not self.ended:
+            self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self.ended:
+            self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.terminate()
+
     def terminate(self) -> None:
         if self.ended or self._kill_call is not None:
             return
+        # Twisted reports the end of a PTY process only once it has read the
+        # PTY's end: a paused reader would never see it.
+        self._transport.resumeProducing()
         self._signal("TERM")
         self._kill_call = self._starter.clock.callLater(
             self._starter.kill_delay, self._kill

@@ -218,3 +218,15 @@ class ParseSizeTests(SynchronousTestCase):
         """Non-numeric, zero and huge sizes are refused."""
         for bad in ("", "80", "80x24", "0,24", "80,0", "-1,5", "1001,24", "80,24,1"):
             self.assertRaises(ProtocolError, parse_size, bad)
+
+
+class FlowControlTests(ConsoleTestCase):
+    def test_sandbox_registered_as_producer(self):
+        """The running sandbox is the connection's producer, so the PTY can be paused."""
+        connection, session, sandbox = self.running()
+        self.assertIs(connection.producer, sandbox)
+
+    def test_no_producer_before_start(self):
+        """Nothing is registered while the token is awaited."""
+        connection, session = self.open()
+        self.assertIsNone(connection.producer)

@@ -51,9 +51,16 @@ class FakeProcessTransport:
     written: list[bytes] = field(factory=list)
     signals: list[str] = field(factory=list)
     exited: bool = False
+    reading: bool = True
 
     def write(self, data):
         self.written.append(data)
+
+    def pauseProducing(self):
+        self.reading = False
+
+    def resumeProducing(self):
+        self.reading = True
 
     def signalProcess(self, name):
         if self.exited:
@@ -412,3 +419,24 @@ class TerminateTests(StarterTestCase):
     def test_stop_all_nothing_running(self):
         """stop_all with no sandboxes fires at once."""
         self.assertEqual(self.successResultOf(self.starter.stop_all()), [])
+
+
+class OutputProducerTests(StarterTestCase):
+    def setUp(self):
+        super().setUp()
+        self.sandbox, _, spawned = self.start()
+        self.transport = spawned.transport
+
+    def test_pause_and_resume_reading(self):
+        """Pausing the sandbox stops reading its PTY; resuming reads again."""
+        self.sandbox.pauseProducing()
+        self.assertFalse(self.transport.reading)
+        self.sandbox.resumeProducing()
+        self.assertTrue(self.transport.reading)
+
+    def test_terminate_resumes_reading(self):
+        """Terminating a paused sandbox reads again, so its end is noticed."""
+        self.sandbox.pauseProducing()
+        self.sandbox.terminate()
+        self.assertTrue(self.transport.reading)
+        self.assertEqual(self.transport.signals, ["TERM"])

@@ -3,7 +3,6 @@
 import inspect
 
 import attrs
-import pytest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -113,14 +112,6 @@ class FakeConnectionTests(SynchronousTestCase):
         self.assertIsInstance(inspect.getattr_static(FakeConnection, "is_open"),
                               property)
 
-    # Strict: once FakeConnection (shellserver/testing.py, not ours) gains
-    # SockJSConnection's flow control, the unexpected pass fails the run, so
-    # the marker gets removed.
-    @pytest.mark.xfail(
-        strict=True,
-        reason="FakeConnection lacks pending_bytes, register_producer and "
-        "unregister_producer",
-    )
     def test_all_public_names(self):
         """FakeConnection has every public attribute and method of SockJSConnection."""
         missing = public_names(SockJSConnection) - public_names(FakeConnection)
