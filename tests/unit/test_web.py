@@ -8,8 +8,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import server
-from twisted.web.resource import NoResource, Resource
-from twisted.web.test.requesthelper import DummyChannel
+from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from shellserver.auth import WRONG_ORIGIN, TokenAuthority, TokenError
 from shellserver.web import (
@@ -251,7 +251,9 @@ class StaticFilesTests(WebDirTestCase):
         child = StaticFiles(self.web_dir).createSimilarFile(
             os.path.join(self.web_dir, "sub"))
         self.assertIsInstance(child, StaticFiles)
-        self.assertIsInstance(child.directoryListing(), NoResource)
+        request = DummyRequest([b""])
+        child.directoryListing().render(request)
+        self.assertEqual(request.responseCode, 404)
 
 
 class BuildResourceTests(WebDirTestCase):
