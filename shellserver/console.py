@@ -54,9 +54,14 @@ def parse_size(payload: str) -> tuple[int, int]:
     return cols, rows
 
 
-def describe_minutes(seconds: float) -> str:
-    minutes = max(1, round(seconds / 60))
-    return f"{minutes} minute{'s' if minutes != 1 else ''}"
+def describe_duration(seconds: float) -> str:
+    """A duration as a person says it: "45 seconds", "10 minutes", "2 hours"."""
+    for unit, size in (("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0 or seconds >= 10 * size:
+            count = round(seconds / size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    count = round(seconds)
+    return f"{count} second{'s' if count != 1 else ''}"
 
 
 @define
@@ -108,12 +113,12 @@ class ConsoleSession:
 
     def _idle_timed_out(self) -> None:
         self._timers.pop("idle", None)
-        self._end(f"Console ended after {describe_minutes(self._settings.idle_timeout)}"
+        self._end(f"Console ended after {describe_duration(self._settings.idle_timeout)}"
                   " without input.")
 
     def _max_age_reached(self) -> None:
         self._timers.pop("age", None)
-        self._end(f"Console ended: the {describe_minutes(self._settings.max_age)}"
+        self._end(f"Console ended: the {describe_duration(self._settings.max_age)}"
                   " time limit was reached.")
 
     # -- from the client (SockJS handler) -------------------------------------

@@ -71,8 +71,12 @@ class RunningServer:
 
 
 def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
-                 ) -> RunningServer:
-    """Start a server in ``tmp`` and wait until it answers (bounded)."""
+                 console: str = "", runtime: str | None = RUNTIME) -> RunningServer:
+    """Start a server in ``tmp`` and wait until it answers (bounded).
+
+    ``config`` and ``console`` are TOML lines for the [sandbox] and [console]
+    sections; ``runtime=None`` leaves the runtime to the server to build.
+    """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
     state = tmp / "state"
@@ -82,7 +86,9 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     config_path = tmp / "shellserver.toml"
     config_path.write_text(
         f'[server]\nstate_dir = "{state}"\n'
-        f'[sandbox]\nruntime = "{RUNTIME}"\nuid_min = {uid_min}\nuid_max = {uid_max}\n'
+        f"[console]\n{console}\n"
+        f"[sandbox]\nuid_min = {uid_min}\nuid_max = {uid_max}\n"
+        + (f'runtime = "{runtime}"\n' if runtime else "")
         + config
     )
     log_path = tmp / "twistd.log"

@@ -158,6 +158,17 @@ def build_root(spec):
     for link, target in spec["symlinks"].items():
         os.symlink(target, inside(link))
 
+    for tmpfs in spec["tmpfs"]:
+        target = inside(tmpfs["path"])
+        os.makedirs(target, 0o755, exist_ok=True)
+        options = f"size={tmpfs['bytes']},mode={tmpfs['mode']}"
+        if tmpfs.get("owned"):
+            options += f",uid={spec['uid']},gid={spec['gid']}"
+        mount("tmpfs", target, "tmpfs", rw_flags | MS_NOEXEC * tmpfs.get("noexec", 0),
+              options)
+
+    # Binds after the tmpfs mounts, so one under /tmp (a runtime in a
+    # temporary state directory) is not hidden by the console's /tmp.
     for path in spec["read_only_binds"]:
         target = inside(path)
         if os.path.isdir(path):
@@ -168,15 +179,6 @@ def build_root(spec):
         mount(path, target, None, MS_BIND | MS_REC)
         mount(None, target, None,
               MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-
-    for tmpfs in spec["tmpfs"]:
-        target = inside(tmpfs["path"])
-        os.makedirs(target, 0o755, exist_ok=True)
-        options = f"size={tmpfs['bytes']},mode={tmpfs['mode']}"
-        if tmpfs.get("owned"):
-            options += f",uid={spec['uid']},gid={spec['gid']}"
-        mount("tmpfs", target, "tmpfs", rw_flags | MS_NOEXEC * tmpfs.get("noexec", 0),
-              options)
 
     build_dev(inside("/dev"))
 

@@ -230,3 +230,17 @@ class FlowControlTests(ConsoleTestCase):
         """Nothing is registered while the token is awaited."""
         connection, session = self.open()
         self.assertIsNone(connection.producer)
+
+
+class DescribeDurationTests(SynchronousTestCase):
+    def test_units(self):
+        """Durations read naturally in seconds, minutes or hours."""
+        from shellserver.console import describe_duration
+
+        self.assertEqual(describe_duration(1), "1 second")
+        self.assertEqual(describe_duration(45), "45 seconds")
+        self.assertEqual(describe_duration(90), "90 seconds")
+        self.assertEqual(describe_duration(600), "10 minutes")
+        self.assertEqual(describe_duration(60), "1 minute")
+        self.assertEqual(describe_duration(7200), "2 hours")
+        self.assertEqual(describe_duration(1800), "30 minutes")
