@@ -49,10 +49,14 @@ want=$(stamp_of pyproject.toml)
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.shellserver-stamp 2>/dev/null)" != "$want" ]; then
   say "installing the server's Python packages into .venv"
   /usr/bin/python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check --upgrade pip
   # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins.
-  .venv/bin/pip install --quiet --disable-pip-version-check \
-    --config-settings editable_mode=compat -e ".[test,lint]"
+  if ! { .venv/bin/pip install --disable-pip-version-check --upgrade pip &&
+         .venv/bin/pip install --disable-pip-version-check \
+           --config-settings editable_mode=compat -e ".[test,lint]"; } > .venv/install.log 2>&1; then
+    tail -n 40 .venv/install.log >&2
+    echo "setup.sh: installing the Python packages failed (full log: .venv/install.log)" >&2
+    exit 1
+  fi
   echo "$want" > .venv/.shellserver-stamp
 fi
 

@@ -25,8 +25,7 @@ import pytest
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Frame, Page
 
-# Skip, rather than break collection, where the test extra is not installed.
-playwright_sync = pytest.importorskip("playwright.sync_api")
+import playwright.sync_api as playwright_sync  # noqa: E402 - after the TYPE_CHECKING block
 
 pytestmark = pytest.mark.browser
 
