@@ -43,6 +43,22 @@ def encode_raw_message(text: str) -> bytes:
     return text.encode("utf-8", "replace")
 
 
+# Inside an HTML <script> block "</script>" or "<!--" would end or
+# change the script; in JavaScript source U+2028 and U+2029 ended string
+# literals before ES2019.  Written as \uXXXX they are the same string.
+_SCRIPT_UNSAFE = re.compile("[<>&\u2028\u2029]")
+
+
+def encode_script_string(frame: bytes) -> bytes:
+    """
+    Encode a frame as a JavaScript string literal that is safe to place
+    inside an HTML C{<script>} element as well as in a script file (the
+    htmlfile and JSONP transports).
+    """
+    quoted = _STRING_ENCODER.encode(frame.decode("utf-8"))
+    return _SCRIPT_UNSAFE.sub(_escape_character, quoted).encode("utf-8")
+
+
 def messages_frame(encoded: list[bytes]) -> bytes:
     """
     Build an C{a[...]} frame from messages made by L{encode_message}.
@@ -92,3 +108,40 @@ def decode_payload(data: bytes, *, allow_single: bool = False) -> list[str]:
     if isinstance(decoded, list) and all(isinstance(item, str) for item in decoded):
         return decoded
     raise BrokenPayload(BROKEN_JSON)
+
+
+CALLBACK_REQUIRED = '"callback" parameter required'
+INVALID_CALLBACK = 'invalid "callback" parameter'
+MAX_CALLBACK_LENGTH = 64
+
+# A dotted path of JavaScript identifiers (sockjs-client sends "_jp.a1b2c3"):
+# nothing that could call, index, or end the surrounding code.  The length
+# cap and the /**/ before every JSONP body keep responses from starting with
+# attacker-chosen bytes (Rosetta Flash, CVE-2014-4671).
+_CALLBACK = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+@frozen(auto_exc=True)
+class InvalidCallback(Exception):
+    """
+    The C{c} parameter of a JSONP or htmlfile request is missing or unsafe.
+
+    @ivar reason: the text the SockJS protocol prescribes for the client.
+    """
+
+    reason: str
+
+
+def check_callback(value: bytes | None) -> bytes:
+    """
+    Return C{value} if it is a safe callback name for the htmlfile and JSONP
+    transports.
+
+    @raise InvalidCallback: if it is missing, empty or not a dotted path of
+        ASCII identifiers of at most C{MAX_CALLBACK_LENGTH} bytes.
+    """
+    if not value:
+        raise InvalidCallback(CALLBACK_REQUIRED)
+    if len(value) > MAX_CALLBACK_LENGTH or not _CALLBACK.fullmatch(value):
+        raise InvalidCallback(INVALID_CALLBACK)
+    return value

@@ -31,8 +31,9 @@ class SockJSOptions:
         server ends it so the client reconnects (and frees the memory the
         browser keeps for the response).
     @ivar max_message_bytes: largest payload the client may send in one go
-        (one websocket message, one C{xhr_send} body); anything larger
-        closes the session with code 1009.
+        (one websocket message, one C{xhr_send} body, one C{jsonp_send}
+        payload once form-decoded); anything larger closes the session with
+        code 1009.
     @ivar websocket: whether the websocket transports are offered.
     @ivar cookie_needed: whether session transports set a C{JSESSIONID}
         cookie (for load balancers with cookie-based stickiness).
@@ -45,6 +46,10 @@ class SockJSOptions:
         transport-level liveness check of both websocket transports).
     @ivar websocket_ping_timeout: seconds to wait for the pong before the
         websocket connection is dropped.
+    @ivar max_sessions_per_address: sessions (of every transport, counted
+        until they are forgotten) one client IP address may hold at once;
+        beyond it a new session is refused with close code 1013.  Behind a
+        reverse proxy every visitor shares the proxy's address.
     """
 
     heartbeat_interval: float = field(default=25.0, validator=_positive)
@@ -60,3 +65,4 @@ class SockJSOptions:
     low_watermark: int = field(default=64 * 1024, validator=_watermarks_ordered)
     websocket_ping_interval: float = field(default=20.0, validator=_positive)
     websocket_ping_timeout: float = field(default=10.0, validator=_positive)
+    max_sessions_per_address: int = field(default=50, validator=_positive)

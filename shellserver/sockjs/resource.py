@@ -6,12 +6,14 @@ websocket and the session transports, which come from a registry.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import json
 import re
 import secrets
 from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
@@ -19,7 +21,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 
-from . import websocket, xhr
+from . import eventsource, htmlfile, jsonp, websocket, xhr
 from .endpoint import Endpoint, SessionTransport
 from .headers import (
     HTML,
@@ -39,6 +41,14 @@ SESSION_TRANSPORTS: Mapping[bytes, SessionTransport] = {
     b"xhr": SessionTransport(methods=(b"POST",), render=xhr.render_polling),
     b"xhr_send": SessionTransport(methods=(b"POST",), render=xhr.render_send),
     b"xhr_streaming": SessionTransport(methods=(b"POST",), render=xhr.render_streaming),
+    b"eventsource": SessionTransport(
+        methods=(b"GET",), render=eventsource.render_eventsource, preflight=False
+    ),
+    b"htmlfile": SessionTransport(
+        methods=(b"GET",), render=htmlfile.render_htmlfile, preflight=False
+    ),
+    b"jsonp": SessionTransport(methods=(b"GET",), render=jsonp.render_polling, preflight=False),
+    b"jsonp_send": SessionTransport(methods=(b"POST",), render=jsonp.render_send, preflight=False),
     b"websocket": SessionTransport(
         methods=(b"GET",),
         render=websocket.render_framed,
@@ -52,6 +62,11 @@ The transports at C{<prefix>/<server>/<session>/<name>}, by name.
 
 _IFRAME_NAME = re.compile(rb"iframe[0-9a-z_.-]*\.html")
 
+_IFRAME_SCRIPT = """
+    document.domain = document.domain;
+    SockJS.bootstrap_iframe();
+  """
+
 _IFRAME_PAGE = """\
 <!DOCTYPE html>
 <html>
@@ -59,10 +74,7 @@ _IFRAME_PAGE = """\
   <meta http-equiv="X-UA-Compatible" content="IE=edge" />
   <meta http-equiv="Content-Type" content="text/html; charset=UTF-8" />
   <script src="{client_url}"></script>
-  <script>
-    document.domain = document.domain;
-    SockJS.bootstrap_iframe();
-  </script>
+  <script>{script}</script>
 </head>
 <body>
   <h2>Don't panic!</h2>
@@ -127,18 +139,47 @@ class _IframePage(_Page):
 
     def __init__(self, client_url: str, clock: IReactorTime) -> None:
         super().__init__()
-        page = _IFRAME_PAGE.format(client_url=html.escape(client_url, quote=True))
+        page = _IFRAME_PAGE.format(
+            client_url=html.escape(client_url, quote=True), script=_IFRAME_SCRIPT
+        )
         self._body = page.encode("utf-8")
         self._etag = b'"%s"' % (hashlib.sha256(self._body).hexdigest()[:32].encode(),)
+        self._csp = iframe_page_policy(client_url).encode("ascii")
         self._clock = clock
 
     def render_GET(self, request: IRequest) -> bytes:
         set_long_cache(request, self._clock)
+        request.setHeader(b"Content-Security-Policy", self._csp)
         if request.setETag(self._etag) is http.CACHED:
             request.defaultContentType = None
             return b""
         request.setHeader(b"Content-Type", HTML)
         return self._body
+
+
+_HOST_SOURCE = re.compile(r"[A-Za-z0-9.:\[\]-]+")
+
+
+def iframe_page_policy(client_url: str) -> str:
+    """
+    The Content-Security-Policy of the iframe page: its one inline script
+    (by hash), sockjs-client from C{client_url}, and the requests and
+    frames of the transports it relays, all to this origin.
+    """
+    digest = hashlib.sha256(_IFRAME_SCRIPT.encode("utf-8")).digest()
+    scripts = ["'self'", f"'sha256-{base64.b64encode(digest).decode('ascii')}'"]
+    location = urlsplit(client_url)
+    if location.netloc and not _HOST_SOURCE.fullmatch(location.netloc):
+        raise ValueError(f"client_url has an unusable host: {client_url!r}")
+    if location.netloc:
+        # a client on another host (a CDN); only the host, for a script
+        scripts.append(
+            f"{location.scheme}://{location.netloc}" if location.scheme else location.netloc
+        )
+    return (
+        f"default-src 'none'; script-src {' '.join(scripts)}; connect-src 'self'; "
+        "frame-src 'self'; base-uri 'none'; form-action 'none'"
+    )
 
 
 class _RawWebSocketEntry(_Page):

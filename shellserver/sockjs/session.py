@@ -15,7 +15,7 @@ import enum
 from collections.abc import Callable
 from typing import Protocol
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 
@@ -29,6 +29,8 @@ CONNECTION_INTERRUPTED = (1002, "Connection interrupted")
 MESSAGE_TOO_BIG = (1009, "Message too big")
 INTERNAL_ERROR = (1011, "Internal error")
 BROKEN_FRAMING = (3000, "Broken framing.")
+# 1013 is the websocket registry's "Try Again Later"
+TOO_MANY_SESSIONS = (1013, "Too many sessions from your address")
 
 
 class SockJSHandler(Protocol):
@@ -90,7 +92,8 @@ class SockJSConnection:
     @ivar origin: the C{Origin} header of the request that opened the
         session, if any.  Checking it is the application's job.
     @ivar transport_name: the transport attached last: C{"websocket"},
-        C{"websocket-raw"}, C{"xhr-streaming"} or C{"xhr-polling"}.
+        C{"websocket-raw"}, C{"xhr-streaming"}, C{"xhr-polling"},
+        C{"eventsource"}, C{"htmlfile"} or C{"jsonp-polling"}.
     @ivar session_id: the client-chosen session id from the URL.
     """
 
@@ -104,6 +107,9 @@ class SockJSConnection:
     # True for websocket sessions: their life is the life of one receiver
     _bound: bool = False
     _forget: Callable[[SockJSConnection], None] = _nothing_to_forget
+    # the JSESSIONID the opening request carried, when cookies are in use:
+    # later requests for the session must carry the same
+    _jsessionid: bytes | None = None
 
     _handler: SockJSHandler | None = field(default=None, init=False)
     _opening: bool = field(default=False, init=False)
@@ -411,23 +417,83 @@ class SockJSConnection:
             )
 
 
+@frozen(auto_exc=True)
+class ForeignSession(Exception):
+    """
+    A request named a session that another client opened.
+
+    @ivar session_id: the session asked for.
+    @ivar peer_host: the address of the client that asked.
+    """
+
+    session_id: str
+    peer_host: str
+
+
 @define
 class SessionRegistry:
     """
-    The sessions of one endpoint that outlive single requests (all but the
-    websocket ones), by session id.
+    The sessions of one endpoint: those that outlive single requests (all
+    but the websocket ones) by session id, and all of them by client
+    address, for the per-address limit.
     """
 
     _open_session: Callable[[SockJSConnection], SockJSHandler]
     _clock: IReactorTime
     _options: SockJSOptions
     _sessions: dict[str, SockJSConnection] = field(factory=dict, init=False)
+    _by_peer: dict[str, set[SockJSConnection]] = field(factory=dict, init=False)
 
     def get(self, session_id: str) -> SockJSConnection | None:
         """
-        The live session with this id, if any.
+        The live session with this id, if any, whoever opened it.
         """
         return self._sessions.get(session_id)
+
+    def find(
+        self, session_id: str, *, peer_host: str, jsessionid: bytes | None
+    ) -> SockJSConnection | None:
+        """
+        The live session with this id, if any, for a request from
+        C{peer_host} carrying C{jsessionid}.
+
+        A session id is chosen by the client and travels in URLs, so it is
+        no secret: a session answers only the address that opened it (and,
+        if that request carried a JSESSIONID cookie, only that cookie).
+
+        @raise ForeignSession: if the session belongs to another client.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if session.peer_host != peer_host or (
+            session._jsessionid is not None and session._jsessionid != jsessionid
+        ):
+            log.warn(
+                "refused {peer} access to SockJS session {session} of {owner}",
+                peer=peer_host,
+                session=session_id,
+                owner=session.peer_host,
+            )
+            raise ForeignSession(session_id, peer_host)
+        return session
+
+    def has_room_for(self, peer_host: str) -> bool:
+        """
+        Whether C{peer_host} may open one more session.  Peers without an
+        IP address (UNIX sockets, hence usually a proxy) are not limited.
+        """
+        if not peer_host:
+            return True
+        held = len(self._by_peer.get(peer_host, ()))
+        if held < self._options.max_sessions_per_address:
+            return True
+        log.warn(
+            "refused a new SockJS session to {peer}, which holds {count}",
+            peer=peer_host,
+            count=held,
+        )
+        return False
 
     def open(
         self,
@@ -438,10 +504,12 @@ class SessionRegistry:
         transport_name: str,
         encode: Callable[[str], bytes],
         bound: bool,
+        jsessionid: bytes | None = None,
     ) -> SockJSConnection:
         """
         Create a session and announce it to the application; unbound
-        sessions are registered under their id until they expire.
+        sessions are registered under their id until they expire.  Callers
+        check L{has_room_for} first.
         """
         connection = SockJSConnection(
             session_id=session_id,
@@ -453,9 +521,11 @@ class SessionRegistry:
             encode=encode,
             bound=bound,
             forget=self._forget,
+            jsessionid=jsessionid,
         )
         if not bound:
             self._sessions[session_id] = connection
+        self._by_peer.setdefault(peer_host, set()).add(connection)
         log.debug(
             "SockJS session {session} opened over {transport} from {peer}",
             session=session_id,
@@ -468,6 +538,11 @@ class SessionRegistry:
     def _forget(self, connection: SockJSConnection) -> None:
         if self._sessions.get(connection.session_id) is connection:
             del self._sessions[connection.session_id]
+        held = self._by_peer.get(connection.peer_host)
+        if held is not None:
+            held.discard(connection)
+            if not held:
+                del self._by_peer[connection.peer_host]
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -39,6 +39,7 @@ from .options import SockJSOptions
 from .session import (
     BROKEN_FRAMING,
     MESSAGE_TOO_BIG,
+    TOO_MANY_SESSIONS,
     SessionRegistry,
     SockJSConnection,
 )
@@ -103,9 +104,13 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         return ""
 
     def onOpen(self) -> None:
+        peer = peer_host(self.transport.getPeer())
+        if not self._registry.has_room_for(peer):
+            self.write_close(*TOO_MANY_SESSIONS)
+            return
         session = self._registry.open(
             session_id=self._session_id,
-            peer_host=peer_host(self.transport.getPeer()),
+            peer_host=peer,
             origin=self._origin,
             transport_name=self.transport_name,
             encode=self._encode,

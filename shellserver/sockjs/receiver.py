@@ -1,0 +1,205 @@
+"""
+What the HTTP transports share: a response as the receiver of a session,
+and finding (or opening) the session a request names, for its own client
+only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from .endpoint import Endpoint
+from .framing import HEARTBEAT_FRAME, OPEN_FRAME, close_frame, encode_message, messages_frame
+from .headers import (
+    disable_nagle,
+    peer_host,
+    render_not_found,
+    request_origin,
+    set_cors,
+    set_no_cache,
+    set_session_cookie,
+)
+from .session import TOO_MANY_SESSIONS, ForeignSession, SockJSConnection
+
+
+@implementer(IPushProducer)
+class HttpReceiver:
+    """
+    One HTTP response as the receiver of a session.  Polling responses
+    (no C{limit}) carry one frame; streaming responses carry frames until
+    C{limit} bytes, and relay their transport's back-pressure to the
+    session.
+
+    @param format_frame: turns a SockJS frame into what the transport
+        writes (a line, an event, a script block, a JSONP call).
+    """
+
+    def __init__(
+        self,
+        request: IRequest,
+        transport_name: str,
+        *,
+        format_frame: Callable[[bytes], bytes],
+        limit: int | None,
+    ) -> None:
+        self.transport_name = transport_name
+        self._request = request
+        self._format_frame = format_frame
+        self._limit = limit
+        self._written = 0
+        self._done = False
+        self._registered = False
+        self._session: SockJSConnection | None = None
+
+    def start(self, session: SockJSConnection) -> None:
+        """
+        Attach to C{session}.
+        """
+        self._session = session
+        self._request.notifyFinish().addErrback(self._lost)
+        if self._limit is not None:
+            self._request.registerProducer(self, True)
+            self._registered = True
+        session._attach(self)
+
+    def write_open(self) -> bool:
+        return self._write_frame(OPEN_FRAME)
+
+    def write_heartbeat(self) -> bool:
+        return self._write_frame(HEARTBEAT_FRAME)
+
+    def write_messages(self, encoded: list[bytes]) -> bool:
+        return self._write_frame(messages_frame(encoded))
+
+    def write_close(self, code: int, reason: str) -> None:
+        if self._write_frame(close_frame(code, reason)):
+            self._finish()
+
+    def _write_frame(self, frame: bytes) -> bool:
+        if self._done:
+            return False
+        data = self._format_frame(frame)
+        self._request.write(data)
+        if self._limit is None:
+            self._finish()
+            return False
+        self._written += len(data)
+        if self._written >= self._limit:
+            self._finish()
+            return False
+        return True
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._registered:
+            self._request.unregisterProducer()
+        self._request.finish()
+
+    def _lost(self, reason: Failure) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._session is not None:
+            self._session._receiver_lost(self)
+
+    # IPushProducer, registered with the response's transport
+
+    def pauseProducing(self) -> None:
+        if self._session is not None:
+            self._session._pause_receiver(self)
+
+    def resumeProducing(self) -> None:
+        if self._session is not None:
+            self._session._resume_receiver(self)
+
+    def stopProducing(self) -> None:
+        # connection lost: notifyFinish's errback tells the session
+        pass
+
+
+def request_jsessionid(endpoint: Endpoint, request: IRequest) -> bytes | None:
+    """
+    The JSESSIONID cookie of C{request} when the endpoint uses cookies.
+    """
+    if not endpoint.options.cookie_needed:
+        return None
+    return request.getCookie(b"JSESSIONID")
+
+
+def find_session(
+    endpoint: Endpoint, request: IRequest, session_id: str
+) -> SockJSConnection | None:
+    """
+    The live session C{request} names, if any.
+
+    @raise ForeignSession: if another client opened it.
+    """
+    return endpoint.registry.find(
+        session_id,
+        peer_host=peer_host(request.getClientAddress()),
+        jsessionid=request_jsessionid(endpoint, request),
+    )
+
+
+def serve_receiver(
+    endpoint: Endpoint,
+    request: IRequest,
+    session_id: str,
+    *,
+    transport_name: str,
+    content_type: bytes,
+    format_frame: Callable[[bytes], bytes],
+    streaming: bool,
+    prelude: bytes = b"",
+    cors: bool = False,
+) -> bytes | int:
+    """
+    Answer a receiver request: attach its response to the session it
+    names, opening the session if it does not exist yet.
+
+    A session of another client is answered 404, as if it did not exist;
+    a client over its session limit gets the close frame 1013 in the
+    transport's own framing, so sockjs-client reports it as a close.
+    """
+    try:
+        session = find_session(endpoint, request, session_id)
+    except ForeignSession:
+        return render_not_found(request)
+    disable_nagle(request.transport)
+    request.setHeader(b"Content-Type", content_type)
+    set_no_cache(request)
+    if cors:
+        set_cors(request)
+    set_session_cookie(request, endpoint.options)
+    if prelude:
+        request.write(prelude)
+    receiver = HttpReceiver(
+        request,
+        transport_name,
+        format_frame=format_frame,
+        limit=endpoint.options.response_limit if streaming else None,
+    )
+    if session is None:
+        peer = peer_host(request.getClientAddress())
+        if not endpoint.registry.has_room_for(peer):
+            receiver.write_close(*TOO_MANY_SESSIONS)
+            return NOT_DONE_YET
+        session = endpoint.registry.open(
+            session_id=session_id,
+            peer_host=peer,
+            origin=request_origin(request),
+            transport_name=transport_name,
+            encode=encode_message,
+            bound=False,
+            jsessionid=request_jsessionid(endpoint, request),
+        )
+    receiver.start(session)
+    return NOT_DONE_YET
