@@ -15,14 +15,16 @@ Process layout::
 The launcher creates the session's cgroups, moves init into them, waits for
 init, and on exit (or SIGTERM/SIGHUP) kills the cgroup and removes it. Init
 builds the root filesystem in new mount/net/ipc/uts/cgroup namespaces,
-chroots, drops privileges, starts the console and reaps orphans; when init
-exits, the kernel kills whatever is left in the pid namespace.
+chroots, drops privileges, loads the seccomp filter (seccomp.py, next to this
+file), starts the console and reaps orphans; when init exits, the kernel
+kills whatever is left in the pid namespace.
 
 Exit status: the console's own status, or 111 when the sandbox could not be
 built (the reason is printed on the terminal first).
 """
 
 import ctypes
+import importlib.util
 import json
 import os
 import signal
@@ -67,6 +69,19 @@ _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
 
 class SetupError(Exception):
     """The sandbox could not be built; the message says which step failed."""
+
+
+def _load_sibling(name):
+    """Import ``name``.py from this file's directory.
+
+    ``-I`` keeps the script's directory off sys.path, which is what we want
+    for everything else: load this one file by its path instead.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    module_spec = importlib.util.spec_from_file_location("shellserver_" + name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def _check(result, what):
@@ -250,6 +265,10 @@ def run_init(spec, go_fd):
         os._exit(SETUP_FAILED)
     os.close(go_fd)
     try:
+        # Built while the host's files (this directory, libseccomp) are in
+        # view; loaded once init is unprivileged. Init is then bound by it as
+        # well as the console: nothing runs in the sandbox without it.
+        syscall_filter = _load_sibling("seccomp").Filter()
         unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
                 | CLONE_NEWCGROUP)
         build_root(spec)
@@ -257,6 +276,8 @@ def run_init(spec, go_fd):
         os.chroot(spec["root"])
         os.chdir("/")
         drop_privileges(spec)
+        syscall_filter.load()
+        syscall_filter.release()
     except Exception as e:  # noqa: BLE001 - any failure must end setup cleanly
         os.write(2, f"\r\nshellserver: the sandbox could not be built: {e}\r\n".encode())
         os._exit(SETUP_FAILED)
