@@ -29,11 +29,13 @@ VENDOR_FILES = {
 }
 
 # The terminal page loads only our own origin's scripts. xterm.js sets
-# element styles from script, hence 'unsafe-inline' for styles only.
+# element styles from script, hence 'unsafe-inline' for styles only. The
+# SockJS fallbacks need our own origin for frames (iframe transports) and
+# form posts (jsonp_send); JSONP scripts come from 'self' as well.
 CONSOLE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data:; font-src 'self'; "
-    "frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
+    "connect-src 'self'; img-src 'self' data:; font-src 'self'; frame-src 'self'; "
+    "frame-ancestors 'self'; base-uri 'none'; form-action 'self'"
 )
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
