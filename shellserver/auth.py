@@ -292,12 +292,16 @@ class UnregisteredUser:
     user_id: str
     created_at: float
     client_address: str
+    host_origin: str = ""  # the page that embeds the console, when known
 
 
-def new_unregistered_user(clock: IReactorTime, client_address: str) -> UnregisteredUser:
+def new_unregistered_user(
+    clock: IReactorTime, client_address: str, host_origin: str = ""
+) -> UnregisteredUser:
     """A fresh unregistered user with a random, unguessable id."""
     return UnregisteredUser(
         user_id=secrets.token_urlsafe(12),
         created_at=clock.seconds(),
         client_address=client_address,
+        host_origin=host_origin,
     )

@@ -327,11 +327,45 @@ class SandboxConfig:
     max_processes: int = field(default=64, validator=_integer())
 
 
+def _check_selector(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(instance, attribute, f"must be a CSS selector, got {_describe(value)}")
+    if any(c in value for c in "<>{}\\\n"):
+        raise _fail(instance, attribute, f"{value!r} has characters a selector cannot have")
+
+
+@frozen(kw_only=True)
+class EmbedConfig:
+    """The ``[embed]`` section: which host pages may show consoles."""
+
+    section: ClassVar[str] = "embed"
+
+    host_origins: tuple[str, ...] = field(
+        default=(), converter=_to_tuple, validator=_check_origins
+    )
+    selector: str = field(default="[data-shellserver]", validator=_check_selector)
+    status_max_age: int = field(default=5, validator=_integer(minimum=0, maximum=300))
+
+
+@frozen(kw_only=True)
+class AdmissionConfig:
+    """The ``[admission]`` section: capacity, per-address limits, kill switch."""
+
+    section: ClassVar[str] = "admission"
+
+    capacity: int = field(default=0, validator=_integer(minimum=0))
+    per_address: int = field(default=3, validator=_integer(minimum=1))
+    per_address_per_minute: int = field(default=10, validator=_integer(minimum=1))
+    kill_switch_file: str = field(default="", validator=_path(optional=True))
+
+
 _SECTIONS: Mapping[str, type] = {
     "server": ServerConfig,
     "tls": TLSConfig,
     "console": ConsoleConfig,
     "sandbox": SandboxConfig,
+    "embed": EmbedConfig,
+    "admission": AdmissionConfig,
 }
 
 
@@ -343,6 +377,8 @@ class Config:
     tls: TLSConfig = field(factory=TLSConfig)
     console: ConsoleConfig = field(factory=ConsoleConfig)
     sandbox: SandboxConfig = field(factory=SandboxConfig)
+    embed: EmbedConfig = field(factory=EmbedConfig)
+    admission: AdmissionConfig = field(factory=AdmissionConfig)
 
     @classmethod
     def defaults(cls) -> Config:
@@ -367,6 +403,13 @@ class Config:
     def secret_path(self) -> str:
         """The HMAC secret that signs console tokens."""
         return os.path.join(self.server.state_dir, "secret")
+
+    @property
+    def kill_switch_path(self) -> str:
+        """The file whose presence stops new consoles."""
+        return self.admission.kill_switch_file or os.path.join(
+            self.server.state_dir, "kill-switch"
+        )
 
     @property
     def runtime_dir(self) -> str:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Callable
 
 from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from shellserver.admission import Admission, Refused, Slot
 from shellserver.auth import TokenAuthority, TokenError
 from shellserver.sandbox.service import (
     SETUP_FAILED,
@@ -25,6 +27,7 @@ from shellserver.sandbox.service import (
     ISandboxStarter,
     SandboxUnavailable,
 )
+from shellserver.users import UnregisteredUsers
 
 log = Logger()
 
@@ -33,6 +36,7 @@ CLOSE_NORMAL = 3000
 CLOSE_AUTH_FAILED = 4001
 CLOSE_SANDBOX_FAILED = 4002
 CLOSE_PROTOCOL_ERROR = 4003
+CLOSE_NOT_ADMITTED = 4004
 
 DEFAULT_COLS, DEFAULT_ROWS = 80, 24
 MAX_COLS, MAX_ROWS = 1000, 500
@@ -72,7 +76,7 @@ class ConsoleSettings:
 
 
 @implementer(IConsoleProcessEvents)
-@define
+@define(eq=False)
 class ConsoleSession:
     """The console protocol over one connection; the SockJS handler."""
 
@@ -81,6 +85,9 @@ class ConsoleSession:
     _tokens: TokenAuthority
     _sandboxes: ISandboxStarter
     _settings: ConsoleSettings
+    _admission: Admission | None = None
+    _users: UnregisteredUsers | None = None
+    _on_end: Callable[[ConsoleSession], None] | None = None
     state: str = "authenticating"  # -> starting -> running -> ended
     sandbox: ISandbox | None = None
     _size: tuple[int, int] = (DEFAULT_COLS, DEFAULT_ROWS)
@@ -90,6 +97,7 @@ class ConsoleSession:
     _timers: dict[str, IDelayedCall] = field(factory=dict)
     _end_message: str | None = None
     _stopping: bool = False
+    _slot: Slot | None = None
     user_id: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -157,6 +165,24 @@ class ConsoleSession:
         for name in list(self._timers):
             self._cancel_timer(name)
         self._stop_sandbox()
+        if self.sandbox is None:
+            self._release()
+
+    def _release(self) -> None:
+        """Give back what this console held: its admission slot, its user."""
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
+        if self._users is not None and self.user_id is not None:
+            self._users.forget(self.user_id)
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end(self)
+
+    def end(self, message: str) -> None:
+        """End this console by the operator's or the server's decision."""
+        if self.state != "ended":
+            self._end(message)
 
     def _stop_sandbox(self) -> None:
         if self.sandbox is not None and not self._stopping:
@@ -174,13 +200,22 @@ class ConsoleSession:
                      peer=self._connection.peer_host, reason=e.reason)
             self._fail(CLOSE_AUTH_FAILED, f"Console refused: {e}.")
             return
+        if self._admission is not None:
+            try:
+                self._slot = self._admission.admit(self._connection.peer_host)
+            except Refused as e:
+                self._fail(CLOSE_NOT_ADMITTED, f"No console now: {e.status.message}")
+                return
         self.user_id = claims.user_id
+        if self._users is not None:
+            self._users.claim(claims.user_id)
         self.state = "starting"
         self._connection.send("sstarting")
         try:
             self.sandbox = self._sandboxes.start(self, *self._size)
         except SandboxUnavailable as e:
             self._fail(CLOSE_SANDBOX_FAILED, f"No console could be started: {e}")
+            self._release()
             return
         # Stop reading the PTY while the client has too much output pending.
         self._connection.register_producer(self.sandbox)
@@ -198,6 +233,7 @@ class ConsoleSession:
             self._connection.send("o" + text)
 
     def exited(self, status: int | None, signal: int | None) -> None:
+        self._release()
         tail = self._decoder.decode(b"", final=True)
         if tail and self.state != "ended":
             self._connection.send("o" + tail)
@@ -244,7 +280,18 @@ class ConsoleFactory:
     _tokens: TokenAuthority
     _sandboxes: ISandboxStarter
     _settings: ConsoleSettings
+    _admission: Admission | None = None
+    _users: UnregisteredUsers | None = None
+    sessions: set[ConsoleSession] = field(factory=set)
 
     def __call__(self, connection) -> ConsoleSession:
-        return ConsoleSession(connection, self._clock, self._tokens, self._sandboxes,
-                              self._settings)
+        session = ConsoleSession(connection, self._clock, self._tokens, self._sandboxes,
+                                 self._settings, self._admission, self._users,
+                                 self.sessions.discard)
+        self.sessions.add(session)
+        return session
+
+    def end_all(self, message: str) -> None:
+        """End every console (the kill switch's terminate, a shutdown)."""
+        for session in list(self.sessions):
+            session.end(message)

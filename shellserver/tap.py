@@ -131,15 +131,44 @@ class SandboxService(Service):
         from shellserver.sandbox.cgroups import remove_parents
 
         super().stopService()
+        log.info("ending {count} consoles", count=len(self.starter.running))
         d = self.starter.stop_all()
         if self.starter.cgroup_layout is not None:
             d.addCallback(lambda _: remove_parents(self.starter.cgroup_layout))
         return d
 
 
+class KillSwitchService(Service):
+    """Watches the kill-switch file while the server runs."""
+
+    name = "kill-switch"
+
+    def __init__(self, switch) -> None:
+        self.switch = switch
+
+    def startService(self) -> None:
+        super().startService()
+        self.switch.start()
+
+    def stopService(self):
+        super().stopService()
+        self.switch.stop()
+
+
+def admission_capacity(config: Config) -> int:
+    """``admission.capacity``, or else derived from the machine's memory."""
+    from shellserver.admission import derived_capacity
+
+    if config.admission.capacity:
+        return config.admission.capacity
+    with open("/proc/meminfo") as f:
+        return derived_capacity(config.sandbox.memory_mb, f.read())
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
+    from shellserver.admission import Admission, KillSwitch
     from shellserver.auth import SecretFileError, TokenAuthority, load_or_create_secret
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.sandbox.cgroups import prepare_parents, read_layout
@@ -149,6 +178,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.sandbox.uids import UidPool
     from shellserver.sockjs import SockJSOptions, SockJSResource
     from shellserver.tls import endpoint_description, ensure_self_signed
+    from shellserver.users import UnregisteredUsers
     from shellserver.web import ShellSite, build_resource
 
     config: Config = options["configuration"]
@@ -192,6 +222,13 @@ def makeService(options: Options) -> MultiService:
         uids=UidPool(config.sandbox.uid_min, config.sandbox.uid_max),
         system_python=config.sandbox.system_python,
     )
+    admission = Admission(
+        reactor,
+        capacity=admission_capacity(config),
+        per_address=config.admission.per_address,
+        per_address_per_minute=config.admission.per_address_per_minute,
+    )
+    users = UnregisteredUsers(reactor, config.console.token_ttl)
     consoles = ConsoleFactory(
         reactor,
         tokens,
@@ -201,11 +238,18 @@ def makeService(options: Options) -> MultiService:
             idle_timeout=config.console.idle_timeout,
             max_age=config.console.max_age,
         ),
+        admission,
+        users,
     )
+    switch = KillSwitch(reactor, admission, config.kill_switch_path, consoles.end_all)
     sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions())
     site = ShellSite(
-        build_resource(web_dir=options["web-dir"], tokens=tokens, clock=reactor,
-                       sockjs=sockjs)
+        build_resource(
+            web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
+            admission=admission, users=users,
+            host_origins=config.embed.host_origins + config.server.public_origins,
+            selector=config.embed.selector, status_max_age=config.embed.status_max_age,
+        )
     )
 
     listen = list(options["listen"])
@@ -218,6 +262,7 @@ def makeService(options: Options) -> MultiService:
 
     top = MultiService()
     SandboxService(reactor, starter, runtime, build).setServiceParent(top)
+    KillSwitchService(switch).setServiceParent(top)
     for index, description in enumerate(listen):
         listener = strports.service(description, site)
         listener.setName(f"listen-{index}")

@@ -1,4 +1,4 @@
-"""The resource tree: /, /console/, /static/, /sockjs.
+"""The resource tree: /, /status, /embed.js, /console/, /static/, /sockjs.
 
 Resources only translate HTTP into calls and pages; the console policy lives
 in shellserver.console, the transport in shellserver.sockjs.
@@ -7,7 +7,9 @@ in shellserver.console, the transport in shellserver.sockjs.
 from __future__ import annotations
 
 import html
+import json
 import os
+from collections.abc import Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -16,7 +18,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
+from shellserver.admission import Admission, AdmissionStatus
 from shellserver.auth import TokenAuthority, new_unregistered_user
+from shellserver.users import UnregisteredUsers
 
 log = Logger()
 
@@ -44,6 +48,18 @@ PAGE_CSP = (
 )
 
 
+REFUSED_CSP = (
+    "default-src 'none'; style-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'self'"
+)
+
+
+def with_frame_ancestors(csp: str, host_origins: Sequence[str]) -> str:
+    """``csp`` letting the host origins frame the page besides our own."""
+    ancestors = " ".join(["'self'", *host_origins])
+    return csp.replace("frame-ancestors 'self'", f"frame-ancestors {ancestors}")
+
+
 class MissingWebAssets(Exception):
     """web/ or its npm packages are missing; str() says what to run."""
 
@@ -68,38 +84,140 @@ class StaticFiles(File):
 
 
 class ConsolePage(Resource):
-    """``GET /console/``: a new unregistered user and a page holding its token."""
+    """``GET /console/``: a new unregistered user and a page holding its token.
+
+    When no console would be admitted now, a friendly page says why and when
+    to try again (429 or 503 with Retry-After), and no token is issued.
+    """
 
     isLeaf = True
 
     def __init__(self, template: str, tokens: TokenAuthority, clock: IReactorTime,
-                 sockjs_url: str = "/sockjs") -> None:
+                 *, refused_template: str, admission: Admission | None = None,
+                 users: UnregisteredUsers | None = None,
+                 host_origins: Sequence[str] = (), sockjs_url: str = "/sockjs") -> None:
         super().__init__()
         self._template = template
+        self._refused_template = refused_template
         self._tokens = tokens
         self._clock = clock
+        self._admission = admission
+        self._users = users
+        self._host_origins = tuple(host_origins)
         self._sockjs_url = sockjs_url
+        self._csp = with_frame_ancestors(CONSOLE_CSP, self._host_origins).encode()
+        self._refused_csp = with_frame_ancestors(REFUSED_CSP, self._host_origins).encode()
 
     def render_GET(self, request) -> bytes:
         if request.postpath not in ([], [b""]):
             request.setResponseCode(404)
             return b"Not found"
         if not request.path.endswith(b"/"):
-            request.redirect(request.path + b"/")
+            query = request.uri[len(request.path):]
+            request.redirect(request.path + b"/" + query)
             return b""
-        user = new_unregistered_user(self._clock, request.getClientAddress().host)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        address = request.getClientAddress().host
+        if self._admission is not None:
+            status = self._admission.status(address)
+            if not status.accepting:
+                return self._refuse(request, status)
+        user = new_unregistered_user(self._clock, address, self._host_origin(request))
+        if self._users is not None:
+            self._users.add(user)
         token = self._tokens.mint(user_id=user.user_id, origin=request_origin(request))
-        log.info("unregistered user {user} from {address}",
-                 user=user.user_id, address=user.client_address)
+        log.info("unregistered user {user} from {address} (host {host})",
+                 user=user.user_id, address=address, host=user.host_origin or "-")
         page = (
             self._template
             .replace("{{token}}", html.escape(token, quote=True))
             .replace("{{sockjs_url}}", html.escape(self._sockjs_url, quote=True))
         )
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"content-security-policy", CONSOLE_CSP.encode())
+        request.setHeader(b"content-security-policy", self._csp)
         return page.encode("utf-8")
+
+    def _host_origin(self, request) -> str:
+        """The embedding page's origin, as embed.js reports it, if allowed."""
+        values = request.args.get(b"host", [])
+        host = values[0].decode("utf-8", "replace") if values else ""
+        return host if host in self._host_origins else ""
+
+    def _refuse(self, request, status: AdmissionStatus) -> bytes:
+        log.info("console page refused: {reason}", reason=status.reason)
+        request.setResponseCode(status.http_status)
+        if status.retry_after:
+            request.setHeader(b"retry-after", str(status.retry_after).encode())
+        request.setHeader(b"content-security-policy", self._refused_csp)
+        title = "Try again soon" if status.reason != "switched-off" else "Consoles are paused"
+        page = (
+            self._refused_template
+            .replace("{{title}}", html.escape(title))
+            .replace("{{message}}", html.escape(status.message or ""))
+            .replace("{{reason}}", html.escape(status.reason or ""))
+        )
+        return page.encode("utf-8")
+
+
+class StatusPage(Resource):
+    """``GET /status``: whether a console would start now; starts nothing.
+
+    Host pages ping it on load (embed.js), so it is small, cacheable for a few
+    seconds, and answers CORS for the configured host origins.
+    """
+
+    isLeaf = True
+
+    def __init__(self, admission: Admission, *, host_origins: Sequence[str],
+                 selector: str, max_age: int) -> None:
+        super().__init__()
+        self._admission = admission
+        self._host_origins = frozenset(host_origins)
+        self._selector = selector
+        self._max_age = max_age
+
+    def _cors(self, request) -> None:
+        request.setHeader(b"vary", b"Origin")
+        origin = request.getHeader(b"origin")
+        if origin is not None and origin.decode("ascii", "replace") in self._host_origins:
+            request.setHeader(b"access-control-allow-origin", origin)
+
+    def render_OPTIONS(self, request) -> bytes:
+        self._cors(request)
+        request.setHeader(b"access-control-allow-methods", b"GET")
+        request.setHeader(b"access-control-max-age", b"86400")
+        request.setResponseCode(204)
+        return b""
+
+    def render_GET(self, request) -> bytes:
+        self._cors(request)
+        status = self._admission.status(request.getClientAddress().host)
+        body = dict(status.to_json(), selector=self._selector)
+        request.setHeader(b"content-type", b"application/json")
+        # Per client address (rate limits), so private; short-lived.
+        request.setHeader(b"cache-control", f"private, max-age={self._max_age}".encode())
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+class EmbedScript(Resource):
+    """``GET /embed.js``: the script host pages include; cacheable, cross-origin."""
+
+    isLeaf = True
+
+    def __init__(self, script: bytes) -> None:
+        super().__init__()
+        self._script = script
+
+    def render_GET(self, request) -> bytes:
+        if request.postpath not in ([], [b""]):
+            request.setResponseCode(404)
+            return b"Not found"
+        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        request.setHeader(b"cache-control", b"public, max-age=300")
+        # Host pages load it from another origin, possibly with crossorigin=.
+        request.setHeader(b"access-control-allow-origin", b"*")
+        request.setHeader(b"cross-origin-resource-policy", b"cross-origin")
+        return self._script
 
 
 class HostPage(Resource):
@@ -145,7 +263,7 @@ def check_web_assets(web_dir: str) -> None:
         for parts in VENDOR_FILES.values()
         if not os.path.isfile(os.path.join(web_dir, "node_modules", *parts))
     ]
-    for name in ("index.html", "console.html", "static"):
+    for name in ("index.html", "console.html", "refused.html", "static/embed.js"):
         if not os.path.exists(os.path.join(web_dir, name)):
             missing.append(os.path.join(web_dir, name))
     if missing:
@@ -154,16 +272,28 @@ def check_web_assets(web_dir: str) -> None:
         )
 
 
+def _read(web_dir: str, *parts: str) -> bytes:
+    with open(os.path.join(web_dir, *parts), "rb") as f:
+        return f.read()
+
+
 def build_resource(*, web_dir: str, tokens: TokenAuthority, clock: IReactorTime,
-                   sockjs: Resource) -> Resource:
+                   sockjs: Resource, admission: Admission | None = None,
+                   users: UnregisteredUsers | None = None,
+                   host_origins: Sequence[str] = (), selector: str = "[data-shellserver]",
+                   status_max_age: int = 5) -> Resource:
     """The whole tree; ``sockjs`` is the SockJS endpoint for consoles."""
     check_web_assets(web_dir)
-    with open(os.path.join(web_dir, "index.html"), "rb") as f:
-        host_page = f.read()
-    with open(os.path.join(web_dir, "console.html"), encoding="utf-8") as f:
-        console_template = f.read()
-    root = Root(HostPage(host_page))
-    root.putChild(b"console", ConsolePage(console_template, tokens, clock))
+    root = Root(HostPage(_read(web_dir, "index.html")))
+    root.putChild(b"console", ConsolePage(
+        _read(web_dir, "console.html").decode("utf-8"), tokens, clock,
+        refused_template=_read(web_dir, "refused.html").decode("utf-8"),
+        admission=admission, users=users, host_origins=host_origins,
+    ))
+    if admission is not None:
+        root.putChild(b"status", StatusPage(admission, host_origins=host_origins,
+                                            selector=selector, max_age=status_max_age))
+    root.putChild(b"embed.js", EmbedScript(_read(web_dir, "static", "embed.js")))
     static = StaticFiles(os.path.join(web_dir, "static"))
     static.putChild(b"vendor", vendor_resource(os.path.join(web_dir, "node_modules")))
     root.putChild(b"static", static)

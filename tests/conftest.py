@@ -8,6 +8,7 @@ sockets. Unit tests (tests/unit) use none of this.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -22,6 +23,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RUNTIME = os.environ.get("SHELLSERVER_RUNTIME", "/var/lib/shellserver/runtime")
 TWISTD = str(Path(sys.executable).parent / "twistd")
+# Tests open many consoles from 127.0.0.1 in a row.
+GENEROUS_ADMISSION = "per_address = 100\nper_address_per_minute = 10000\n"
 
 
 def free_port() -> int:
@@ -71,11 +74,14 @@ class RunningServer:
 
 
 def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
-                 console: str = "", runtime: str | None = RUNTIME) -> RunningServer:
+                 console: str = "", admission: str = "", embed: str = "",
+                 runtime: str | None = RUNTIME) -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
-    ``config`` and ``console`` are TOML lines for the [sandbox] and [console]
-    sections; ``runtime=None`` leaves the runtime to the server to build.
+    ``config``, ``console``, ``admission`` and ``embed`` are TOML lines for
+    the [sandbox], [console], [admission] and [embed] sections (the tests'
+    default admission allows many consoles from 127.0.0.1); ``runtime=None``
+    leaves the runtime to the server to build.
     """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
@@ -87,9 +93,11 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     config_path.write_text(
         f'[server]\nstate_dir = "{state}"\n'
         f"[console]\n{console}\n"
+        f"[admission]\n{admission or GENEROUS_ADMISSION}\n"
         f"[sandbox]\nuid_min = {uid_min}\nuid_max = {uid_max}\n"
         + (f'runtime = "{runtime}"\n' if runtime else "")
         + config
+        + f"\n[embed]\n{embed}\n"
     )
     log_path = tmp / "twistd.log"
     listen = endpoint_description(port, cert, key, interface="127.0.0.1")
@@ -117,11 +125,14 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """One real server for the whole run (uids 210000-210199)."""
+    """One real server for the whole run, with 200 uids from 210000 up."""
     if os.geteuid() != 0:
         pytest.fail("integration tests need root (they start real sandboxes)")
-    srv = start_server(tmp_path_factory.mktemp("server"), uid_min=210000,
-                       uid_max=210199)
+    # A range of its own per run, so concurrent runs on one machine never
+    # share uids (the server would refuse nothing: both would use them).
+    base = 210000 + (os.getpid() % 40) * 200
+    srv = start_server(tmp_path_factory.mktemp("server"), uid_min=base,
+                       uid_max=base + 199)
     yield srv
     srv.stop()
     leftovers = sandbox_leftovers(srv)
@@ -142,14 +153,15 @@ def processes_of_uids(first: int, last: int) -> list[int]:
     return pids
 
 
-def session_cgroups() -> list[str]:
+def session_cgroups(server: RunningServer) -> list[str]:
+    """The cgroup directories of the sessions this server started."""
     from shellserver.sandbox.cgroups import read_layout
 
+    sessions = set(re.findall(r"console (s[0-9a-f]+) started", server.log()))
     found = []
     for parent in read_layout().parents():
-        if os.path.isdir(parent):
-            found += [os.path.join(parent, d) for d in os.listdir(parent)
-                      if os.path.isdir(os.path.join(parent, d))]
+        found += [os.path.join(parent, s) for s in sessions
+                  if os.path.isdir(os.path.join(parent, s))]
     return found
 
 
@@ -157,7 +169,7 @@ def sandbox_leftovers(server: RunningServer) -> list[str]:
     """Processes, cgroups and mounts a server's sandboxes left behind."""
     problems = [f"process {pid}" for pid in
                 processes_of_uids(server.uid_min, server.uid_max)]
-    problems += [f"cgroup {path}" for path in session_cgroups()]
+    problems += [f"cgroup {path}" for path in session_cgroups(server)]
     with open("/proc/self/mountinfo") as f:
         problems += [f"mount {line.split()[4]}" for line in f
                      if str(server.state_dir) in line]

@@ -255,6 +255,7 @@ class SandboxStarter:
                 log.error("uid {uid} quarantined: cgroups of {session} remain",
                           uid=sandbox.uid, session=sandbox.session)
                 self.uids.quarantine(sandbox.uid)
+            log.info("console {session} cleaned up", session=sandbox.session)
             sandbox.cleaned.callback(None)
 
         d.addCallback(release)

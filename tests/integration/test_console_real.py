@@ -145,7 +145,7 @@ def test_closing_releases_everything(server):
     assert processes_of_uids(uid, uid)
     client.close()
     assert wait_until(lambda: not processes_of_uids(uid, uid), timeout=15)
-    assert wait_until(lambda: not session_cgroups(), timeout=15)
+    assert wait_until(lambda: not session_cgroups(server), timeout=15)
 
 
 def test_twenty_consoles_leave_nothing_behind(server):

@@ -244,3 +244,48 @@ class DescribeDurationTests(SynchronousTestCase):
         self.assertEqual(describe_duration(60), "1 minute")
         self.assertEqual(describe_duration(7200), "2 hours")
         self.assertEqual(describe_duration(1800), "30 minutes")
+
+
+class AdmissionTests(ConsoleTestCase):
+    def setUp(self):
+        super().setUp()
+        from shellserver.admission import Admission
+        from shellserver.users import UnregisteredUsers
+
+        self.admission = Admission(self.clock, capacity=1, per_address=5,
+                                   per_address_per_minute=50)
+        self.users = UnregisteredUsers(self.clock, 60.0)
+        self.factory = ConsoleFactory(self.clock, self.tokens, self.starter, SETTINGS,
+                                      self.admission, self.users)
+
+    def test_full_node_refuses_after_token(self):
+        """A good token on a full node gets a clear refusal and starts nothing."""
+        self.running()
+        connection, session = self.open()
+        session.message_received("a" + self.token())
+        self.assertEqual(len(self.starter.started), 1)
+        self.assertEqual(connection.close_code, 4004)
+        self.assertIn("All consoles are in use", connection.sent[-1])
+
+    def test_slot_released_when_console_exits(self):
+        """The admission slot is given back when the console exits."""
+        connection, session, sandbox = self.running()
+        self.assertEqual(self.admission.active, 1)
+        sandbox.exit(0)
+        self.assertEqual(self.admission.active, 0)
+
+    def test_slot_released_when_start_fails(self):
+        """A sandbox that cannot start releases its slot at once."""
+        self.starter.refuse_with = "broken"
+        connection, session = self.open()
+        session.message_received("a" + self.token())
+        self.assertEqual(self.admission.active, 0)
+
+    def test_end_all(self):
+        """end_all ends every console with the operator's message."""
+        connection, session, sandbox = self.running()
+        self.factory.end_all("The operator has ended all consoles.")
+        self.assertEqual(sandbox.terminated, 1)
+        sandbox.exit(None, 15)
+        self.assertEqual(connection.sent[-1], "xThe operator has ended all consoles.")
+        self.assertEqual(self.factory.sessions, set())

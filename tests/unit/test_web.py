@@ -1,5 +1,6 @@
 """Tests for shellserver.web: the console and host pages, headers, static files."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ TEMPLATE = (
     '<meta name="shellserver-sockjs-url" content="{{sockjs_url}}">'
 )
 HOST_PAGE = b"<!doctype html><title>host</title>"
+REFUSED = "<title>{{title}}</title><p>{{message}}</p><body data-reason=\"{{reason}}\">"
 HOST = b"console.example:8443"
 ORIGIN = "https://console.example:8443"
 
@@ -47,7 +49,7 @@ class RecordingTokens:
         return self.token
 
 
-def get(site, path, host=HOST, secure=True):
+def get(site, path, host=HOST, secure=True, origin=None):
     """GET ``path`` from ``site`` over an in-memory channel: (request, body)."""
     peer = IPv4Address("TCP", "198.51.100.9", 40000)
     channel = DummyChannel(peer)
@@ -58,6 +60,8 @@ def get(site, path, host=HOST, secure=True):
     request.gotLength(0)
     if host is not None:
         request.requestHeaders.setRawHeaders(b"host", [host])
+    if origin is not None:
+        request.requestHeaders.setRawHeaders(b"origin", [origin.encode()])
     request.requestReceived(b"GET", path, b"HTTP/1.1")
     _, _, body = channel.transport.written.getvalue().partition(b"\r\n\r\n")
     return request, body
@@ -78,6 +82,7 @@ class ConsolePageTests(SynchronousTestCase):
     def make_site(self, tokens, sockjs_url="/sockjs"):
         root = Root(HostPage(HOST_PAGE))
         root.putChild(b"console", ConsolePage(TEMPLATE, tokens, self.clock,
+                                              refused_template=REFUSED,
                                               sockjs_url=sockjs_url))
         return ShellSite(root, reactor=self.clock)
 
@@ -203,7 +208,8 @@ class WebDirTestCase(SynchronousTestCase):
             self.write("node_modules", *parts)
         self.write("index.html", content=HOST_PAGE)
         self.write("console.html", content=TEMPLATE.encode())
-        self.write("static", "console.css")
+        self.write("refused.html", content=REFUSED.encode())
+        self.write("static", "embed.js", content=b"(function () {}());")
 
 
 class CheckWebAssetsTests(WebDirTestCase):
@@ -220,7 +226,7 @@ class CheckWebAssetsTests(WebDirTestCase):
         self.assertIn("npm ci", message)
         for parts in VENDOR_FILES.values():
             self.assertIn(os.path.join(self.web_dir, "node_modules", *parts), message)
-        for name in ("index.html", "console.html", "static"):
+        for name in ("index.html", "console.html", "refused.html", "static/embed.js"):
             self.assertIn(os.path.join(self.web_dir, name), message)
 
     def test_one_missing(self):
@@ -286,3 +292,109 @@ class BuildResourceTests(WebDirTestCase):
         """build_resource refuses a web/ without its assets."""
         self.assertRaises(MissingWebAssets, build_resource, web_dir=self.web_dir,
                           tokens=None, clock=Clock(), sockjs=Resource())
+
+
+class AdmissionPagesTests(SynchronousTestCase):
+    """/console/ refusals, /status and /embed.js, with a real Admission on a Clock."""
+
+    HOST_ORIGIN = "https://docs.example"
+
+    def setUp(self):
+        from shellserver.admission import Admission
+        from shellserver.users import UnregisteredUsers
+        from shellserver.web import EmbedScript, StatusPage
+
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.tokens = TokenAuthority(b"s" * 32, node="node-1", clock=self.clock, ttl=60.0)
+        self.admission = Admission(self.clock, capacity=2, per_address=1,
+                                   per_address_per_minute=5)
+        self.users = UnregisteredUsers(self.clock, 60.0)
+        root = Root(HostPage(HOST_PAGE))
+        root.putChild(b"console", ConsolePage(
+            TEMPLATE, self.tokens, self.clock, refused_template=REFUSED,
+            admission=self.admission, users=self.users, host_origins=[self.HOST_ORIGIN]))
+        root.putChild(b"status", StatusPage(self.admission, host_origins=[self.HOST_ORIGIN],
+                                            selector="pre.py", max_age=5))
+        root.putChild(b"embed.js", EmbedScript(b"/* embed */"))
+        self.site = ShellSite(root, reactor=self.clock)
+
+    def test_console_page_creates_user_with_host_origin(self):
+        """A console page load registers an unregistered user with its host origin."""
+        get(self.site, b"/console/?host=https%3A%2F%2Fdocs.example")
+        self.assertEqual(len(self.users), 1)
+        (user,) = self.users._users.values()
+        self.assertEqual(user.host_origin, self.HOST_ORIGIN)
+        self.assertEqual(user.client_address, "198.51.100.9")
+
+    def test_unknown_host_origin_not_recorded(self):
+        """A host origin that is not configured is not trusted."""
+        get(self.site, b"/console/?host=https%3A%2F%2Fevil.example")
+        (user,) = self.users._users.values()
+        self.assertEqual(user.host_origin, "")
+
+    def test_frame_ancestors_include_host_origins(self):
+        """The console page may be framed by the configured host origins only."""
+        request, _ = get(self.site, b"/console/")
+        csp = header(request, b"content-security-policy").decode()
+        self.assertIn(f"frame-ancestors 'self' {self.HOST_ORIGIN}", csp)
+
+    def test_full_gives_friendly_503(self):
+        """When the node is full, /console/ says so with 503 and Retry-After."""
+        self.admission.admit("198.51.100.1")
+        self.admission.admit("198.51.100.2")
+        request, body = get(self.site, b"/console/")
+        self.assertEqual(request.code, 503)
+        self.assertEqual(header(request, b"retry-after"), b"15")
+        self.assertIn(b"All consoles are in use", body)
+        self.assertNotIn(b"shellserver-token", body)
+        self.assertEqual(len(self.users), 0)
+
+    def test_rate_limited_gives_429(self):
+        """A client over its own limit gets 429."""
+        self.admission.admit("198.51.100.9")
+        request, body = get(self.site, b"/console/")
+        self.assertEqual(request.code, 429)
+        self.assertIn(b"too many consoles", body)
+
+    def test_switched_off(self):
+        """With the kill switch on, /console/ refuses with 503 and says it is paused."""
+        self.admission.switched_off = True
+        request, body = get(self.site, b"/console/")
+        self.assertEqual(request.code, 503)
+        self.assertIn(b"paused by its operator", body)
+
+    def test_status_json(self):
+        """/status reports accepting, counts and the selector, cacheable briefly."""
+        self.admission.admit("198.51.100.1")
+        request, body = get(self.site, b"/status")
+        status = json.loads(body)
+        self.assertEqual(status["accepting"], True)
+        self.assertEqual((status["active"], status["capacity"]), (1, 2))
+        self.assertEqual(status["selector"], "pre.py")
+        self.assertEqual(header(request, b"cache-control"), b"private, max-age=5")
+        self.assertEqual(header(request, b"content-type"), b"application/json")
+
+    def test_status_not_accepting(self):
+        """/status says why not when full."""
+        self.admission.admit("198.51.100.1")
+        self.admission.admit("198.51.100.2")
+        _, body = get(self.site, b"/status")
+        status = json.loads(body)
+        self.assertEqual((status["accepting"], status["reason"]), (False, "full"))
+
+    def test_status_cors_for_host_origins_only(self):
+        """CORS answers a configured host origin and no other."""
+        request, _ = get(self.site, b"/status", origin=self.HOST_ORIGIN)
+        self.assertEqual(header(request, b"access-control-allow-origin"),
+                         self.HOST_ORIGIN.encode())
+        request, _ = get(self.site, b"/status", origin="https://evil.example")
+        self.assertIsNone(header(request, b"access-control-allow-origin"))
+
+    def test_embed_script_headers(self):
+        """/embed.js is JavaScript, cacheable, loadable cross-origin."""
+        request, body = get(self.site, b"/embed.js")
+        self.assertEqual(body, b"/* embed */")
+        self.assertEqual(header(request, b"content-type"), b"text/javascript; charset=utf-8")
+        self.assertEqual(header(request, b"cross-origin-resource-policy"), b"cross-origin")
+

@@ -1,0 +1,237 @@
+"""Admission control: who may start a console now, and why not.
+
+One node's limits, kept in memory: a global capacity (concurrent consoles),
+per-client-address limits on concurrent consoles and on new consoles per
+minute, and an operator's kill switch (a file, watched on the clock). The
+decision is pure bookkeeping on an injected clock; the web and console layers
+ask it and show its answer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from attrs import define, field, frozen
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger()
+
+FULL = "full"
+RATE_LIMITED = "rate-limited"
+SWITCHED_OFF = "switched-off"
+
+WINDOW = 60.0  # seconds of the per-address start rate
+FULL_RETRY_AFTER = 15  # seconds to suggest when the node is full
+OFF_RETRY_AFTER = 60
+
+_MESSAGES = {
+    FULL: "All consoles are in use right now.",
+    RATE_LIMITED: "You have started too many consoles.",
+    SWITCHED_OFF: "The console service is paused by its operator.",
+}
+
+
+@frozen
+class AdmissionStatus:
+    """Whether a new console would be admitted now, for one client address."""
+
+    accepting: bool
+    reason: str | None
+    active: int
+    capacity: int
+    retry_after: int | None
+
+    @property
+    def message(self) -> str | None:
+        if self.reason is None:
+            return None
+        text = _MESSAGES[self.reason]
+        if self.retry_after:
+            text += f" Try again in {self.retry_after} seconds."
+        return text
+
+    @property
+    def http_status(self) -> int:
+        """429 when it is this client's doing, 503 when it is the service's."""
+        return 429 if self.reason == RATE_LIMITED else 503
+
+    def to_json(self) -> dict:
+        return {
+            "accepting": self.accepting,
+            "reason": self.reason,
+            "message": self.message,
+            "active": self.active,
+            "capacity": self.capacity,
+            "retry_after": self.retry_after,
+        }
+
+
+class Refused(Exception):
+    """A console was not admitted; ``status`` says why."""
+
+    def __init__(self, status: AdmissionStatus) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+
+@define
+class Slot:
+    """One admitted console; release it when the console is gone."""
+
+    _admission: Admission
+    address: str
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._admission._release(self.address)
+
+
+@define
+class Admission:
+    """Capacity, per-address limits and the kill switch, in memory."""
+
+    _clock: IReactorTime
+    capacity: int
+    per_address: int
+    per_address_per_minute: int
+    switched_off: bool = False
+    reserved: int = 0  # capacity held by pre-started consoles
+    _active: dict[str, int] = field(factory=dict)
+    _starts: dict[str, deque[float]] = field(factory=dict)
+    _total: int = 0
+    _last_sweep: float = 0.0
+
+    @property
+    def active(self) -> int:
+        return self._total
+
+    def _recent_starts(self, address: str, now: float) -> deque[float]:
+        starts = self._starts.get(address)
+        if starts is None:
+            return deque()
+        while starts and starts[0] <= now - WINDOW:
+            starts.popleft()
+        if not starts:
+            del self._starts[address]
+        return starts
+
+    def _sweep(self, now: float) -> None:
+        """Forget addresses whose starts all left the window (bounded memory)."""
+        if now - self._last_sweep < WINDOW:
+            return
+        self._last_sweep = now
+        for address in list(self._starts):
+            self._recent_starts(address, now)
+
+    def status(self, address: str) -> AdmissionStatus:
+        """What ``admit(address)`` would decide now; changes nothing."""
+        now = self._clock.seconds()
+        reason, retry_after = None, None
+        starts = self._recent_starts(address, now)
+        if self.switched_off:
+            reason, retry_after = SWITCHED_OFF, OFF_RETRY_AFTER
+        elif self._total + self.reserved >= self.capacity:
+            reason, retry_after = FULL, FULL_RETRY_AFTER
+        elif self._active.get(address, 0) >= self.per_address:
+            reason, retry_after = RATE_LIMITED, FULL_RETRY_AFTER
+        elif len(starts) >= self.per_address_per_minute:
+            reason = RATE_LIMITED
+            retry_after = max(1, int(starts[0] + WINDOW - now + 0.999))
+        return AdmissionStatus(
+            accepting=reason is None,
+            reason=reason,
+            active=self._total,
+            capacity=self.capacity,
+            retry_after=retry_after,
+        )
+
+    def admit(self, address: str) -> Slot:
+        """Take a console slot for ``address`` or raise Refused."""
+        status = self.status(address)
+        if not status.accepting:
+            raise Refused(status)
+        now = self._clock.seconds()
+        self._sweep(now)
+        self._starts.setdefault(address, deque()).append(now)
+        self._active[address] = self._active.get(address, 0) + 1
+        self._total += 1
+        return Slot(self, address)
+
+    def _release(self, address: str) -> None:
+        self._total -= 1
+        remaining = self._active[address] - 1
+        if remaining:
+            self._active[address] = remaining
+        else:
+            del self._active[address]
+
+
+def derived_capacity(memory_mb: int, meminfo: str) -> int:
+    """80% of the machine's memory divided by the per-console limit (pure)."""
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            total_mb = int(line.split()[1]) // 1024
+            return max(1, int(total_mb * 0.8) // memory_mb)
+    raise ValueError("/proc/meminfo has no MemTotal line")
+
+
+@define
+class KillSwitch:
+    """Watches the kill-switch file and flips admission (and ends consoles).
+
+    While the file exists no console is admitted; if it contains the word
+    ``terminate``, ``end_all`` is called once to end the running consoles.
+    """
+
+    _clock: IReactorTime
+    _admission: Admission
+    path: str
+    _end_all: Callable[[str], None]
+    interval: float = 1.0
+    _read: Callable[[str], str | None] = field(default=None)
+    _terminated: bool = False
+    _loop: LoopingCall | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self._read is None:
+            self._read = _read_switch
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> None:
+        content = self._read(self.path)
+        on = content is not None
+        if on != self._admission.switched_off:
+            log.warn("kill switch {state}: {path}", state="on" if on else "off",
+                     path=self.path)
+        self._admission.switched_off = on
+        terminate = on and "terminate" in content
+        if terminate and not self._terminated:
+            self._end_all("The operator has ended all consoles.")
+        self._terminated = terminate
+
+
+def _read_switch(path: str) -> str | None:
+    """The switch file's first KiB, or None when it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1024).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        # Unreadable counts as on: failing closed is the safe side.
+        log.warn("kill switch {path} unreadable ({error}): treated as on",
+                 path=path, error=e)
+        return ""
