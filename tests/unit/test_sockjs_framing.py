@@ -11,10 +11,13 @@ from shellserver.sockjs.framing import (
     BROKEN_JSON,
     PAYLOAD_EXPECTED,
     BrokenPayload,
+    InvalidCallback,
+    check_callback,
     close_frame,
     decode_payload,
     encode_message,
     encode_raw_message,
+    encode_script_string,
     messages_frame,
 )
 
@@ -170,3 +173,72 @@ class OptionsTests(SynchronousTestCase):
         """
         self.assertRaises(ValueError, SockJSOptions, heartbeat_interval=0)
         self.assertRaises(ValueError, SockJSOptions, max_message_bytes=-1)
+        self.assertRaises(ValueError, SockJSOptions, max_sessions_per_address=0)
+
+    def test_session_limit_default(self) -> None:
+        """
+        One address may hold 50 sessions by default.
+        """
+        self.assertEqual(SockJSOptions().max_sessions_per_address, 50)
+
+
+class ScriptStringTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        """
+        A frame becomes a JSON string literal that decodes to the frame.
+        """
+        frame = close_frame(3000, "Go away!")
+        self.assertEqual(encode_script_string(frame), b'"c[3000,\\"Go away!\\"]"')
+        self.assertEqual(json.loads(encode_script_string(frame)), frame.decode())
+
+    def test_markup_escaped(self) -> None:
+        """
+        "<", ">", "&", U+2028 and U+2029 are written as \\uXXXX, so the
+        literal can neither end a <script> element nor a JavaScript string.
+        """
+        frame = messages_frame([encode_message("</script><!--&\u2028\u2029>")])
+        encoded = encode_script_string(frame)
+        for unsafe in [b"<", b">", b"&", "\u2028".encode(), "\u2029".encode()]:
+            self.assertNotIn(unsafe, encoded)
+        self.assertEqual(json.loads(encoded), frame.decode())
+
+
+class CallbackTests(SynchronousTestCase):
+    def test_valid(self) -> None:
+        """
+        Dotted paths of ASCII identifiers up to 64 bytes are accepted.
+        """
+        for callback in [b"callback", b"_jp.a1b2c3", b"x", b"A_b.C_d.e9", b"x" * 64]:
+            self.assertEqual(check_callback(callback), callback)
+
+    def test_missing(self) -> None:
+        """
+        A missing or empty callback is "callback parameter required".
+        """
+        for callback in [None, b""]:
+            with self.assertRaises(InvalidCallback) as raised:
+                check_callback(callback)
+            self.assertEqual(raised.exception.reason, '"callback" parameter required')
+
+    def test_invalid(self) -> None:
+        """
+        Anything that could do more than name a function is refused.
+        """
+        for callback in [
+            b" ",
+            b"*",
+            b"abc(",
+            b"a-b",
+            b"a[0]",
+            b"1abc",
+            b"a..b",
+            b".a",
+            b"a.",
+            b"a;alert(1)",
+            b"<script>",
+            b"\xc3\xa9",
+            b"x" * 65,
+        ]:
+            with self.assertRaises(InvalidCallback, msg=callback) as raised:
+                check_callback(callback)
+            self.assertEqual(raised.exception.reason, 'invalid "callback" parameter')

@@ -3,7 +3,10 @@ Tests for the HTTP side of shellserver.sockjs: greeting, info, iframe and
 the xhr transports, through a real twisted.web Site over StringTransport.
 """
 
+import base64
+import hashlib
 import json
+from urllib.parse import quote
 
 from attrs import define, field
 from twisted.internet.address import IPv4Address
@@ -17,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from shellserver.sockjs import SockJSConnection, SockJSOptions, SockJSResource
+from shellserver.sockjs.resource import iframe_page_policy
 
 NO_CACHE = "no-store, no-cache, no-transform, must-revalidate, max-age=0"
 
@@ -140,9 +144,10 @@ class HTTPTestsMixin:
         path: str,
         body: bytes = b"",
         headers: dict[str, str] | None = None,
+        peer: str = "10.0.0.7",
     ) -> Exchange:
         transport = NoDelayTransport(
-            peerAddress=IPv4Address("TCP", "10.0.0.7", 54321),
+            peerAddress=IPv4Address("TCP", peer, 54321),
             hostAddress=IPv4Address("TCP", "10.0.0.1", 80),
         )
         channel = self.site.buildProtocol(None)
@@ -153,9 +158,11 @@ class HTTPTestsMixin:
         channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         return Exchange(channel, transport)
 
-    def fetch(self, method: str, path: str, body: bytes = b"", **headers: str) -> Response:
+    def fetch(
+        self, method: str, path: str, body: bytes = b"", peer: str = "10.0.0.7", **headers: str
+    ) -> Response:
         headers = {name.replace("_", "-"): value for name, value in headers.items()}
-        return self.request(method, path, body, headers).response()
+        return self.request(method, path, body, headers, peer=peer).response()
 
 
 class StaticPageTests(HTTPTestsMixin, SynchronousTestCase):
@@ -602,3 +609,352 @@ class WebSocketRequestTests(HTTPTestsMixin, SynchronousTestCase):
         for path in ["/sockjs/0/0/websocket", "/sockjs/websocket"]:
             response = self.fetch("GET", path, upgrade="websocket", connection="Upgrade")
             self.assertEqual(response.status, 404, path)
+
+
+class IframePolicyTests(HTTPTestsMixin, SynchronousTestCase):
+    def test_iframe_policy(self) -> None:
+        """
+        The iframe page allows its own inline script by hash and everything
+        else from its own origin only.
+        """
+        response = self.fetch("GET", "/sockjs/iframe.html")
+        policy = response.header("content-security-policy")
+        start = response.body.index(b"<script>") + len(b"<script>")
+        script = response.body[start : response.body.index(b"</script>", start)]
+        digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+        self.assertEqual(
+            policy,
+            f"default-src 'none'; script-src 'self' 'sha256-{digest}'; connect-src 'self'; "
+            "frame-src 'self'; base-uri 'none'; form-action 'none'",
+        )
+
+    def test_iframe_policy_remote_client(self) -> None:
+        """
+        A client_url on another host adds that origin to script-src.
+        """
+        self.assertIn(
+            " https://cdn.example.com;",
+            iframe_page_policy("https://cdn.example.com/sockjs.min.js"),
+        )
+
+    def test_iframe_policy_unusable_host(self) -> None:
+        """
+        A client_url whose host could not be a CSP source is refused.
+        """
+        self.assertRaises(ValueError, iframe_page_policy, "https://a;script-src */x.js")
+
+
+class EventSourceTests(HTTPTestsMixin, SynchronousTestCase):
+    options = SockJSOptions(response_limit=4096)
+
+    def test_events(self) -> None:
+        """
+        An eventsource response is an uncached text/event-stream: a new
+        line, then one "data:" event per frame.
+        """
+        exchange = self.request("GET", "/sockjs/000/s1/eventsource")
+        self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["  \\u0000\\n\\r "]')
+        response = exchange.response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header("content-type"), "text/event-stream")
+        self.assertEqual(response.header("cache-control"), NO_CACHE)
+        self.assertEqual(response.body, b'\r\ndata: o\r\n\r\ndata: a["  \\u0000\\n\\r "]\r\n\r\n')
+        self.assertFalse(response.complete)
+        self.assertTrue(exchange.transport.no_delay)
+        self.assertEqual(self.handlers[0].connection.transport_name, "eventsource")
+
+    def test_response_limit(self) -> None:
+        """
+        The event stream ends after response_limit bytes; the session lives.
+        """
+        exchange = self.request("GET", "/sockjs/000/s1/eventsource")
+        self.handlers[0].connection.send("x" * 4096)
+        self.assertTrue(exchange.response().complete)
+        self.assertTrue(self.handlers[0].connection.is_open)
+
+    def test_only_get(self) -> None:
+        """
+        eventsource takes GET only and answers no preflight.
+        """
+        for method in ["POST", "OPTIONS"]:
+            response = self.fetch(method, "/sockjs/000/s1/eventsource")
+            self.assertEqual((response.status, response.header("allow")), (405, "GET"))
+
+
+class HtmlFileTests(HTTPTestsMixin, SynchronousTestCase):
+    options = SockJSOptions(response_limit=4096)
+
+    def test_page_and_scripts(self) -> None:
+        """
+        htmlfile answers an uncached HTML page of at least 1 KiB that binds
+        the callback, then one script block per frame.
+        """
+        exchange = self.request("GET", "/sockjs/000/s1/htmlfile?c=%63allback")
+        self.handlers[0].connection.send("x")
+        response = exchange.response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header("content-type"), "text/html; charset=UTF-8")
+        self.assertEqual(response.header("cache-control"), NO_CACHE)
+        head, _, frames = response.body.partition(b"\r\n\r\n")
+        self.assertEqual(len(head), 1024)
+        self.assertIn(b"var c = parent.callback;", head)
+        self.assertEqual(
+            frames,
+            b'<script>\np("o");\n</script>\r\n<script>\np("a[\\"x\\"]");\n</script>\r\n',
+        )
+        self.assertEqual(self.handlers[0].connection.transport_name, "htmlfile")
+
+    def test_message_cannot_end_script(self) -> None:
+        """
+        Markup in a message reaches the page escaped: no "<" of it is ever
+        written inside the script block.
+        """
+        exchange = self.request("GET", "/sockjs/000/s1/htmlfile?c=cb")
+        self.handlers[0].connection.send("</script><script>alert(1)</script><!--&\u2028")
+        frame = exchange.response().body.rpartition(b"<script>\np(")[2]
+        payload = frame.partition(b");\n</script>\r\n")[0]
+        self.assertNotIn(b"<", payload)
+        self.assertNotIn("\u2028".encode(), payload)
+        self.assertEqual(
+            json.loads(json.loads(payload)[1:]),
+            ["</script><script>alert(1)</script><!--&\u2028"],
+        )
+
+    def test_callback_checked(self) -> None:
+        """
+        Without a callback, or with one that is not a dotted identifier
+        path, htmlfile answers 500 and opens no session.
+        """
+        required = self.fetch("GET", "/sockjs/a/a/htmlfile")
+        self.assertEqual(required.status, 500)
+        self.assertEqual(required.body, b'"callback" parameter required')
+        for callback in ["%20", "*", "abc(", "abc%28", "a-b", "1a", "a..b", "x" * 65]:
+            response = self.fetch("GET", f"/sockjs/a/a/htmlfile?c={callback}")
+            self.assertEqual(response.status, 500, callback)
+            self.assertEqual(response.body, b'invalid "callback" parameter')
+        self.assertEqual(self.handlers, [])
+
+    def test_response_limit(self) -> None:
+        """
+        The page ends after response_limit bytes of script blocks.
+        """
+        exchange = self.request("GET", "/sockjs/000/s1/htmlfile?c=cb")
+        self.handlers[0].connection.send("x" * 4096)
+        self.assertTrue(exchange.response().complete)
+
+
+class JsonpTests(HTTPTestsMixin, SynchronousTestCase):
+    def form(self, path: str, body: bytes, **headers: str) -> Response:
+        return self.fetch(
+            "POST", path, body, content_type="application/x-www-form-urlencoded", **headers
+        )
+
+    def test_poll_and_send(self) -> None:
+        """
+        jsonp answers one frame as an uncached call of the callback behind
+        a comment; jsonp_send takes a form's d field and answers "ok".
+        """
+        opened = self.fetch("GET", "/sockjs/000/s1/jsonp?c=%63allback")
+        self.assertEqual((opened.status, opened.body), (200, b'/**/callback("o");\r\n'))
+        self.assertEqual(opened.header("content-type"), "application/javascript; charset=UTF-8")
+        self.assertEqual(opened.header("cache-control"), NO_CACHE)
+        sent = self.form("/sockjs/000/s1/jsonp_send", b"d=%5B%22x%22%5D")
+        self.assertEqual((sent.status, sent.body), (200, b"ok"))
+        self.assertEqual(sent.header("content-type"), "text/plain; charset=UTF-8")
+        self.assertEqual(sent.header("cache-control"), NO_CACHE)
+        polled = self.fetch("GET", "/sockjs/000/s1/jsonp?c=callback")
+        self.assertEqual(polled.body, b'/**/callback("a[\\"x\\"]");\r\n')
+        self.assertEqual(self.handlers[0].connection.transport_name, "jsonp-polling")
+
+    def test_plain_body(self) -> None:
+        """
+        jsonp_send takes a body that is not a form as the payload itself.
+        """
+        self.fetch("GET", "/sockjs/000/s1/jsonp?c=x")
+        sent = self.fetch(
+            "POST", "/sockjs/000/s1/jsonp_send", b'["%61bc"]', content_type="text/plain"
+        )
+        self.assertEqual(sent.body, b"ok")
+        self.assertEqual(self.handlers[0].messages, ["%61bc"])
+
+    def test_send_errors(self) -> None:
+        """
+        Broken JSON and a missing or empty payload are 500 with the
+        protocol's texts; the session stays open.
+        """
+        self.fetch("GET", "/sockjs/000/s1/jsonp?c=x")
+        broken = self.form("/sockjs/000/s1/jsonp_send", b"d=%5B%22x")
+        self.assertEqual((broken.status, broken.body), (500, b"Broken JSON encoding."))
+        for body in [b"", b"d=", b"p=p", b"&".join([b"a=1"] * 20)]:
+            response = self.form("/sockjs/000/s1/jsonp_send", body)
+            self.assertEqual((response.status, response.body), (500, b"Payload expected."))
+        self.assertTrue(self.handlers[0].connection.is_open)
+
+    def test_send_fits_encoded(self) -> None:
+        """
+        The limit applies to the form field once decoded: a payload of
+        max_message_bytes passes though percent-encoding triples it.
+        """
+        limit = self.options.max_message_bytes
+        self.fetch("GET", "/sockjs/000/s1/jsonp?c=x")
+        payload = b'["' + b"<" * (limit - 4) + b'"]'
+        body = b"d=" + quote(payload).encode()
+        self.assertGreater(len(body), 2 * limit)
+        self.assertEqual(self.form("/sockjs/000/s1/jsonp_send", body).body, b"ok")
+        self.assertEqual(self.handlers[0].messages, ["<" * (limit - 4)])
+
+    def test_send_too_big(self) -> None:
+        """
+        A payload over max_message_bytes, as a form field or as a body, is
+        413 and closes the session with 1009.
+        """
+        too_big = b'["' + b"x" * self.options.max_message_bytes + b'"]'
+        self.fetch("GET", "/sockjs/000/s1/jsonp?c=x")
+        self.fetch("GET", "/sockjs/000/s2/jsonp?c=x")
+        form = self.form("/sockjs/000/s1/jsonp_send", b"d=" + too_big)
+        plain = self.fetch("POST", "/sockjs/000/s2/jsonp_send", too_big, content_type="text/plain")
+        self.assertEqual((form.status, plain.status), (413, 413))
+        for session in ["s1", "s2"]:
+            poll = self.fetch("GET", f"/sockjs/000/{session}/jsonp?c=x")
+            self.assertEqual(poll.body, b'/**/x("c[1009,\\"Message too big\\"]");\r\n')
+        self.assertEqual([handler.messages for handler in self.handlers], [[], []])
+
+    def test_callback_checked(self) -> None:
+        """
+        jsonp needs a callback that is a dotted identifier path.
+        """
+        required = self.fetch("GET", "/sockjs/a/a/jsonp")
+        self.assertEqual((required.status, required.body), (500, b'"callback" parameter required'))
+        invalid = self.fetch("GET", "/sockjs/a/a/jsonp?c=abc%28")
+        self.assertEqual((invalid.status, invalid.body), (500, b'invalid "callback" parameter'))
+        valid = self.fetch("GET", "/sockjs/a/a/jsonp?c=_jp.a1b2c3")
+        self.assertEqual(valid.body, b'/**/_jp.a1b2c3("o");\r\n')
+
+    def test_send_unknown_session(self) -> None:
+        """
+        jsonp_send to a session that does not exist is 404.
+        """
+        self.assertEqual(self.form("/sockjs/000/nope/jsonp_send", b"d=%5B%5D").status, 404)
+
+    def test_no_preflight(self) -> None:
+        """
+        The JSONP URLs are not for XMLHttpRequest: no CORS preflight.
+        """
+        self.assertEqual(self.fetch("OPTIONS", "/sockjs/000/s1/jsonp").status, 405)
+        self.assertEqual(self.fetch("OPTIONS", "/sockjs/000/s1/jsonp_send").status, 405)
+
+
+OTHER_PEER = "10.0.0.99"
+
+
+class SessionOwnershipTests(HTTPTestsMixin, SynchronousTestCase):
+    def test_other_address_cannot_read(self) -> None:
+        """
+        Every receiver of a session opened from one address answers 404 to
+        another address and leaves the owner's session alone.
+        """
+        self.fetch("POST", "/sockjs/000/s1/xhr")
+        connection = self.handlers[0].connection
+        connection.send("secret")
+        for method, name in [
+            ("POST", "xhr"),
+            ("POST", "xhr_streaming"),
+            ("GET", "eventsource"),
+            ("GET", "htmlfile?c=cb"),
+            ("GET", "jsonp?c=cb"),
+        ]:
+            response = self.fetch(method, f"/sockjs/000/s1/{name}", peer=OTHER_PEER)
+            self.assertEqual(response.status, 404, name)
+            self.assertNotIn(b"secret", response.body)
+        self.assertEqual(len(self.handlers), 1)
+        self.assertEqual(self.fetch("POST", "/sockjs/000/s1/xhr").body, b'a["secret"]\n')
+
+    def test_other_address_cannot_send(self) -> None:
+        """
+        xhr_send and jsonp_send from another address are 404 and deliver
+        nothing.
+        """
+        self.fetch("POST", "/sockjs/000/s1/xhr")
+        xhr = self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["a"]', peer=OTHER_PEER)
+        jsonp = self.fetch(
+            "POST",
+            "/sockjs/000/s1/jsonp_send",
+            b"d=%5B%22a%22%5D",
+            peer=OTHER_PEER,
+            content_type="application/x-www-form-urlencoded",
+        )
+        self.assertEqual((xhr.status, jsonp.status), (404, 404))
+        self.assertEqual(self.handlers[0].messages, [])
+
+    def test_streaming_owner_keeps_stream(self) -> None:
+        """
+        Another address asking for a streamed session gets 404, not the 2010
+        close frame, and the owner's stream goes on.
+        """
+        exchange = self.request("POST", "/sockjs/000/s1/xhr_streaming")
+        self.assertEqual(self.fetch("POST", "/sockjs/000/s1/xhr", peer=OTHER_PEER).status, 404)
+        self.handlers[0].connection.send("still")
+        self.assertTrue(exchange.response().body.endswith(b'o\na["still"]\n'))
+
+
+class CookieOwnershipTests(HTTPTestsMixin, SynchronousTestCase):
+    options = SockJSOptions(cookie_needed=True)
+
+    def test_cookie_binds_session(self) -> None:
+        """
+        A session opened with a JSESSIONID answers only requests with that
+        cookie.
+        """
+        self.fetch("POST", "/sockjs/000/s1/xhr", cookie="JSESSIONID=mine")
+        other = self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["a"]', cookie="JSESSIONID=x")
+        missing = self.fetch("POST", "/sockjs/000/s1/xhr")
+        mine = self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["b"]', cookie="JSESSIONID=mine")
+        self.assertEqual((other.status, missing.status, mine.status), (404, 404, 204))
+        self.assertEqual(self.handlers[0].messages, ["b"])
+
+    def test_without_cookie_address_only(self) -> None:
+        """
+        A session opened without a cookie (the first request of a visitor)
+        is bound to the address only, so the cookie set in its answer works.
+        """
+        self.fetch("POST", "/sockjs/000/s1/xhr")
+        sent = self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["a"]', cookie="JSESSIONID=dummy")
+        self.assertEqual(sent.status, 204)
+
+
+class SessionLimitTests(HTTPTestsMixin, SynchronousTestCase):
+    options = SockJSOptions(max_sessions_per_address=2)
+
+    def test_refused_beyond_limit(self) -> None:
+        """
+        Beyond max_sessions_per_address a new session is refused with the
+        close frame 1013 in the transport's framing; other addresses and
+        existing sessions are unaffected.
+        """
+        self.fetch("POST", "/sockjs/000/s1/xhr")
+        self.fetch("GET", "/sockjs/000/s2/jsonp?c=cb")
+        refused = {
+            "xhr": self.fetch("POST", "/sockjs/000/s3/xhr").body,
+            "jsonp": self.fetch("GET", "/sockjs/000/s3/jsonp?c=cb").body,
+            "eventsource": self.fetch("GET", "/sockjs/000/s3/eventsource").body,
+        }
+        self.assertEqual(
+            refused,
+            {
+                "xhr": b'c[1013,"Too many sessions from your address"]\n',
+                "jsonp": b'/**/cb("c[1013,\\"Too many sessions from your address\\"]");\r\n',
+                "eventsource": b'\r\ndata: c[1013,"Too many sessions from your address"]\r\n\r\n',
+            },
+        )
+        self.assertEqual(len(self.handlers), 2)
+        self.assertEqual(self.fetch("POST", "/sockjs/000/s3/xhr", peer=OTHER_PEER).body, b"o\n")
+        self.assertEqual(self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["a"]').status, 204)
+
+    def test_room_again_after_expiry(self) -> None:
+        """
+        Sessions stop counting once they are forgotten.
+        """
+        self.fetch("POST", "/sockjs/000/s1/xhr")
+        self.fetch("POST", "/sockjs/000/s2/xhr")
+        self.clock.advance(self.options.disconnect_delay)
+        self.assertEqual(self.fetch("POST", "/sockjs/000/s3/xhr").body, b"o\n")

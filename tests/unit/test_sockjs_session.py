@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 
 from shellserver.sockjs import SockJSConnection, SockJSOptions
 from shellserver.sockjs.framing import encode_message
-from shellserver.sockjs.session import SessionRegistry
+from shellserver.sockjs.session import ForeignSession, SessionRegistry
 
 
 @define
@@ -553,3 +553,74 @@ class BackPressureTests(SessionTestsMixin, SynchronousTestCase):
         connection.send("last")
         connection.close()
         self.assertEqual(receiver.frames, ["o", 'a["last"]', "c[3000,'Go away!']"])
+
+
+class OwnershipTests(SessionTestsMixin, SynchronousTestCase):
+    options = SockJSOptions(max_sessions_per_address=2)
+
+    def test_find_for_owner(self) -> None:
+        """
+        find returns a session to the address that opened it, and None for
+        an unknown id.
+        """
+        connection = self.open()
+        self.assertIs(self.registry.find("s1", peer_host="10.0.0.7", jsessionid=None), connection)
+        self.assertIsNone(self.registry.find("s2", peer_host="10.0.0.7", jsessionid=None))
+
+    def test_find_for_other_address(self) -> None:
+        """
+        find refuses a session to any other address.
+        """
+        self.open()
+        with self.assertRaises(ForeignSession) as raised:
+            self.registry.find("s1", peer_host="10.0.0.8", jsessionid=None)
+        self.assertEqual(
+            (raised.exception.session_id, raised.exception.peer_host), ("s1", "10.0.0.8")
+        )
+
+    def test_find_checks_cookie(self) -> None:
+        """
+        A session opened with a JSESSIONID is found only with that cookie.
+        """
+        self.registry.open(
+            session_id="s1",
+            peer_host="10.0.0.7",
+            origin=None,
+            transport_name="xhr-polling",
+            encode=encode_message,
+            bound=False,
+            jsessionid=b"abc",
+        )
+        for other in [None, b"abd"]:
+            self.assertRaises(
+                ForeignSession, self.registry.find, "s1", peer_host="10.0.0.7", jsessionid=other
+            )
+        self.assertIsNotNone(self.registry.find("s1", peer_host="10.0.0.7", jsessionid=b"abc"))
+
+    def test_room_counts_every_session(self) -> None:
+        """
+        has_room_for counts an address's sessions of every transport,
+        websocket ones included, until they are forgotten.
+        """
+        self.open("s1")
+        websocket = self.open("s2", bound=True)
+        websocket._attach(RecordingReceiver(transport_name="websocket"))
+        self.assertFalse(self.registry.has_room_for("10.0.0.7"))
+        self.assertTrue(self.registry.has_room_for("10.0.0.8"))
+        websocket.close()
+        self.assertTrue(self.registry.has_room_for("10.0.0.7"))
+
+    def test_no_limit_without_address(self) -> None:
+        """
+        Peers without an IP address (UNIX sockets) are not limited.
+        """
+        for session_id in ["a", "b", "c"]:
+            self.registry.open(
+                session_id=session_id,
+                peer_host="",
+                origin=None,
+                transport_name="xhr-polling",
+                encode=encode_message,
+                bound=False,
+            )
+        self.assertTrue(self.registry.has_room_for(""))

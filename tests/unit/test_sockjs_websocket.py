@@ -389,3 +389,37 @@ class RawWebSocketTests(WebSocketTestsMixin, SynchronousTestCase):
         frames = client.received()
         self.assertEqual(frames[0][1][:2], struct.pack("!H", 1003))
         self.assertEqual(self.handlers[0].messages, [])
+
+
+class SessionLimitTests(WebSocketTestsMixin, SynchronousTestCase):
+    options = SockJSOptions(max_sessions_per_address=1)
+
+    def test_framed_refused_beyond_limit(self) -> None:
+        """
+        A framed websocket beyond max_sessions_per_address gets the 1013
+        close frame and a 1013 close, and opens no session; once the first
+        session ends there is room again.
+        """
+        first = self.connect()
+        second = self.connect("/sockjs/000/s2/websocket")
+        reason = b"Too many sessions from your address"
+        self.assertEqual(
+            second.received(),
+            [(TEXT, b'c[1013,"' + reason + b'"]'), (CLOSE, struct.pack("!H", 1013) + reason)],
+        )
+        self.assertEqual(len(self.handlers), 1)
+        first.lose_connection()
+        self.connect("/sockjs/000/s3/websocket")
+        self.assertEqual(len(self.handlers), 2)
+
+    def test_raw_refused_beyond_limit(self) -> None:
+        """
+        The raw websocket beyond the limit is closed with 1013.
+        """
+        self.connect("/sockjs/websocket")
+        refused = self.connect("/sockjs/websocket")
+        self.assertEqual(
+            refused.received(),
+            [(CLOSE, struct.pack("!H", 1013) + b"Too many sessions from your address")],
+        )
+        self.assertEqual(len(self.handlers), 1)
