@@ -264,3 +264,171 @@ def test_cookie_needed(port: int) -> None:
     """cookie_needed_echo sets JSESSIONID on session transports."""
     response, _ = request(port, "POST", session_url("/cookie_needed_echo") + "/xhr")
     assert response.getheader("Set-Cookie") == "JSESSIONID=dummy; Path=/"
+
+
+def test_eventsource(port: int) -> None:
+    """eventsource streams a new line, then one "data:" event per frame."""
+    url = session_url()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        connection.request("GET", url + "/eventsource")
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "text/event-stream"
+        assert read_line(response) == b"\r\n"
+        assert read_line(response) + read_line(response) == b"data: o\r\n\r\n"
+        request(port, "POST", url + "/xhr_send", b'["x"]')
+        assert read_line(response) + read_line(response) == b'data: a["x"]\r\n\r\n'
+    finally:
+        connection.close()
+
+
+def test_htmlfile(port: int) -> None:
+    """htmlfile sends the page binding the callback, then script blocks."""
+    url = session_url()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        connection.request("GET", url + "/htmlfile?c=_jp.abc")
+        response = connection.getresponse()
+        assert response.status == 200
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += read_line(response)
+        assert b"var c = parent._jp.abc;" in head and len(head) > 1024
+        assert read_line(response) == b"<script>\n"
+        assert read_line(response) == b'p("o");\n'
+        assert read_line(response) == b"</script>\r\n"
+        request(port, "POST", url + "/xhr_send", b'["</script>"]')
+        assert read_line(response) == b"<script>\n"
+        assert read_line(response) == b'p("a[\\"\\u003c/script\\u003e\\"]");\n'
+    finally:
+        connection.close()
+
+
+def test_jsonp(port: int) -> None:
+    """jsonp polls with callback calls; jsonp_send takes the form's d field."""
+    url = session_url()
+    response, body = request(port, "GET", url + "/jsonp?c=cb")
+    assert (response.status, body) == (200, b'/**/cb("o");\r\n')
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    response, body = request(port, "POST", url + "/jsonp_send", b"d=%5B%22x%22%5D", form)
+    assert (response.status, body) == (200, b"ok")
+    assert request(port, "GET", url + "/jsonp?c=cb")[1] == b'/**/cb("a[\\"x\\"]");\r\n'
+    response, body = request(port, "GET", url + "/jsonp?c=alert(1)")
+    assert (response.status, body) == (500, b'invalid "callback" parameter')
+
+
+def request_from(
+    source: str, port: int, method: str, path: str, body: bytes = b""
+) -> tuple[http.client.HTTPResponse, bytes]:
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=TIMEOUT, source_address=(source, 0)
+    )
+    try:
+        connection.request(method, path, body=body)
+        response = connection.getresponse()
+        return response, response.read()
+    finally:
+        connection.close()
+
+
+def test_session_readable_only_from_its_address(port: int) -> None:
+    """
+    A session opened from 127.0.0.1 answers another address (127.0.0.2)
+    404 on every transport, receiving and sending, and keeps its output
+    for its owner.
+    """
+    url = session_url()
+    assert request(port, "POST", url + "/xhr")[1] == b"o\n"
+    request(port, "POST", url + "/xhr_send", b'["secret"]')
+    for method, name in [
+        ("POST", "xhr"),
+        ("POST", "xhr_streaming"),
+        ("GET", "eventsource"),
+        ("GET", "htmlfile?c=cb"),
+        ("GET", "jsonp?c=cb"),
+        ("POST", "xhr_send"),
+        ("POST", "jsonp_send"),
+    ]:
+        response, body = request_from("127.0.0.2", port, method, f"{url}/{name}", b'["x"]')
+        assert response.status == 404, name
+        assert b"secret" not in body
+    assert request(port, "POST", url + "/xhr")[1] == b'a["secret"]\n'
+
+
+class PollingConsole:
+    """
+    One console of the real server over xhr polling (TLS), from a chosen
+    client address.
+    """
+
+    def __init__(self, server, url: str) -> None:
+        self.server = server
+        self.url = url
+        self.output = ""
+        self.closed_with = ""
+
+    def post(self, name: str, body: bytes = b"", source: str = "127.0.0.1") -> tuple[int, bytes]:
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1",
+            self.server.port,
+            timeout=30,
+            context=self.server.ssl_context(),
+            source_address=(source, 0),
+        )
+        try:
+            connection.request("POST", f"{self.url}/{name}", body=body)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def send(self, *messages: str) -> None:
+        assert self.post("xhr_send", json.dumps(messages).encode())[0] == 204
+
+    def poll(self) -> None:
+        status, body = self.post("xhr")
+        assert status == 200
+        if body.startswith(b"a"):
+            for message in json.loads(body[1:]):
+                if message.startswith("o"):
+                    self.output += message[1:]
+        elif body.startswith(b"c"):
+            self.closed_with = body.decode()
+
+    def poll_until(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output and not self.closed_with:
+            assert time.monotonic() < deadline, self.output
+            self.poll()
+        assert text in self.output, (self.output, self.closed_with)
+
+    def poll_until_closed(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.closed_with:
+            assert time.monotonic() < deadline, self.output
+            self.poll()
+
+
+def test_console_output_only_for_its_address(server) -> None:
+    """
+    After authentication, a console's output and input are out of reach of
+    another address that knows the session id: both are 404 there, and the
+    owner still gets all of the output.
+    """
+    from console_client import fetch_token
+
+    console = PollingConsole(server, f"/sockjs/000/{uuid.uuid4()}")
+    assert console.post("xhr") == (200, b"o\n")
+    console.send("a" + fetch_token(server), "r80,24")
+    console.poll_until("In [1]:")
+    console.send("iprint('SE' + 'CRET')\r")
+    for name, body in [("xhr", b""), ("xhr_send", b'["iprint(1)\\r"]')]:
+        status, answer = console.post(name, body, source="127.0.0.2")
+        assert status == 404, name
+        assert b"SECRET" not in answer
+    console.poll_until("In [2]:")
+    assert "\nSECRET" in console.output.replace("\r", "")
+    console.send("iexit\r")
+    console.poll_until_closed()
+    assert console.closed_with.startswith("c[3000,"), console.closed_with
