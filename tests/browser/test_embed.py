@@ -158,9 +158,13 @@ def test_buttons_cover_and_restore(page, host, service):
     """Buttons appear above both samples; a click covers the sample with a working
     console; Close restores the sample."""
     url = host.add("/tutorial", host_page(service.base_url), service.base_url)
+    bare = host.add("/bare", "<!doctype html><p>nothing</p>", service.base_url)
+    page.goto(bare)
+    globals_without = set(page.evaluate("Object.keys(window)"))
     page.goto(url)
     buttons = page.get_by_role("button", name=LAUNCH)
     expect(buttons).to_have_count(2, timeout=10_000)
+    assert set(page.evaluate("Object.keys(window)")) == globals_without
     sample = page.locator("#one")
     buttons.first.click()
     frame_element = page.locator("iframe")
@@ -193,6 +197,9 @@ def test_kill_switch(page, host, service):
     """With the kill switch on, a fresh page shows no button and /console/ refuses;
     off again, the buttons come back."""
     url = host.add("/switch", host_page(service.base_url), service.base_url)
+    running = ConsoleClient(service)
+    running.login()
+    assert running.wait_for_prompt(1, timeout=20)
     switch = service.state_dir / "kill-switch"
     switch.write_text("")
     try:
@@ -206,11 +213,30 @@ def test_kill_switch(page, host, service):
         assert response.status == 503
         expect(page.locator("body")).to_contain_text("paused by its operator")
         assert "started as uid" not in service.log().split("kill switch on")[-1]
+        # The console that was already running goes on.
+        assert running.run("print(6*7)", 2).count("42") >= 1
     finally:
         switch.unlink()
+        running.close()
     time.sleep(1.5)
     page.goto(url)
     expect(page.get_by_role("button", name=LAUNCH)).to_have_count(2, timeout=10_000)
+
+
+def test_terminate_ends_running_consoles(host, service):
+    """A kill-switch file saying terminate ends running consoles with a message."""
+    running = ConsoleClient(service)
+    running.login()
+    assert running.wait_for_prompt(1, timeout=20)
+    switch = service.state_dir / "kill-switch"
+    switch.write_text("terminate\n")
+    try:
+        assert running.wait_closed(timeout=10)
+        assert running.last_message("x") == "The operator has ended all consoles."
+    finally:
+        switch.unlink()
+    time.sleep(1.5)
+    assert b'"accepting":true' in service.get("/status").read()
 
 
 def test_other_origin_cannot_frame(page, stranger, service):
