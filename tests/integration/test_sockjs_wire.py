@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import select
 import subprocess
 import sys
@@ -356,6 +357,9 @@ def test_session_readable_only_from_its_address(port: int) -> None:
     assert request(port, "POST", url + "/xhr")[1] == b'a["secret"]\n'
 
 
+ANSI_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 class PollingConsole:
     """
     One console of the real server over xhr polling (TLS), from a chosen
@@ -392,7 +396,8 @@ class PollingConsole:
         if body.startswith(b"a"):
             for message in json.loads(body[1:]):
                 if message.startswith("o"):
-                    self.output += message[1:]
+                    # the text without colours and cursor movements
+                    self.output += ANSI_CONTROL.sub("", message[1:])
         elif body.startswith(b"c"):
             self.closed_with = body.decode()
 
