@@ -4,6 +4,9 @@ The SockJS test server: the services the SockJS protocol test suite
 command line.  Prints "listening PORT" once it accepts connections.
 
     python tests/integration/sockjs_echo_app.py 8081
+
+The suite itself is ported to Python 3 outside this repository and run
+against it as docs/sockjs.md describes ("Conformance").
 """
 
 import sys
