@@ -2,8 +2,11 @@
 A SockJS server (protocol 0.3.3) on twisted.web and autobahn.
 
 Mount a L{SockJSResource} in a twisted.web tree; it calls
-C{open_session(connection)} for every new session, whatever the transport,
-and the application talks to the client through that L{SockJSConnection}.
+C{open_session(connection)} for every new session, whatever the transport
+(websocket framed and raw, xhr polling and streaming, eventsource, htmlfile,
+jsonp), and the application talks to the client through that
+L{SockJSConnection}.  docs/sockjs.md describes the transports, limits and
+safety measures.
 """
 
 from .options import SockJSOptions

@@ -103,6 +103,10 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     def _session_id_from_path(self, path: str) -> str:
         return ""
 
+    def write_close(self, code: int, reason: str) -> None:
+        # each transport closes in its own framing
+        raise NotImplementedError
+
     def onOpen(self) -> None:
         peer = peer_host(self.transport.getPeer())
         if not self._registry.has_room_for(peer):
