@@ -252,7 +252,7 @@ class TLSConfig:
 
 @frozen(kw_only=True)
 class ConsoleConfig:
-    """The ``[console]`` section: time limits, all in seconds."""
+    """The ``[console]`` section: time limits (seconds) and output flow control."""
 
     section: ClassVar[str] = "console"
 
@@ -262,6 +262,14 @@ class ConsoleConfig:
         default=600.0, validator=_seconds(zero_means_never=True)
     )
     max_age: float = field(default=1800.0, validator=_seconds(zero_means_never=True))
+    output_high_water: int = field(default=262144, validator=_integer(minimum=1024))
+    output_low_water: int = field(default=65536, validator=_integer(minimum=0))
+
+    @output_low_water.validator
+    def _check_low_water(self, attribute: attrs.Attribute, value: int) -> None:
+        if value >= self.output_high_water:
+            raise _fail(self, attribute, "must be below console.output_high_water, got "
+                        f"{value} >= {self.output_high_water}")
 
 
 _NOBODY = 65534
@@ -325,6 +333,7 @@ class SandboxConfig:
     max_open_files: int = field(default=256, validator=_integer())
     max_file_mb: int = field(default=32, validator=_integer())
     max_processes: int = field(default=64, validator=_integer())
+    pool_size: int = field(default=2, validator=_integer(minimum=0, maximum=1000))
 
 
 def _check_selector(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 
 from attrs import define, field
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -47,6 +47,47 @@ class ProtocolError(Exception):
     """The client broke the console protocol."""
 
 
+def utf16_units(text: str) -> int:
+    """The length of ``text`` as JavaScript counts it (UTF-16 code units)."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-16-le")) // 2
+
+
+@implementer(IPushProducer)
+@define
+class OutputGate:
+    """Pauses a sandbox's output while any reason to pause holds.
+
+    Two parties may ask: the SockJS connection (its own queue is full) and
+    the console's flow control (the browser has not acknowledged enough).
+    """
+
+    _sandbox: IPushProducer
+    reasons: set[str] = field(factory=set)
+
+    def pause(self, reason: str) -> None:
+        if not self.reasons:
+            self._sandbox.pauseProducing()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self._sandbox.resumeProducing()
+
+    # As the SockJS connection's producer: its reason is "transport".
+    def pauseProducing(self) -> None:
+        self.pause("transport")
+
+    def resumeProducing(self) -> None:
+        self.resume("transport")
+
+    def stopProducing(self) -> None:
+        self._sandbox.stopProducing()
+
+
 def parse_size(payload: str) -> tuple[int, int]:
     """``"120,40"`` -> (120, 40), within sane bounds, or ProtocolError."""
     match = _SIZE.match(payload)
@@ -73,6 +114,8 @@ class ConsoleSettings:
     auth_timeout: float
     idle_timeout: float
     max_age: float
+    output_high_water: int = 262144
+    output_low_water: int = 65536
 
 
 @implementer(IConsoleProcessEvents)
@@ -98,6 +141,11 @@ class ConsoleSession:
     _end_message: str | None = None
     _stopping: bool = False
     _slot: Slot | None = None
+    _gate: OutputGate | None = None
+    # Flow control: output sent and acknowledged, in UTF-16 code units.
+    _sent_units: int = 0
+    _acked_units: int = 0
+    _acks_enabled: bool = False
     user_id: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -149,6 +197,8 @@ class ConsoleSession:
                 self._size = parse_size(payload)
                 if self.sandbox is not None:
                     self.sandbox.resize(*self._size)
+            elif kind == "k":
+                self._acknowledged(payload)
             elif kind == "a":
                 raise ProtocolError("already authenticated")
             else:
@@ -218,7 +268,8 @@ class ConsoleSession:
             self._release()
             return
         # Stop reading the PTY while the client has too much output pending.
-        self._connection.register_producer(self.sandbox)
+        self._gate = OutputGate(self.sandbox)
+        self._connection.register_producer(self._gate)
         self._start_timer("idle", self._settings.idle_timeout, self._idle_timed_out)
         self._start_timer("age", self._settings.max_age, self._max_age_reached)
 
@@ -230,13 +281,36 @@ class ConsoleSession:
             self._connection.send("sready")
         text = self._decoder.decode(data)
         if text and self.state != "ended":
-            self._connection.send("o" + text)
+            self._send_output(text)
+
+    def _send_output(self, text: str) -> None:
+        self._connection.send("o" + text)
+        self._sent_units += utf16_units(text)
+        if (self._acks_enabled and self._gate is not None
+                and self._sent_units - self._acked_units > self._settings.output_high_water):
+            self._gate.pause("client")
+
+    def _acknowledged(self, payload: str) -> None:
+        """``k<n>``: the browser has written ``n`` units of output in all."""
+        if not payload.isdigit() or len(payload) > 15:
+            raise ProtocolError(f"an acknowledgement needs a count, got {payload[:20]!r}")
+        units = int(payload)
+        if not self._acked_units <= units <= self._sent_units:
+            raise ProtocolError(
+                f"acknowledged {units} units, but {self._acked_units} were acknowledged "
+                f"already and {self._sent_units} sent"
+            )
+        self._acked_units = units
+        self._acks_enabled = True
+        if (self._gate is not None
+                and self._sent_units - self._acked_units < self._settings.output_low_water):
+            self._gate.resume("client")
 
     def exited(self, status: int | None, signal: int | None) -> None:
         self._release()
         tail = self._decoder.decode(b"", final=True)
         if tail and self.state != "ended":
-            self._connection.send("o" + tail)
+            self._send_output(tail)
         if self.state == "ended":
             return
         if self._end_message is not None:

@@ -237,6 +237,8 @@ def makeService(options: Options) -> MultiService:
             auth_timeout=config.console.auth_timeout,
             idle_timeout=config.console.idle_timeout,
             max_age=config.console.max_age,
+            output_high_water=config.console.output_high_water,
+            output_low_water=config.console.output_low_water,
         ),
         admission,
         users,

@@ -221,15 +221,87 @@ class ParseSizeTests(SynchronousTestCase):
 
 
 class FlowControlTests(ConsoleTestCase):
-    def test_sandbox_registered_as_producer(self):
-        """The running sandbox is the connection's producer, so the PTY can be paused."""
+    def setUp(self):
+        super().setUp()
+        settings = ConsoleSettings(auth_timeout=5.0, idle_timeout=600.0, max_age=1800.0,
+                                   output_high_water=1000, output_low_water=200)
+        self.factory = ConsoleFactory(self.clock, self.tokens, self.starter, settings)
+
+    def test_transport_backpressure_pauses_the_sandbox(self):
+        """The connection's producer pauses and resumes the sandbox's output."""
         connection, session, sandbox = self.running()
-        self.assertIs(connection.producer, sandbox)
+        connection.producer.pauseProducing()
+        self.assertTrue(sandbox.paused)
+        connection.producer.resumeProducing()
+        self.assertFalse(sandbox.paused)
 
     def test_no_producer_before_start(self):
         """Nothing is registered while the token is awaited."""
         connection, session = self.open()
         self.assertIsNone(connection.producer)
+
+    def test_unacknowledged_output_pauses_above_high_water(self):
+        """Past the high watermark of unacknowledged output the PTY is paused;
+        below the low watermark it is read again."""
+        connection, session, sandbox = self.running()  # 8 units sent: "In [1]: "
+        session.message_received("k0")
+        session.output(b"x" * 992)
+        self.assertFalse(sandbox.paused)  # exactly 1000 unacknowledged
+        session.output(b"y")
+        self.assertTrue(sandbox.paused)
+        session.message_received("k500")
+        self.assertTrue(sandbox.paused)  # 501 still unacknowledged
+        session.message_received("k801")
+        self.assertTrue(sandbox.paused)  # 200: not below the low watermark
+        session.message_received("k802")
+        self.assertFalse(sandbox.paused)
+
+    def test_no_output_lost_while_paused(self):
+        """Output that arrives while paused is still sent, in order."""
+        connection, session, sandbox = self.running()
+        session.message_received("k0")
+        for chunk in (b"a" * 1200, b"b" * 10, b"c" * 10):
+            session.output(chunk)
+        text = "".join(m[1:] for m in connection.sent if m.startswith("o"))
+        self.assertEqual(text, "In [1]: " + "a" * 1200 + "b" * 10 + "c" * 10)
+
+    def test_both_reasons_must_clear(self):
+        """The sandbox resumes only when neither the client nor the transport holds it."""
+        connection, session, sandbox = self.running()
+        session.message_received("k0")
+        session.output(b"x" * 2000)
+        connection.producer.pauseProducing()
+        session.message_received(f"k{2008}")
+        self.assertTrue(sandbox.paused)
+        connection.producer.resumeProducing()
+        self.assertFalse(sandbox.paused)
+
+    def test_without_acks_no_client_pause(self):
+        """A client that never acknowledges is only held back by the transport."""
+        connection, session, sandbox = self.running()
+        session.output(b"x" * 5000)
+        self.assertFalse(sandbox.paused)
+
+    def test_units_are_utf16(self):
+        """Acknowledgements count UTF-16 units, as the browser does."""
+        connection, session, sandbox = self.running()
+        session.output("😀é".encode())
+        session.message_received(f"k{8 + 3}")  # the emoji is 2 units, é is 1
+        self.assertIsNone(connection.close_code)
+        session.message_received(f"k{8 + 4}")
+        self.assertEqual(connection.close_code, CLOSE_PROTOCOL_ERROR)
+
+    def test_bad_acknowledgements(self):
+        """Acknowledging more than was sent, going backwards, or garbage is an error."""
+        for bad in ("k", "k-1", "kabc", "k99999"):
+            connection, session, sandbox = self.running()
+            session.message_received("k4")
+            session.message_received(bad)
+            self.assertEqual(connection.close_code, CLOSE_PROTOCOL_ERROR, bad)
+        connection, session, sandbox = self.running()
+        session.message_received("k5")
+        session.message_received("k4")
+        self.assertEqual(connection.close_code, CLOSE_PROTOCOL_ERROR)
 
 
 class DescribeDurationTests(SynchronousTestCase):

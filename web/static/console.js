@@ -23,6 +23,16 @@
   var statusText = document.getElementById("status-text");
   var newConsoleButton = document.getElementById("new-console");
 
+  // Flow control (docs/protocol.md): tell the server how much output xterm.js
+  // has written, every ACK_UNITS or shortly after it has caught up, so that
+  // the server can stop reading a runaway program instead of flooding us.
+  var ACK_UNITS = 32768;
+  var ACK_IDLE_MS = 40;
+  var receivedUnits = 0;
+  var writtenUnits = 0;
+  var ackedUnits = 0;
+  var ackTimer = null;
+
   var state = "connecting";
   var socket = null;
   var authenticated = false;  // `a` has been sent on the open socket
@@ -157,7 +167,11 @@
     var payload = data.slice(1);
     switch (type) {
       case "o":
-        term.write(payload);
+        receivedUnits += payload.length;
+        term.write(payload, function () {
+          writtenUnits += payload.length;
+          acknowledge();
+        });
         break;
       case "s":
         if (payload === "ready") {
@@ -176,6 +190,25 @@
         // Unknown types are ignored, so that the server can add messages
         // without breaking older pages.
         break;
+    }
+  }
+
+  function sendAck() {
+    if (ackTimer !== null) {
+      clearTimeout(ackTimer);
+      ackTimer = null;
+    }
+    if (authenticated && writtenUnits > ackedUnits) {
+      ackedUnits = writtenUnits;
+      send("k", String(writtenUnits));
+    }
+  }
+
+  function acknowledge() {
+    if (writtenUnits - ackedUnits >= ACK_UNITS) {
+      sendAck();
+    } else if (writtenUnits === receivedUnits && ackTimer === null) {
+      ackTimer = setTimeout(sendAck, ACK_IDLE_MS);
     }
   }
 
@@ -210,6 +243,7 @@
       send("a", token);
       authenticated = true;
       reportSize();
+      send("k", "0");  // this page acknowledges output
     };
     socket.onmessage = onMessage;
     socket.onclose = onClose;
