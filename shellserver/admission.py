@@ -100,7 +100,6 @@ class Admission:
     per_address: int
     per_address_per_minute: int
     switched_off: bool = False
-    reserved: int = 0  # capacity held by pre-started consoles
     _active: dict[str, int] = field(factory=dict)
     _starts: dict[str, deque[float]] = field(factory=dict)
     _total: int = 0
@@ -109,6 +108,11 @@ class Admission:
     @property
     def active(self) -> int:
         return self._total
+
+    def room(self) -> int:
+        """Sandboxes that may exist besides the running consoles (the warm pool's
+        share of the capacity)."""
+        return max(0, self.capacity - self._total)
 
     def _recent_starts(self, address: str, now: float) -> deque[float]:
         starts = self._starts.get(address)
@@ -135,7 +139,7 @@ class Admission:
         starts = self._recent_starts(address, now)
         if self.switched_off:
             reason, retry_after = SWITCHED_OFF, OFF_RETRY_AFTER
-        elif self._total + self.reserved >= self.capacity:
+        elif self._total >= self.capacity:
             reason, retry_after = FULL, FULL_RETRY_AFTER
         elif self._active.get(address, 0) >= self.per_address:
             reason, retry_after = RATE_LIMITED, FULL_RETRY_AFTER

@@ -103,14 +103,17 @@ class SandboxService(Service):
 
     name = "sandboxes"
 
-    def __init__(self, reactor, starter, runtime: str, build: bool) -> None:
+    def __init__(self, reactor, starter, runtime: str, build: bool, pool=None) -> None:
         self._reactor = reactor
         self.starter = starter
         self._runtime = runtime
         self._build = build
+        self.pool = pool
 
     def startService(self) -> None:
         super().startService()
+        if self.pool is not None:
+            self.pool.start_filling()
         if self._build:
             from shellserver.sandbox.runtime import build_runtime
 
@@ -119,7 +122,7 @@ class SandboxService(Service):
             )
             d = build_runtime(self._reactor, self._runtime,
                               self.starter.system_python)
-            d.addCallback(lambda _: self.starter.set_available())
+            d.addCallback(lambda _: self._runtime_ready())
 
             def failed(failure):
                 log.failure("the console runtime could not be built", failure)
@@ -127,10 +130,17 @@ class SandboxService(Service):
 
             d.addErrback(failed)
 
+    def _runtime_ready(self) -> None:
+        self.starter.set_available()
+        if self.pool is not None:
+            self.pool.retry_now()
+
     def stopService(self):
         from shellserver.sandbox.cgroups import remove_parents
 
         super().stopService()
+        if self.pool is not None:
+            self.pool.stop()
         log.info("ending {count} consoles", count=len(self.starter.running))
         d = self.starter.stop_all()
         if self.starter.cgroup_layout is not None:
@@ -172,6 +182,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.auth import SecretFileError, TokenAuthority, load_or_create_secret
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.sandbox.cgroups import prepare_parents, read_layout
+    from shellserver.sandbox.pool import SandboxPool
     from shellserver.sandbox.runtime import check_prebuilt, runtime_is_ready
     from shellserver.sandbox.service import SandboxStarter
     from shellserver.sandbox.spec import SandboxLimits
@@ -229,10 +240,13 @@ def makeService(options: Options) -> MultiService:
         per_address_per_minute=config.admission.per_address_per_minute,
     )
     users = UnregisteredUsers(reactor, config.console.token_ttl)
+    pool = None
+    if config.sandbox.pool_size:
+        pool = SandboxPool(starter, reactor, config.sandbox.pool_size, room=admission.room)
     consoles = ConsoleFactory(
         reactor,
         tokens,
-        starter,
+        pool or starter,
         ConsoleSettings(
             auth_timeout=config.console.auth_timeout,
             idle_timeout=config.console.idle_timeout,
@@ -263,7 +277,7 @@ def makeService(options: Options) -> MultiService:
         listen.append(endpoint_description(DEFAULT_PORT, cert, key))
 
     top = MultiService()
-    SandboxService(reactor, starter, runtime, build).setServiceParent(top)
+    SandboxService(reactor, starter, runtime, build, pool).setServiceParent(top)
     KillSwitchService(switch).setServiceParent(top)
     for index, description in enumerate(listen):
         listener = strports.service(description, site)

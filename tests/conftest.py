@@ -80,8 +80,9 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
 
     ``config``, ``console``, ``admission`` and ``embed`` are TOML lines for
     the [sandbox], [console], [admission] and [embed] sections (the tests'
-    default admission allows many consoles from 127.0.0.1); ``runtime=None``
-    leaves the runtime to the server to build.
+    default admission allows many consoles from 127.0.0.1, and there is no
+    warm pool unless ``config`` sets pool_size); ``runtime=None`` leaves the
+    runtime to the server to build.
     """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
@@ -95,6 +96,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
         f"[console]\n{console}\n"
         f"[admission]\n{admission or GENEROUS_ADMISSION}\n"
         f"[sandbox]\nuid_min = {uid_min}\nuid_max = {uid_max}\n"
+        + ("" if "pool_size" in config else "pool_size = 0\n")
         + (f'runtime = "{runtime}"\n' if runtime else "")
         + config
         + f"\n[embed]\n{embed}\n"

@@ -50,11 +50,14 @@ class CapacityTests(SynchronousTestCase):
         self.admission.admit("192.0.2.4")
         self.assertEqual(self.admission.active, 3)
 
-    def test_reserved_counts_against_capacity(self):
-        """Pre-started consoles held in reserve count against capacity."""
-        self.admission.reserved = 2
-        self.admission.admit(A)
-        self.assertEqual(self.admission.status(B).reason, FULL)
+    def test_room_left_for_a_pool(self):
+        """The room for pre-started sandboxes is what running consoles leave."""
+        self.assertEqual(self.admission.room(), 3)
+        slot = self.admission.admit(A)
+        self.admission.admit(B)
+        self.assertEqual(self.admission.room(), 1)
+        slot.release()
+        self.assertEqual(self.admission.room(), 2)
 
     def test_status_changes_nothing(self):
         """Asking for status neither takes a slot nor counts a start."""
