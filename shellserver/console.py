@@ -39,6 +39,11 @@ CLOSE_PROTOCOL_ERROR = 4003
 CLOSE_NOT_ADMITTED = 4004
 
 DEFAULT_COLS, DEFAULT_ROWS = 80, 24
+# Output read within this window after a send is coalesced into one message
+# (fewer, larger messages under load); output after a quiet spell, such as a
+# keystroke's echo, goes out at once.
+COALESCE_WINDOW = 0.002
+COALESCE_MAX = 65536
 MAX_COLS, MAX_ROWS = 1000, 500
 _SIZE = re.compile(r"\A([0-9]{1,4}),([0-9]{1,4})\Z")
 
@@ -146,6 +151,9 @@ class ConsoleSession:
     _sent_units: int = 0
     _acked_units: int = 0
     _acks_enabled: bool = False
+    _pending: list[str] = field(factory=list)
+    _pending_units: int = 0
+    _last_send: float = float("-inf")
     user_id: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -281,6 +289,26 @@ class ConsoleSession:
             self._connection.send("sready")
         text = self._decoder.decode(data)
         if text and self.state != "ended":
+            self._queue_output(text)
+
+    def _queue_output(self, text: str) -> None:
+        self._pending.append(text)
+        self._pending_units += len(text)
+        if self._pending_units >= COALESCE_MAX:
+            self._flush_output()
+        elif "flush" not in self._timers:
+            if self._clock.seconds() - self._last_send >= COALESCE_WINDOW:
+                self._flush_output()
+            else:
+                self._start_timer("flush", COALESCE_WINDOW, self._flush_output)
+
+    def _flush_output(self) -> None:
+        self._cancel_timer("flush")
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._pending_units = 0
+            self._last_send = self._clock.seconds()
             self._send_output(text)
 
     def _send_output(self, text: str) -> None:
@@ -310,7 +338,7 @@ class ConsoleSession:
         self._release()
         tail = self._decoder.decode(b"", final=True)
         if tail and self.state != "ended":
-            self._send_output(tail)
+            self._queue_output(tail)
         if self.state == "ended":
             return
         if self._end_message is not None:
@@ -339,6 +367,7 @@ class ConsoleSession:
     def _finish(self, code: int, kind: str, message: str) -> None:
         if self.state == "ended":
             return
+        self._flush_output()  # the output before the end goes first
         self.state = "ended"
         for name in list(self._timers):
             self._cancel_timer(name)

@@ -38,6 +38,11 @@ class ConsoleTestCase(SynchronousTestCase):
     def token(self):
         return self.tokens.mint(user_id="u1", origin=ORIGIN)
 
+    def out(self, session, data):
+        """PTY output, then time for it to leave the coalescing window."""
+        session.output(data)
+        self.clock.advance(0.01)
+
     def running(self):
         connection, session = self.open()
         session.message_received("a" + self.token())
@@ -127,8 +132,8 @@ class ShuttleTests(ConsoleTestCase):
         """A character split across two PTY reads arrives whole."""
         connection, session, sandbox = self.running()
         snowman = "☃".encode()
-        session.output(b"a" + snowman[:1])
-        session.output(snowman[1:] + b"b")
+        self.out(session, b"a" + snowman[:1])
+        self.out(session, snowman[1:] + b"b")
         text = "".join(m[1:] for m in connection.sent if m.startswith("o"))
         self.assertTrue(text.endswith("a☃b"), text)
 
@@ -209,6 +214,40 @@ class TimeoutTests(ConsoleTestCase):
         self.assertIn("30 minutes time limit", connection.sent[-1])
 
 
+class CoalescingTests(ConsoleTestCase):
+    def test_output_after_quiet_goes_at_once(self):
+        """Output after a quiet spell (a keystroke's echo) is sent immediately."""
+        connection, session, sandbox = self.running()
+        self.clock.advance(1)
+        session.output(b"x")
+        self.assertEqual(connection.sent[-1], "ox")
+
+    def test_burst_is_one_message(self):
+        """Reads within the window after a send go out together, in order."""
+        connection, session, sandbox = self.running()
+        before = len(connection.sent)
+        for chunk in (b"a", b"b", b"c"):
+            session.output(chunk)
+        self.assertEqual(len(connection.sent), before)
+        self.clock.advance(0.002)
+        self.assertEqual(connection.sent[before:], ["oabc"])
+
+    def test_large_burst_not_held(self):
+        """A window's worth over 64 KiB is sent without waiting for the timer."""
+        connection, session, sandbox = self.running()
+        session.output(b"x" * 40000)
+        session.output(b"y" * 30000)
+        self.assertEqual(connection.sent[-1], "o" + "x" * 40000 + "y" * 30000)
+
+    def test_pending_output_precedes_the_end(self):
+        """Output still in the window is sent before the exit message."""
+        connection, session, sandbox = self.running()
+        session.output(b"bye")
+        sandbox.exit(0)
+        self.assertEqual(connection.sent[-2:], ["obye", "xThe console has exited."])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class ParseSizeTests(SynchronousTestCase):
     def test_valid(self):
         """COLS,ROWS parses into integers."""
@@ -245,9 +284,9 @@ class FlowControlTests(ConsoleTestCase):
         below the low watermark it is read again."""
         connection, session, sandbox = self.running()  # 8 units sent: "In [1]: "
         session.message_received("k0")
-        session.output(b"x" * 992)
+        self.out(session, b"x" * 992)
         self.assertFalse(sandbox.paused)  # exactly 1000 unacknowledged
-        session.output(b"y")
+        self.out(session, b"y")
         self.assertTrue(sandbox.paused)
         session.message_received("k500")
         self.assertTrue(sandbox.paused)  # 501 still unacknowledged
@@ -261,7 +300,7 @@ class FlowControlTests(ConsoleTestCase):
         connection, session, sandbox = self.running()
         session.message_received("k0")
         for chunk in (b"a" * 1200, b"b" * 10, b"c" * 10):
-            session.output(chunk)
+            self.out(session, chunk)
         text = "".join(m[1:] for m in connection.sent if m.startswith("o"))
         self.assertEqual(text, "In [1]: " + "a" * 1200 + "b" * 10 + "c" * 10)
 
@@ -269,7 +308,7 @@ class FlowControlTests(ConsoleTestCase):
         """The sandbox resumes only when neither the client nor the transport holds it."""
         connection, session, sandbox = self.running()
         session.message_received("k0")
-        session.output(b"x" * 2000)
+        self.out(session, b"x" * 2000)
         connection.producer.pauseProducing()
         session.message_received(f"k{2008}")
         self.assertTrue(sandbox.paused)
@@ -279,13 +318,13 @@ class FlowControlTests(ConsoleTestCase):
     def test_without_acks_no_client_pause(self):
         """A client that never acknowledges is only held back by the transport."""
         connection, session, sandbox = self.running()
-        session.output(b"x" * 5000)
+        self.out(session, b"x" * 5000)
         self.assertFalse(sandbox.paused)
 
     def test_units_are_utf16(self):
         """Acknowledgements count UTF-16 units, as the browser does."""
         connection, session, sandbox = self.running()
-        session.output("😀é".encode())
+        self.out(session, "😀é".encode())
         session.message_received(f"k{8 + 3}")  # the emoji is 2 units, é is 1
         self.assertIsNone(connection.close_code)
         session.message_received(f"k{8 + 4}")
