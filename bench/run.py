@@ -106,46 +106,28 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # -- running ---------------------------------------------------------------------
 
 
-async def measure_baseline(wanted: set[str], sizes: Sizes, notes: list[str]) -> dict:
-    target = s.PtyTarget()
-    base: dict = {}
-    try:
-        if "auth" in wanted:
-            log("baseline: spawn-to-prompt")
-            base["auth"] = await s.auth_to_prompt(target, sizes.auth)
-        if "throughput" in wanted:
-            base["throughput"] = await throughput_runs(target, sizes, notes)
-        if "echo" in wanted:
-            log("baseline: echo")
-            base["echo"] = await s.echo(target, sizes.echo)
-        if "neighbour" in wanted:
-            log("baseline: echo while another PTY floods")
-            base["neighbour"] = await s.neighbour_echo_during_flood(target, sizes.echo)
-        if "ctrlc" in wanted:
-            log("baseline: Ctrl-C during a flood")
-            base["ctrlc"] = await s.ctrl_c_during_flood(target, sizes.ctrlc)
-        if "fiveclose" in wanted:
-            base["fiveclose"] = await fiveclose_runs(target, sizes)
-    finally:
-        target.cleanup()
-    return base
-
-
-async def throughput_runs(target: s.Target, sizes: Sizes, notes: list[str]) -> dict:
-    runs = []
+async def throughput_runs(targets: list[s.Target], sizes: Sizes, notes: list[str],
+                          results: dict) -> None:
+    """Runs alternate between the targets, so that drift in the machine's load
+    falls on all of them alike; each target's median run is reported."""
+    runs: dict[str, list[dict]] = {t.name: [] for t in targets}
     for i in range(sizes.throughput_runs):
-        log(f"{target.name}: throughput run {i + 1} ({sizes.megabytes} MB)")
-        runs.append(await s.throughput(target, sizes.megabytes))
-    best = sorted(runs, key=lambda r: r["mb_per_s"])[len(runs) // 2]  # the median run
-    notes.append(f"{target.name} throughput runs (MB/s): "
-                 + ", ".join(f"{r['mb_per_s']:.1f}" for r in runs)
-                 + f"; client CPU {best['client_cpu_ms_per_mb']:.1f} ms/MB"
-                 + ("; server CPU per run (ms/MB): "
-                    + ", ".join(f"{r['server_cpu_ms_per_mb']:.1f}" for r in runs)
-                    if target.server else ""))
-    best["all_ok"] = all(r["error"] is None and r["bytes"] == r["expected"] for r in runs)
-    best["errors"] = [r["error"] for r in runs if r["error"]]
-    return best
+        for target in targets:
+            log(f"{target.name}: throughput run {i + 1} ({sizes.megabytes} MB)")
+            runs[target.name].append(await s.throughput(target, sizes.megabytes))
+    for target in targets:
+        mine = runs[target.name]
+        median = sorted(mine, key=lambda r: r["mb_per_s"])[len(mine) // 2]
+        notes.append(f"{target.name} throughput runs (MB/s): "
+                     + ", ".join(f"{r['mb_per_s']:.1f}" for r in mine)
+                     + f"; client CPU {median['client_cpu_ms_per_mb']:.1f} ms/MB"
+                     + ("; server CPU per run (ms/MB): "
+                        + ", ".join(f"{r['server_cpu_ms_per_mb']:.1f}" for r in mine)
+                        if target.server else ""))
+        median["all_ok"] = all(r["error"] is None and r["bytes"] == r["expected"]
+                               for r in mine)
+        median["errors"] = [r["error"] for r in mine if r["error"]]
+        results[target.name]["throughput"] = median
 
 
 async def fiveclose_runs(target: s.Target, sizes: Sizes) -> dict:
@@ -159,34 +141,43 @@ async def fiveclose_runs(target: s.Target, sizes: Sizes) -> dict:
     return worst
 
 
-async def measure_server(target: s.WireTarget, wanted: set[str], sizes: Sizes,
-                         notes: list[str]) -> dict:
-    got: dict = {}
-    name = target.name
+async def measure(targets: list[s.Target], wanted: set[str], sizes: Sizes,
+                  notes: list[str]) -> dict[str, dict]:
+    """Every scenario on the PTY baseline and on each transport, one after the other."""
+    results: dict[str, dict] = {t.name: {} for t in targets}
+    wire_targets = [t for t in targets if t.server is not None]
     if "auth" in wanted:
-        log(f"{name}: cold auth-to-prompt")
-        got["auth"] = await s.auth_to_prompt(target, sizes.auth)
+        for target in targets:
+            log(f"{target.name}: cold auth-to-prompt")
+            results[target.name]["auth"] = await s.auth_to_prompt(target, sizes.auth)
     if "throughput" in wanted:
-        got["throughput"] = await throughput_runs(target, sizes, notes)
+        await throughput_runs(targets, sizes, notes, results)
     if "echo" in wanted:
-        log(f"{name}: echo")
-        got["echo"] = await s.echo(target, sizes.echo)
-    if "idle" in wanted:
-        log(f"{name}: idle consoles {sizes.idle}")
-        got["idle"] = await s.idle_consoles(target, sizes.idle, sizes.echo,
-                                            lambda m: log(f"{name}: {m}"))
-    if "stalled" in wanted:
-        log(f"{name}: stalled reader ({sizes.stall:.0f} s)")
-        got["stalled"] = await s.stalled_reader(target, sizes.stall)
+        for target in targets:
+            log(f"{target.name}: echo")
+            results[target.name]["echo"] = await s.echo(target, sizes.echo)
     if "neighbour" in wanted:
-        log(f"{name}: echo while another console floods")
-        got["neighbour"] = await s.neighbour_echo_during_flood(target, sizes.echo)
+        for target in targets:
+            log(f"{target.name}: echo while another console floods")
+            results[target.name]["neighbour"] = await s.neighbour_echo_during_flood(
+                target, sizes.echo)
     if "ctrlc" in wanted:
-        log(f"{name}: Ctrl-C during a flood")
-        got["ctrlc"] = await s.ctrl_c_during_flood(target, sizes.ctrlc)
+        for target in targets:
+            log(f"{target.name}: Ctrl-C during a flood")
+            results[target.name]["ctrlc"] = await s.ctrl_c_during_flood(target, sizes.ctrlc)
     if "fiveclose" in wanted:
-        got["fiveclose"] = await fiveclose_runs(target, sizes)
-    return got
+        for target in targets:
+            results[target.name]["fiveclose"] = await fiveclose_runs(target, sizes)
+    if "stalled" in wanted:
+        for target in wire_targets:
+            log(f"{target.name}: stalled reader ({sizes.stall:.0f} s)")
+            results[target.name]["stalled"] = await s.stalled_reader(target, sizes.stall)
+    if "idle" in wanted:
+        for target in wire_targets:
+            log(f"{target.name}: idle consoles {sizes.idle}")
+            results[target.name]["idle"] = await s.idle_consoles(
+                target, sizes.idle, sizes.echo, lambda m, n=target.name: log(f"{n}: {m}"))
+    return results
 
 
 def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str | None,
@@ -285,17 +276,18 @@ async def run(args: argparse.Namespace, sizes: Sizes, tmp: Path, servers: list) 
     transports = {"tcp": ["tcp"], "tls": ["tls"], "both": ["tcp", "tls"]}[args.transport]
     notes: list[str] = []
 
-    base = await measure_baseline(wanted, sizes, notes)
-
-    results = {}
+    results: dict[str, dict] = {}
     if wanted - {"warm"}:
         log("starting the server (pool off)")
         srv = bench_server.start(tmp / "cold", pool=0)
         servers.append(srv)
         notes.append("bench config: " + "; ".join(srv.notes))
-        for name in transports:
-            results[name] = await measure_server(s.WireTarget(srv, name == "tls"), wanted,
-                                                 sizes, notes)
+        baseline = s.PtyTarget()
+        try:
+            targets = [baseline] + [s.WireTarget(srv, name == "tls") for name in transports]
+            results = await measure(targets, wanted, sizes, notes)
+        finally:
+            baseline.cleanup()
         stop_server(srv)
 
     warm: dict[str, dict | str] = {}
@@ -315,8 +307,8 @@ async def run(args: argparse.Namespace, sizes: Sizes, tmp: Path, servers: list) 
 
     table = Table()
     for name in transports:
-        fill_table(table, name, results.get(name, {}), base, warm.get(name), sizes,
-                   wanted, notes)
+        fill_table(table, name, results.get(name, {}), results.get("pty", {}),
+                   warm.get(name), sizes, wanted, notes)
     table.notes = notes
     return table
 

@@ -300,12 +300,28 @@ class _WebSocketProtocol(asyncio.Protocol):
         self.console._ended(f"closed {self.close_code} {self.close_reason}".strip())
 
 
+# Acknowledgements as the terminal page (web/static/console.js) sends them.
+ACK_UNITS = 32768
+ACK_IDLE = 0.040
+
+
+def utf16_units(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
+
+
 class WireConsole(Terminal):
-    """One console over the server's raw SockJS websocket (docs/protocol.md)."""
+    """One console over the server's raw SockJS websocket (docs/protocol.md).
+
+    Like the terminal page, it acknowledges output (`k`) every 32768 units
+    and 40 ms after it has caught up; it "writes" each message at once.
+    """
 
     def __init__(self, host: str, port: int, *, tls: ssl.SSLContext | None,
-                 source: str | None = None, name: str = "wire") -> None:
+                 source: str | None = None, name: str = "wire", acks: bool = True) -> None:
         super().__init__()
+        self.acks = acks
+        self.written_units = self.acked_units = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.host, self.port, self.tls, self.source = host, port, tls, source
         self.name = name
         self.origin = f"{'https' if tls else 'http'}://{host}:{port}"
@@ -343,6 +359,23 @@ class WireConsole(Terminal):
     def authenticate(self, token: str, cols: int = 100, rows: int = 30) -> None:
         self.send("a" + token)
         self.send(f"r{cols},{rows}")
+        if self.acks:
+            self.send("k0")
+
+    def _send_ack(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self.written_units > self.acked_units:
+            self.acked_units = self.written_units
+            self.send(f"k{self.written_units}")
+
+    def _acknowledge(self, text: str) -> None:
+        self.written_units += utf16_units(text)
+        if self.written_units - self.acked_units >= ACK_UNITS:
+            self._send_ack()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_IDLE, self._send_ack)
 
     async def open(self, cols: int = 100, rows: int = 30, timeout: float = 30.0) -> float:
         """Token, connect, authenticate, first prompt: the seconds from `a` to prompt."""
@@ -356,10 +389,13 @@ class WireConsole(Terminal):
     def _message(self, message: str) -> None:
         kind = message[:1]
         if kind == "o":
-            self._output(message[1:])
+            text = message[1:]
+            self._output(text)
+            if self.acks:
+                self._acknowledge(text)
         elif kind == "s":
             self.states.append(message[1:])
-        elif kind in "xe":
+        elif kind in "xen":
             self.ends.append(message)
 
     def send_keys(self, text: str) -> None:
@@ -373,6 +409,8 @@ class WireConsole(Terminal):
 
     def close(self) -> None:
         """Drop the connection at once, as a browser tab that goes away."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         if self.protocol and self.protocol.transport:
             self.protocol.transport.abort()
 
