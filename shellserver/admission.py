@@ -22,6 +22,7 @@ log = Logger()
 FULL = "full"
 RATE_LIMITED = "rate-limited"
 SWITCHED_OFF = "switched-off"
+SHUTTING_DOWN = "shutting-down"
 
 WINDOW = 60.0  # seconds of the per-address start rate
 FULL_RETRY_AFTER = 15  # seconds to suggest when the node is full
@@ -31,6 +32,7 @@ _MESSAGES = {
     FULL: "All consoles are in use right now.",
     RATE_LIMITED: "You have started too many consoles.",
     SWITCHED_OFF: "The console service is paused by its operator.",
+    SHUTTING_DOWN: "The console service is restarting.",
 }
 
 
@@ -100,6 +102,7 @@ class Admission:
     per_address: int
     per_address_per_minute: int
     switched_off: bool = False
+    draining: bool = False  # the server is shutting down
     _active: dict[str, int] = field(factory=dict)
     _starts: dict[str, deque[float]] = field(factory=dict)
     _total: int = 0
@@ -137,7 +140,9 @@ class Admission:
         now = self._clock.seconds()
         reason, retry_after = None, None
         starts = self._recent_starts(address, now)
-        if self.switched_off:
+        if self.draining:
+            reason, retry_after = SHUTTING_DOWN, FULL_RETRY_AFTER
+        elif self.switched_off:
             reason, retry_after = SWITCHED_OFF, OFF_RETRY_AFTER
         elif self._total >= self.capacity:
             reason, retry_after = FULL, FULL_RETRY_AFTER

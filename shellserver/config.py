@@ -262,6 +262,7 @@ class ConsoleConfig:
         default=600.0, validator=_seconds(zero_means_never=True)
     )
     max_age: float = field(default=1800.0, validator=_seconds(zero_means_never=True))
+    shutdown_grace: float = field(default=10.0, validator=_seconds(zero_means_never=True))
     output_high_water: int = field(default=262144, validator=_integer(minimum=1024))
     output_low_water: int = field(default=65536, validator=_integer(minimum=0))
 

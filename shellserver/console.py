@@ -237,6 +237,12 @@ class ConsoleSession:
             on_end, self._on_end = self._on_end, None
             on_end(self)
 
+    def notify(self, message: str) -> None:
+        """A notice for the user; the console goes on."""
+        if self.state != "ended":
+            self._flush_output()
+            self._connection.send("n" + message)
+
     def end(self, message: str) -> None:
         """End this console by the operator's or the server's decision."""
         if self.state != "ended":
@@ -393,6 +399,11 @@ class ConsoleFactory:
                                  self.sessions.discard)
         self.sessions.add(session)
         return session
+
+    def notify_all(self, message: str) -> None:
+        """Tell every running console's user something (they go on)."""
+        for session in list(self.sessions):
+            session.notify(message)
 
     def end_all(self, message: str) -> None:
         """End every console (the kill switch's terminate, a shutdown)."""

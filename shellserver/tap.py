@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 
+from attrs import frozen
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -12,6 +14,8 @@ from twisted.python import usage
 
 import shellserver
 from shellserver.config import Config, ConfigError, load_config, load_config_file
+from shellserver.console import describe_duration
+from shellserver.sandbox.cgroups import CgroupLayout
 
 log = Logger()
 
@@ -20,6 +24,7 @@ DEFAULT_WEB_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(shellserver.__file__))), "web"
 )
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
+FLUSH_DELAY = 0.5  # seconds for the goodbye messages to leave at shutdown
 
 
 class Options(usage.Options):
@@ -61,6 +66,7 @@ class Options(usage.Options):
         self["configuration"] = config
         self._check_listen()
         check_host(config)
+        self["prepared"] = prepare_state(config, need_tls=not self["listen"])
 
     def _check_listen(self) -> None:
         from twisted.internet import endpoints, reactor
@@ -98,17 +104,110 @@ def check_host(config: Config) -> None:
         )
 
 
+@frozen
+class PreparedState:
+    """What start-up made ready in the state directory and the cgroup tree."""
+
+    secret: bytes
+    layout: CgroupLayout
+    sandbox_root: str
+    runtime: str
+    build_runtime: bool
+    tls: tuple[str, str] | None
+    busy_uids: frozenset[int]
+    notices: tuple[str, ...]
+
+
+def instance_name(state_dir: str) -> str:
+    """A cgroup directory name for the server that owns ``state_dir``."""
+    return "i" + hashlib.sha256(os.fsencode(state_dir)).hexdigest()[:12]
+
+
+def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
+    """Make the state directory and the cgroup tree ready, or say clearly why not.
+
+    Also sweeps what a previous run of this server left (it was SIGKILLed):
+    session cgroups are killed and removed, and uids still owning processes
+    are never handed out.
+    """
+    from shellserver.auth import SecretFileError, load_or_create_secret
+    from shellserver.sandbox.cgroups import CgroupError, prepare_parents, read_layout, sweep
+    from shellserver.sandbox.runtime import RuntimeProblem, check_prebuilt, runtime_is_ready
+    from shellserver.sandbox.uids import uids_in_use
+    from shellserver.tls import ensure_self_signed
+
+    state_dir = config.server.state_dir
+    notices = []
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        secret = load_or_create_secret(config.secret_path)
+        sandbox_root = os.path.join(state_dir, "sandbox-root")
+        os.makedirs(sandbox_root, mode=0o755, exist_ok=True)
+        tls = None
+        if need_tls:
+            if config.tls.certificate:
+                tls = (config.tls.certificate, config.tls.private_key)
+            else:
+                tls = ensure_self_signed(config.tls_dir)
+        layout = read_layout().for_instance(instance_name(state_dir))
+        prepare_parents(layout)
+    except SecretFileError as e:
+        raise usage.UsageError(str(e)) from e
+    except CgroupError as e:
+        raise usage.UsageError(f"cgroups: {e}") from e
+    except OSError as e:
+        where = e.filename or state_dir
+        raise usage.UsageError(
+            f"server.state_dir {state_dir}: cannot prepare {where}: {e.strerror or e}"
+        ) from e
+
+    removed, remaining = sweep(layout)
+    if removed:
+        notices.append(f"removed {len(removed)} cgroups a previous run left behind")
+    if remaining:
+        raise usage.UsageError(
+            "cgroups of a previous run cannot be removed (processes in them do not "
+            "die): " + ", ".join(remaining)
+        )
+    busy = frozenset(uids_in_use(config.sandbox.uid_min, config.sandbox.uid_max))
+    if busy:
+        notices.append(f"uids still in use by other processes, never handed out: "
+                       f"{sorted(busy)}")
+
+    if config.sandbox.runtime:
+        runtime, build = config.sandbox.runtime, False
+        try:
+            check_prebuilt(runtime)
+        except (RuntimeProblem, OSError) as e:
+            raise usage.UsageError(str(e)) from e
+    else:
+        runtime = config.runtime_dir
+        build = not runtime_is_ready(runtime)
+    return PreparedState(secret=secret, layout=layout, sandbox_root=sandbox_root,
+                         runtime=runtime, build_runtime=build, tls=tls, busy_uids=busy,
+                         notices=tuple(notices))
+
+
 class SandboxService(Service):
-    """Owns the sandboxes: builds the runtime if needed, ends all at shutdown."""
+    """Owns the sandboxes: builds the runtime if needed, drains at shutdown.
+
+    Shutting down refuses new consoles, tells every user, gives them
+    ``grace`` seconds, then ends the consoles and cleans up after them.
+    """
 
     name = "sandboxes"
 
-    def __init__(self, reactor, starter, runtime: str, build: bool, pool=None) -> None:
+    def __init__(self, reactor, starter, runtime: str, build: bool, *, pool=None,
+                 consoles=None, admission=None, grace: float = 0.0) -> None:
         self._reactor = reactor
         self.starter = starter
         self._runtime = runtime
         self._build = build
         self.pool = pool
+        self._consoles = consoles
+        self._admission = admission
+        self._grace = grace
 
     def startService(self) -> None:
         super().startService()
@@ -136,13 +235,32 @@ class SandboxService(Service):
             self.pool.retry_now()
 
     def stopService(self):
+        from twisted.internet.task import deferLater
+
         from shellserver.sandbox.cgroups import remove_parents
 
         super().stopService()
+        if self._admission is not None:
+            self._admission.draining = True
         if self.pool is not None:
             self.pool.stop()
-        log.info("ending {count} consoles", count=len(self.starter.running))
-        d = self.starter.stop_all()
+        grace = 0.0
+        if self._consoles is not None and self._consoles.sessions and self._grace > 0:
+            grace = self._grace
+            self._consoles.notify_all(
+                "The server is shutting down: this console ends in "
+                f"{describe_duration(grace)}. Save anything you need now."
+            )
+        log.info("draining {count} consoles for {grace}s", count=len(self.starter.running),
+                 grace=grace)
+        d = deferLater(self._reactor, grace, lambda: None)
+        if self._consoles is not None:
+            d.addCallback(lambda _: self._consoles.end_all("The server has shut down."))
+        d.addCallback(lambda _: self.starter.stop_all())
+        if grace:
+            # The reactor stops right after this; give the last messages and
+            # close frames a moment to leave.
+            d.addCallback(lambda _: deferLater(self._reactor, FLUSH_DELAY, lambda: None))
         if self.starter.cgroup_layout is not None:
             d.addCallback(lambda _: remove_parents(self.starter.cgroup_layout))
         return d
@@ -179,58 +297,38 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from shellserver.admission import Admission, KillSwitch
-    from shellserver.auth import SecretFileError, TokenAuthority, load_or_create_secret
+    from shellserver.auth import TokenAuthority
     from shellserver.console import ConsoleFactory, ConsoleSettings
-    from shellserver.sandbox.cgroups import prepare_parents, read_layout
     from shellserver.sandbox.pool import SandboxPool
-    from shellserver.sandbox.runtime import check_prebuilt, runtime_is_ready
     from shellserver.sandbox.service import SandboxStarter
     from shellserver.sandbox.spec import SandboxLimits
     from shellserver.sandbox.uids import UidPool
     from shellserver.sockjs import SockJSOptions, SockJSResource
-    from shellserver.tls import endpoint_description, ensure_self_signed
+    from shellserver.tls import endpoint_description
     from shellserver.users import UnregisteredUsers
     from shellserver.web import ShellSite, build_resource
 
     config: Config = options["configuration"]
-    state_dir = config.server.state_dir
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    os.chmod(state_dir, 0o700)
-
-    try:
-        secret = load_or_create_secret(os.path.join(state_dir, "secret"))
-    except SecretFileError as e:
-        raise usage.UsageError(str(e)) from e
+    prepared: PreparedState = options["prepared"]
+    for notice in prepared.notices:
+        log.warn("start-up: {notice}", notice=notice)
     tokens = TokenAuthority(
-        secret,
+        prepared.secret,
         node=config.server.node or socket.gethostname(),
         clock=reactor,
         ttl=config.console.token_ttl,
     )
-
-    layout = read_layout()
-    prepare_parents(layout)
-    sandbox_root = os.path.join(state_dir, "sandbox-root")
-    os.makedirs(sandbox_root, mode=0o755, exist_ok=True)
-
-    if config.sandbox.runtime:
-        runtime = config.sandbox.runtime
-        try:
-            check_prebuilt(runtime)
-        except Exception as e:
-            raise usage.UsageError(str(e)) from e
-        build = False
-    else:
-        runtime = os.path.join(state_dir, "runtime")
-        build = not runtime_is_ready(runtime)
+    uids = UidPool(config.sandbox.uid_min, config.sandbox.uid_max)
+    uids.exclude(prepared.busy_uids)
+    runtime, build = prepared.runtime, prepared.build_runtime
 
     starter = SandboxStarter(
         reactor=reactor,
         limits=SandboxLimits.from_config(config.sandbox),
         runtime=runtime,
-        root=sandbox_root,
-        cgroup_layout=layout,
-        uids=UidPool(config.sandbox.uid_min, config.sandbox.uid_max),
+        root=prepared.sandbox_root,
+        cgroup_layout=prepared.layout,
+        uids=uids,
         system_python=config.sandbox.system_python,
     )
     admission = Admission(
@@ -270,14 +368,13 @@ def makeService(options: Options) -> MultiService:
 
     listen = list(options["listen"])
     if not listen:
-        if config.tls.certificate:
-            cert, key = config.tls.certificate, config.tls.private_key
-        else:
-            cert, key = ensure_self_signed(os.path.join(state_dir, "tls"))
+        cert, key = prepared.tls
         listen.append(endpoint_description(DEFAULT_PORT, cert, key))
 
     top = MultiService()
-    SandboxService(reactor, starter, runtime, build, pool).setServiceParent(top)
+    SandboxService(reactor, starter, runtime, build, pool=pool, consoles=consoles,
+                   admission=admission, grace=config.console.shutdown_grace,
+                   ).setServiceParent(top)
     KillSwitchService(switch).setServiceParent(top)
     for index, description in enumerate(listen):
         listener = strports.service(description, site)

@@ -87,21 +87,24 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     from shellserver.tls import endpoint_description, ensure_self_signed
 
     state = tmp / "state"
-    state.mkdir(mode=0o700)
+    state.mkdir(mode=0o700, exist_ok=True)  # a restart reuses it
     cert, key = ensure_self_signed(str(tmp / "tls"))
     port = free_port()
     config_path = tmp / "shellserver.toml"
-    config_path.write_text(
-        f'[server]\nstate_dir = "{state}"\n'
-        f"[console]\n{console}\n"
-        f"[admission]\n{admission or GENEROUS_ADMISSION}\n"
-        f"[sandbox]\nuid_min = {uid_min}\nuid_max = {uid_max}\n"
-        + ("" if "pool_size" in config else "pool_size = 0\n")
-        + (f'runtime = "{runtime}"\n' if runtime else "")
-        + config
-        + f"\n[embed]\n{embed}\n"
-    )
+    config_path.write_text("\n".join([
+        f'[server]\nstate_dir = "{state}"',
+        f"[console]\n{console}",
+        "" if "shutdown_grace" in console else "shutdown_grace = 0",
+        f"[admission]\n{admission or GENEROUS_ADMISSION}",
+        f"[sandbox]\nuid_min = {uid_min}\nuid_max = {uid_max}",
+        "" if "pool_size" in config else "pool_size = 0",
+        f'runtime = "{runtime}"' if runtime else "",
+        config,
+        f"[embed]\n{embed}",
+    ]) + "\n")
     log_path = tmp / "twistd.log"
+    if log_path.exists():  # a restart: keep the previous run's log apart
+        log_path.rename(tmp / f"twistd.{time.time_ns()}.log")
     listen = endpoint_description(port, cert, key, interface="127.0.0.1")
     process = subprocess.Popen(
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
@@ -158,10 +161,11 @@ def processes_of_uids(first: int, last: int) -> list[int]:
 def session_cgroups(server: RunningServer) -> list[str]:
     """The cgroup directories of the sessions this server started."""
     from shellserver.sandbox.cgroups import read_layout
+    from shellserver.tap import instance_name
 
     sessions = set(re.findall(r"console (s[0-9a-f]+) started", server.log()))
     found = []
-    for parent in read_layout().parents():
+    for parent in read_layout().for_instance(instance_name(str(server.state_dir))).parents():
         found += [os.path.join(parent, s) for s in sessions
                   if os.path.isdir(os.path.join(parent, s))]
     return found

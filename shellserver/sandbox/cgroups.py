@@ -52,6 +52,15 @@ class CgroupLayout:
     unified: str
     v2_controllers: bool
 
+    def for_instance(self, name: str) -> CgroupLayout:
+        """The layout one server uses: its own directory under each parent, so
+        servers sharing a host (and their start-up sweeps) never meet."""
+        def sub(path: str | None) -> str | None:
+            return None if path is None else os.path.join(path, name)
+
+        return CgroupLayout(memory=sub(self.memory), pids=sub(self.pids), cpu=sub(self.cpu),
+                            unified=sub(self.unified), v2_controllers=self.v2_controllers)
+
     def parents(self) -> tuple[str, ...]:
         return tuple(
             p for p in (self.memory, self.pids, self.cpu, self.unified) if p
@@ -172,27 +181,68 @@ def read_layout() -> CgroupLayout:
 
 
 def prepare_parents(layout: CgroupLayout) -> None:
-    """Create the ``shellserver`` parents (start-up only), enabling v2 controllers."""
+    """Create the parents (start-up only), enabling v2 controllers."""
     for path in layout.parents():
         os.makedirs(path, exist_ok=True)
     if layout.v2_controllers:
-        control = os.path.join(layout.unified, "cgroup.subtree_control")
-        with open(control, "w") as f:
-            f.write("+memory +pids +cpu")
+        for path in (os.path.dirname(layout.unified), layout.unified):
+            with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory +pids +cpu")
+
+
+def sweep(layout: CgroupLayout, timeout: float = 10.0) -> tuple[list[str], list[str]]:
+    """Kill and remove session cgroups a previous run left (start-up only).
+
+    After a SIGKILLed server its launchers normally clean up by themselves
+    (the PTY hangs up); whatever is left is killed here, before anything
+    else starts. Returns (removed, still present).
+    """
+    import time
+
+    leftovers = []
+    for parent in layout.parents():
+        if os.path.isdir(parent):
+            leftovers += [os.path.join(parent, d) for d in os.listdir(parent)
+                          if os.path.isdir(os.path.join(parent, d))]
+    for path in leftovers:
+        kill = os.path.join(path, "cgroup.kill")
+        if os.path.exists(kill):
+            try:
+                _write(kill, "1")
+            except OSError as e:
+                log.warn("cgroup.kill on {path} failed: {error}", path=path, error=e)
+    remaining = list(leftovers)
+    deadline = time.monotonic() + timeout
+    while remaining and time.monotonic() < deadline:
+        for path in list(remaining):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                remaining.remove(path)
+            except OSError:
+                continue
+            else:
+                remaining.remove(path)
+        if remaining:
+            time.sleep(0.01)
+    removed = [p for p in leftovers if p not in remaining]
+    return removed, remaining
 
 
 def remove_parents(layout: CgroupLayout) -> None:
-    """Remove the ``shellserver`` parents at shutdown if no session remains.
+    """Remove this server's parents, and the shared ``shellserver`` ones if
+    empty, at shutdown.
 
     rmdir fails on a parent that still has children (another server on the
     same host, or a session that could not be killed): those stay.
     """
     for path in layout.parents():
-        try:
-            os.rmdir(path)
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
-                log.warn("could not remove {path}: {error}", path=path, error=e)
+        for directory in (path, os.path.dirname(path)):
+            try:
+                os.rmdir(directory)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                    log.warn("could not remove {path}: {error}", path=directory, error=e)
 
 
 def _write(path: str, text: str) -> None:

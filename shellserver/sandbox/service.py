@@ -171,11 +171,13 @@ class RunningSandbox:
             status, signal = value.exitCode, value.signal
         log.info("console {session} (uid {uid}) ended: status {status}, signal {signal}",
                  session=self.session, uid=self.uid, status=status, signal=signal)
-        self._starter.sandbox_ended(self)
+        # The console hears first; the cleanup may complete synchronously and
+        # let a shutting-down reactor go on to close every connection.
         try:
             self.events.exited(status, signal)
         except Exception:
             log.failure("console {session} exit handling failed", session=self.session)
+        self._starter.sandbox_ended(self)
 
 
 @implementer(ISandboxStarter)

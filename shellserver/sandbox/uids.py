@@ -8,6 +8,7 @@ the least recently used uid is handed out first.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 from attrs import define, field
@@ -47,6 +48,12 @@ class UidPool:
         self._used.remove(uid)
         self._free.append(uid)
 
+    def exclude(self, uids) -> None:
+        """Never hand out these uids (processes of a previous run still use them)."""
+        for uid in uids:
+            if uid in self._free:
+                self._free.remove(uid)
+
     def quarantine(self, uid: int) -> None:
         """Keep a uid out of circulation (its processes could not be killed)."""
         self._used.discard(uid)
@@ -58,3 +65,17 @@ class UidPool:
     @property
     def available(self) -> int:
         return len(self._free)
+
+
+def uids_in_use(first: int, last: int, proc: str = "/proc") -> set[int]:
+    """The uids in [first, last] that own a running process (start-up only)."""
+    found = set()
+    for entry in os.listdir(proc):
+        if entry.isdigit():
+            try:
+                uid = os.stat(os.path.join(proc, entry)).st_uid
+            except FileNotFoundError:
+                continue
+            if first <= uid <= last:
+                found.add(uid)
+    return found

@@ -22,7 +22,10 @@ LAYOUT = CgroupLayout(memory=None, pids=None, cpu=None, unified="/cg/shellserver
 class OptionsTestCase(SynchronousTestCase):
     def setUp(self):
         self.checked = []
+        self.prepared = []
         self.patch(tap, "check_host", self.checked.append)
+        self.patch(tap, "prepare_state",
+                   lambda config, need_tls: self.prepared.append((config, need_tls)))
 
     def parse(self, *argv):
         options = Options()
@@ -107,6 +110,24 @@ class OptionsTests(OptionsTestCase):
         expected = os.path.abspath("relative/state")
         self.assertEqual(options["state-dir"], expected)
         self.assertEqual(options["configuration"].server.state_dir, expected)
+
+
+class PrepareTests(OptionsTestCase):
+    def test_prepared_after_checks(self):
+        """Options prepare the state directory, with TLS only when nothing is listed."""
+        self.parse()
+        self.parse("--listen", "tcp:8080")
+        self.assertEqual([need for _, need in self.prepared], [True, False])
+        self.assertEqual(len(self.checked), 2)
+
+
+class InstanceNameTests(SynchronousTestCase):
+    def test_per_state_dir(self):
+        """Each state directory gets its own stable cgroup directory name."""
+        a = tap.instance_name("/var/lib/shellserver")
+        self.assertEqual(a, tap.instance_name("/var/lib/shellserver"))
+        self.assertNotEqual(a, tap.instance_name("/srv/other"))
+        self.assertRegex(a, r"^i[0-9a-f]{12}$")
 
 
 class CheckHostTests(SynchronousTestCase):

@@ -180,6 +180,9 @@
           statusText.textContent = STATUS_TEXT[payload] || payload;
         }
         break;
+      case "n":
+        statusText.textContent = payload;
+        break;
       case "x":
         finish("ended", payload);
         break;
