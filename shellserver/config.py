@@ -335,6 +335,15 @@ class SandboxConfig:
     max_file_mb: int = field(default=32, validator=_integer())
     max_processes: int = field(default=64, validator=_integer())
     pool_size: int = field(default=2, validator=_integer(minimum=0, maximum=1000))
+    cpu_budget: float = field(default=300.0, validator=_seconds(zero_means_never=True))
+    tarpit_quota: float = field(default=0.05)
+    tarpit_seconds: float = field(default=60.0, validator=_seconds(zero_means_never=True))
+
+    @tarpit_quota.validator
+    def _check_tarpit_quota(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not _is_number(value) or not 0.01 <= value <= 1:
+            raise _fail(self, attribute,
+                        f"must be a fraction of one CPU from 0.01 to 1, got {_describe(value)}")
 
 
 def _check_selector(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

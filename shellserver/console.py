@@ -237,8 +237,12 @@ class ConsoleSession:
             on_end, self._on_end = self._on_end, None
             on_end(self)
 
-    def notify(self, message: str) -> None:
-        """A notice for the user; the console goes on."""
+    def ending(self, message: str) -> None:
+        """The server ends this console (a limit); IConsoleProcessEvents."""
+        self.end(message)
+
+    def notice(self, message: str) -> None:
+        """A notice for the user; the console goes on (IConsoleProcessEvents)."""
         if self.state != "ended":
             self._flush_output()
             self._connection.send("n" + message)
@@ -403,7 +407,7 @@ class ConsoleFactory:
     def notify_all(self, message: str) -> None:
         """Tell every running console's user something (they go on)."""
         for session in list(self.sessions):
-            session.notify(message)
+            session.notice(message)
 
     def end_all(self, message: str) -> None:
         """End every console (the kill switch's terminate, a shutdown)."""

@@ -199,7 +199,7 @@ class SandboxService(Service):
     name = "sandboxes"
 
     def __init__(self, reactor, starter, runtime: str, build: bool, *, pool=None,
-                 consoles=None, admission=None, grace: float = 0.0) -> None:
+                 consoles=None, admission=None, grace: float = 0.0, budget=None) -> None:
         self._reactor = reactor
         self.starter = starter
         self._runtime = runtime
@@ -208,9 +208,12 @@ class SandboxService(Service):
         self._consoles = consoles
         self._admission = admission
         self._grace = grace
+        self._budget = budget
 
     def startService(self) -> None:
         super().startService()
+        if self._budget is not None:
+            self._budget.start()
         if self.pool is not None:
             self.pool.start_filling()
         if self._build:
@@ -240,6 +243,8 @@ class SandboxService(Service):
         from shellserver.sandbox.cgroups import remove_parents
 
         super().stopService()
+        if self._budget is not None:
+            self._budget.stop()
         if self._admission is not None:
             self._admission.draining = True
         if self.pool is not None:
@@ -299,6 +304,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.admission import Admission, KillSwitch
     from shellserver.auth import TokenAuthority
     from shellserver.console import ConsoleFactory, ConsoleSettings
+    from shellserver.sandbox.budget import CpuBudgetWatcher
     from shellserver.sandbox.pool import SandboxPool
     from shellserver.sandbox.service import SandboxStarter
     from shellserver.sandbox.spec import SandboxLimits
@@ -372,8 +378,13 @@ def makeService(options: Options) -> MultiService:
         listen.append(endpoint_description(DEFAULT_PORT, cert, key))
 
     top = MultiService()
+    budget = CpuBudgetWatcher(
+        reactor, lambda: list(starter.running.values()), budget=config.sandbox.cpu_budget,
+        tarpit_quota=config.sandbox.tarpit_quota, grace=config.sandbox.tarpit_seconds,
+        interval=min(2.0, max(0.25, config.sandbox.cpu_budget / 4)),
+    )
     SandboxService(reactor, starter, runtime, build, pool=pool, consoles=consoles,
-                   admission=admission, grace=config.console.shutdown_grace,
+                   admission=admission, grace=config.console.shutdown_grace, budget=budget,
                    ).setServiceParent(top)
     KillSwitchService(switch).setServiceParent(top)
     for index, description in enumerate(listen):

@@ -65,6 +65,16 @@ class WaitingSandbox:
         else:
             self._pool.died(self, status, signal)
 
+    def notice(self, message: str) -> None:
+        if self._events is not None:
+            self._events.notice(message)
+
+    def ending(self, message: str) -> None:
+        if self._events is not None:
+            self._events.ending(message)
+        else:
+            self._pool.discard(self)
+
     def hand_over(self, events: IConsoleProcessEvents, cols: int, rows: int) -> ISandbox:
         """Make ``events`` the console's owner: resize, then replay the wait."""
         self._events = events

@@ -49,6 +49,12 @@ class IConsoleProcessEvents(Interface):
     def exited(status: int | None, signal: int | None) -> None:
         """The sandbox ended; ``status`` 111 means it could not be built."""
 
+    def notice(message: str) -> None:
+        """Something the user should know (a limit was reached); it goes on."""
+
+    def ending(message: str) -> None:
+        """The server is ending this console for ``message``'s reason."""
+
 
 class ISandbox(IPushProducer):
     """A running sandbox, as its console sees it.
