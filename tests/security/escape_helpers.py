@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import base64
 import os
+import re
 import sys
 import textwrap
 import time
@@ -147,8 +148,9 @@ def escaped_processes(uid_min: int, uid_max: int) -> list[str]:
             path = cgroup_of(pid, controller)
             if path is None:
                 continue  # it ended meanwhile
+            # .../shellserver/[instance/]s<session>
             parts = path.rstrip("/").split("/")
-            if len(parts) < 2 or parts[-2] != "shellserver" or not parts[-1].startswith("s"):
+            if "shellserver" not in parts[:-1] or not re.fullmatch(r"s[0-9a-f]+", parts[-1]):
                 found.append(f"pid {pid} in {controller or 'cgroup2'} {path}")
     return found
 
