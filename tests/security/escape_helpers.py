@@ -155,6 +155,27 @@ def escaped_processes(uid_min: int, uid_max: int) -> list[str]:
     return found
 
 
+def server_leftovers(server) -> list[str]:
+    """conftest's sandbox_leftovers, less other servers' live sandboxes.
+
+    Concurrent runs of this suite use the same uid range; a process inside
+    another server's session cgroup is theirs. A process of the range outside
+    any session cgroup still counts.
+    """
+    from conftest import sandbox_leftovers
+
+    ours = set(re.findall(r"console (s[0-9a-f]+) started", server.log()))
+    problems = []
+    for item in sandbox_leftovers(server):
+        if item.startswith("process "):
+            path = cgroup_of(int(item.split()[1]), "pids") or ""
+            session = path.rstrip("/").rsplit("/", 1)[-1]
+            if re.fullmatch(r"s[0-9a-f]+", session) and session not in ours:
+                continue
+        problems.append(item)
+    return problems
+
+
 def cgroup_dir(pid: int, controller: str) -> str | None:
     """The directory of the pid's cgroup in the v1 hierarchy of ``controller``."""
     path = cgroup_of(pid, controller)

@@ -22,13 +22,14 @@ import textwrap
 import time
 
 import pytest
-from conftest import sandbox_leftovers, start_server
+from conftest import start_server
 from escape_helpers import (
     Sandbox,
     cgroup_dir,
     escaped_processes,
     file_state,
     pids_of_uid,
+    server_leftovers,
     wait_until,
 )
 
@@ -56,8 +57,8 @@ def hostile_server(tmp_path_factory):
                        uid_max=UID_MAX)
     yield srv
     srv.stop()
-    assert wait_until(lambda: sandbox_leftovers(srv) == [], timeout=20), \
-        sandbox_leftovers(srv)
+    assert wait_until(lambda: server_leftovers(srv) == [], timeout=20), \
+        server_leftovers(srv)
 
 
 @pytest.fixture(scope="module")
