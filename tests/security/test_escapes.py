@@ -114,12 +114,14 @@ def process_status(pid) -> dict[str, str]:
     return fields
 
 
-PRIVILEGE_FIELDS = ("Seccomp", "NoNewPrivs", "CapEff", "CapPrm", "CapInh", "CapAmb", "Uid")
+PRIVILEGE_FIELDS = ("Seccomp", "NoNewPrivs", "CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd",
+                    "Uid")
 
 
 def test_filter_and_privileges_in_place(console):
-    """The console and its init run under seccomp (mode 2), with no_new_privs
-    and no capabilities; init is hidden from the console (hidepid=2)."""
+    """The console and its init run under seccomp (mode 2), with no_new_privs,
+    no capabilities and an empty bounding set; init is hidden from the console
+    (hidepid=2)."""
     result = console.run(f"""
         fields = {{}}
         for line in open("/proc/self/status"):
@@ -137,7 +139,7 @@ def test_filter_and_privileges_in_place(console):
     for fields in (console_fields, init_fields):
         assert fields["Seccomp"] == "2", fields
         assert fields["NoNewPrivs"] == "1", fields
-        for caps in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
+        for caps in ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"):
             assert int(fields[caps], 16) == 0, fields
         assert set(fields["Uid"].split()) == {str(console.uid)}
 
