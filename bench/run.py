@@ -147,9 +147,13 @@ async def measure(targets: list[s.Target], wanted: set[str], sizes: Sizes,
     results: dict[str, dict] = {t.name: {} for t in targets}
     wire_targets = [t for t in targets if t.server is not None]
     if "auth" in wanted:
+        log("cold auth-to-prompt, the targets in turn")
+        samples: dict[str, list[float]] = {t.name: [] for t in targets}
+        for _ in range(sizes.auth):
+            for target in targets:
+                samples[target.name] += (await s.auth_to_prompt(target, 1))["seconds"]
         for target in targets:
-            log(f"{target.name}: cold auth-to-prompt")
-            results[target.name]["auth"] = await s.auth_to_prompt(target, sizes.auth)
+            results[target.name]["auth"] = s.summary(samples[target.name])
     if "throughput" in wanted:
         await throughput_runs(targets, sizes, notes, results)
     if "echo" in wanted:
@@ -342,6 +346,7 @@ def main() -> int:
         return 2
 
     sizes = Sizes(args.quick)
+    load_before = f"{os.getloadavg()[0]:.1f}"
     tmp = Path(tempfile.mkdtemp(prefix="shellserver-bench-"))
     servers: list = []
     started = time.monotonic()
@@ -363,7 +368,8 @@ def main() -> int:
     if table is not None:
         passed, judged = table.verdicts()
         print(f"shellserver bench ({'quick' if args.quick else 'full'} run, "
-              f"{os.cpu_count()} CPUs, {platform.python_version()}, "
+              f"{os.cpu_count()} CPUs, load average {load_before} before, "
+              f"{os.getloadavg()[0]:.1f} after, Python {platform.python_version()}, "
               f"{time.strftime('%Y-%m-%d %H:%M')}); baseline: the same IPython on a local "
               "PTY, read by the same client")
         print()

@@ -263,6 +263,11 @@ async def echo(target: Target, count: int) -> dict:
             "max": max(samples), "n": len(samples)}
 
 
+def summary(seconds: list[float]) -> dict:
+    return {"p50": percentile(seconds, 50), "p95": percentile(seconds, 95),
+            "n": len(seconds), "seconds": seconds}
+
+
 async def auth_to_prompt(target: Target, count: int) -> dict:
     """Sequential consoles: token -> `a` -> first prompt (PTY: spawn -> prompt)."""
     seconds = []
@@ -270,7 +275,7 @@ async def auth_to_prompt(target: Target, count: int) -> dict:
         console = await target.console()
         seconds.append(console.open_seconds)
         await target.finish([console])
-    return {"p50": percentile(seconds, 50), "p95": percentile(seconds, 95), "n": count}
+    return summary(seconds)
 
 
 # -- flooding neighbours ---------------------------------------------------------
