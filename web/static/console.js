@@ -5,10 +5,10 @@
 (function () {
   "use strict";
 
-  // Only transports that need nothing beyond `connect-src`: the iframe-based
-  // ones would load sockjs.js from a CDN and the JSONP one needs
-  // `script-src` for the server, neither of which our CSP allows.
-  var DEFAULT_TRANSPORTS = ["websocket", "xhr-streaming", "xhr-polling"];
+  // Every SockJS transport by default (visitors behind proxies that break
+  // WebSockets fall back to streaming, then polling); the page's CSP allows
+  // the iframe and JSONP ones for our own origin. ?transports=a,b forces a list.
+  var DEFAULT_TRANSPORTS = null;
 
   var STATUS_TEXT = {
     connecting: "Connecting…",
@@ -241,7 +241,8 @@
       setState("error", "This page is missing its console token.");
       return;
     }
-    socket = new SockJS(url, null, {transports: requestedTransports()});
+    var transports = requestedTransports();
+    socket = new SockJS(url, null, transports ? {transports: transports} : {});
     socket.onopen = function () {
       send("a", token);
       authenticated = true;
