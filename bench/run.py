@@ -107,16 +107,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 async def throughput_runs(targets: list[s.Target], sizes: Sizes, notes: list[str],
-                          results: dict) -> None:
+                          results: dict, guarded) -> None:
     """Runs alternate between the targets, so that drift in the machine's load
     falls on all of them alike; each target's median run is reported."""
     runs: dict[str, list[dict]] = {t.name: [] for t in targets}
     for i in range(sizes.throughput_runs):
         for target in targets:
             log(f"{target.name}: throughput run {i + 1} ({sizes.megabytes} MB)")
-            runs[target.name].append(await s.throughput(target, sizes.megabytes))
+
+            async def one(target=target) -> None:
+                runs[target.name].append(await s.throughput(target, sizes.megabytes))
+            await guarded(target, "throughput", one)
     for target in targets:
         mine = runs[target.name]
+        if not mine or "broken" in results[target.name]:
+            continue
         median = sorted(mine, key=lambda r: r["mb_per_s"])[len(mine) // 2]
         notes.append(f"{target.name} throughput runs (MB/s): "
                      + ", ".join(f"{r['mb_per_s']:.1f}" for r in mine)
@@ -143,51 +148,78 @@ async def fiveclose_runs(target: s.Target, sizes: Sizes) -> dict:
 
 async def measure(targets: list[s.Target], wanted: set[str], sizes: Sizes,
                   notes: list[str]) -> dict[str, dict]:
-    """Every scenario on the PTY baseline and on each transport, one after the other."""
+    """Every scenario on the PTY baseline and on each transport, one after the other.
+
+    A transport that fails is reported and left out from then on; the
+    others go on (a failing baseline ends the run).
+    """
     results: dict[str, dict] = {t.name: {} for t in targets}
+
+    async def guarded(target: s.Target, scenario: str, make) -> None:
+        if "broken" in results[target.name]:
+            return
+        try:
+            value = await make()
+        except Exception as e:
+            if target.server is None:
+                raise
+            problem = f"{scenario}: {type(e).__name__}: {e}"
+            log(f"{target.name} failed in {problem}")
+            results[target.name]["broken"] = problem
+            await target.settle()
+            return
+        if value is not None:
+            results[target.name][scenario] = value
+
     wire_targets = [t for t in targets if t.server is not None]
     if "auth" in wanted:
         log("cold auth-to-prompt, the targets in turn")
         samples: dict[str, list[float]] = {t.name: [] for t in targets}
         for _ in range(sizes.auth):
             for target in targets:
-                samples[target.name] += (await s.auth_to_prompt(target, 1))["seconds"]
+                async def one(target=target) -> None:
+                    samples[target.name].extend((await s.auth_to_prompt(target, 1))["seconds"])
+                await guarded(target, "auth", one)
         for target in targets:
-            results[target.name]["auth"] = s.summary(samples[target.name])
+            if "broken" not in results[target.name]:
+                results[target.name]["auth"] = s.summary(samples[target.name])
     if "throughput" in wanted:
-        await throughput_runs(targets, sizes, notes, results)
+        await throughput_runs(targets, sizes, notes, results, guarded)
     if "echo" in wanted:
         for target in targets:
             log(f"{target.name}: echo")
-            results[target.name]["echo"] = await s.echo(target, sizes.echo)
+            await guarded(target, "echo", lambda t=target: s.echo(t, sizes.echo))
     if "neighbour" in wanted:
         for target in targets:
             log(f"{target.name}: echo while another console floods")
-            results[target.name]["neighbour"] = await s.neighbour_echo_during_flood(
-                target, sizes.echo)
+            await guarded(target, "neighbour",
+                          lambda t=target: s.neighbour_echo_during_flood(t, sizes.echo))
     if "ctrlc" in wanted:
         for target in targets:
             log(f"{target.name}: Ctrl-C during a flood")
-            results[target.name]["ctrlc"] = await s.ctrl_c_during_flood(target, sizes.ctrlc)
+            await guarded(target, "ctrlc", lambda t=target: s.ctrl_c_during_flood(t, sizes.ctrlc))
     if "fiveclose" in wanted:
         for target in targets:
-            results[target.name]["fiveclose"] = await fiveclose_runs(target, sizes)
+            await guarded(target, "fiveclose", lambda t=target: fiveclose_runs(t, sizes))
     if "stalled" in wanted:
         for target in wire_targets:
             log(f"{target.name}: stalled reader ({sizes.stall:.0f} s)")
-            results[target.name]["stalled"] = await s.stalled_reader(target, sizes.stall)
+            await guarded(target, "stalled", lambda t=target: s.stalled_reader(t, sizes.stall))
     if "idle" in wanted:
         for target in wire_targets:
             log(f"{target.name}: idle consoles {sizes.idle}")
-            results[target.name]["idle"] = await s.idle_consoles(
-                target, sizes.idle, sizes.echo, lambda m, n=target.name: log(f"{n}: {m}"))
+            await guarded(target, "idle", lambda t=target: s.idle_consoles(
+                t, sizes.idle, sizes.echo, lambda m, n=t.name: log(f"{n}: {m}")))
     return results
 
 
 def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str | None,
                sizes: Sizes, wanted: set[str], notes: list[str]) -> None:
     table.section(f"{name} ({'TLS' if name == 'tls' else 'plain TCP'} on loopback)")
-    if "auth" in wanted:
+    if "broken" in got:
+        table.row("the transport failed; rows after it are missing", got["broken"][:70],
+                  "—", None, "works", False)
+    if "auth" in got:
         a, b = got["auth"], base["auth"]
         table.row(f"auth-to-prompt cold p50 (n={a['n']})", ms(a["p50"]), ms(b["p50"]),
                   ratio(a["p50"], b["p50"]), "< 400 ms", a["p50"] < 0.4)
@@ -198,9 +230,11 @@ def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str 
             table.row(f"auth-to-prompt warm p50 (n={warm['n']})", ms(warm["p50"]), "—", None,
                       "< 30 ms", warm["p50"] < 0.03)
             table.row(f"auth-to-prompt warm p95 (n={warm['n']})", ms(warm["p95"]))
+        elif warm and warm.startswith("error"):
+            table.row("auth-to-prompt warm p50", warm[:70], "—", None, "< 30 ms", False)
         else:
             table.missing("auth-to-prompt warm p50", warm or "n/a", "< 30 ms")
-    if "throughput" in wanted:
+    if "throughput" in got:
         t, b = got["throughput"], base["throughput"]
         r = ratio(t["mb_per_s"], b["mb_per_s"])
         table.row(f"output throughput ({t['bytes'] / 1e6:.0f} MB, median of "
@@ -215,14 +249,14 @@ def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str 
         table.row("server CPU per MB of output", f"{cpu:.1f} ms/MB", "—",
                   cpu / TTYD_CPU_MS_PER_MB, f"<= ttyd ({TTYD_CPU_MS_PER_MB} ms/MB)",
                   cpu <= TTYD_CPU_MS_PER_MB)
-    if "echo" in wanted:
+    if "echo" in got:
         e, b = got["echo"], base["echo"]
         r = ratio(e["p50"], b["p50"])
         table.row(f"keystroke echo p50 (n={e['n']})", ms(e["p50"]), ms(b["p50"]), r,
                   "<= 2 x baseline", r is not None and r <= 2)
         table.row(f"keystroke echo p99 (n={e['n']})", ms(e["p99"]), ms(b["p99"]),
                   ratio(e["p99"], b["p99"]))
-    if "idle" in wanted:
+    if "idle" in got:
         idle = got["idle"]
         rss = idle["rss"]
         counts = sorted(rss)
@@ -239,7 +273,7 @@ def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str 
         table.row("server RSS after they all closed", mb(idle["rss_after"]))
         if idle["limit"]:
             notes.append(f"{name} idle consoles: limited by {idle['limit']}")
-    if "stalled" in wanted:
+    if "stalled" in got:
         st = got["stalled"]
         table.row("stalled reader: server RSS before", mb(st["before"]))
         table.row(f"stalled reader: peak during {sizes.stall:.0f} s", mb(st["peak"]),
@@ -249,18 +283,18 @@ def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str 
         notes.append(f"{name} stalled reader: RSS samples (MB) "
                      + " ".join(f"{v / 2**20:.1f}" for v in st["samples"])
                      + f"; the client had read {st['received_mb']:.1f} MB before it stopped")
-    if "neighbour" in wanted:
+    if "neighbour" in got:
         n, b = got["neighbour"], base["neighbour"]
         table.row("echo p99 while another console floods", ms(n["p99"]), ms(b["p99"]),
                   ratio(n["p99"], b["p99"]), "< 20 ms", n["p99"] < 0.02)
         notes.append(f"{name} neighbour flood ran at {n['flood_mb_per_s'] or 0:.1f} MB/s "
                      f"(baseline PTY {b['flood_mb_per_s'] or 0:.1f}); echo p50 "
                      f"{ms(n['p50'])}, max {ms(n['max'])}")
-    if "ctrlc" in wanted:
+    if "ctrlc" in got:
         c, b = got["ctrlc"], base["ctrlc"]
         table.row(f"Ctrl-C to prompt during a flood (worst of {c['n']})", ms(c["max"]),
                   ms(b["max"]), ratio(c["max"], b["max"]), "< 500 ms", c["max"] < 0.5)
-    if "fiveclose" in wanted:
+    if "fiveclose" in got:
         f, b = got["fiveclose"], base["fiveclose"]
         table.row(f"worst echo while 5 consoles close (worst of {sizes.fiveclose_runs})",
                   ms(f["max"]), ms(b["max"]), ratio(f["max"], b["max"]), "< 10 ms",
@@ -306,7 +340,12 @@ async def run(args: argparse.Namespace, sizes: Sizes, tmp: Path, servers: list) 
             servers.append(srv)
             for name in transports:
                 log(f"{name}: warm auth-to-prompt")
-                warm[name] = await s.warm_auth_to_prompt(srv, name == "tls", pool, sizes.auth)
+                try:
+                    warm[name] = await s.warm_auth_to_prompt(srv, name == "tls", pool,
+                                                             sizes.auth)
+                except Exception as e:
+                    log(f"{name} failed in warm: {e}")
+                    warm[name] = f"error: {type(e).__name__}: {e}"
             stop_server(srv)
 
     table = Table()
