@@ -161,7 +161,18 @@ class StarterTestCase(SynchronousTestCase):
         self.fcntl = FakeFcntl()
         self.patch(service, "fcntl", self.fcntl)
         self.uids = UidPool(200000, 200001)
+        self.pty_backlog = []
         self.make_starter()
+
+    def read_pty(self, fd, size):
+        """What is waiting on the PTY beyond the first read, then EAGAIN."""
+        if not self.pty_backlog:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        chunk = self.pty_backlog.pop(0)
+        if len(chunk) > size:
+            self.pty_backlog.insert(0, chunk[size:])
+            chunk = chunk[:size]
+        return chunk
 
     def make_starter(self, busy_attempts=0, timeout=10.0, layout=LAYOUT):
         self.cgroups = FakeCgroups(busy_attempts)
@@ -176,6 +187,7 @@ class StarterTestCase(SynchronousTestCase):
             kill_delay=5.0,
             reaper=CgroupReaper(self.reactor, interval=1.0, timeout=timeout,
                                 kill=self.cgroups.kill, rmdir=self.cgroups.rmdir),
+            read_pty=self.read_pty,
         )
 
     def start(self, cols=80, rows=24):
@@ -440,3 +452,31 @@ class OutputProducerTests(StarterTestCase):
         self.sandbox.terminate()
         self.assertTrue(self.transport.reading)
         self.assertEqual(self.transport.signals, ["TERM"])
+
+
+class DrainTests(StarterTestCase):
+    def test_waiting_output_is_one_batch(self):
+        """Output already waiting on the PTY is read in the same wake-up, as one batch."""
+        sandbox, events, spawned = self.start()
+        self.pty_backlog = [b"b" * 4095, b"c" * 10]
+        spawned.protocol.childDataReceived(1, b"a")
+        self.assertEqual(events.outputs, [b"a" + b"b" * 4095 + b"c" * 10])
+
+    def test_batch_is_bounded(self):
+        """A wake-up reads at most READ_BATCH bytes; the rest waits for the next."""
+        sandbox, events, spawned = self.start()
+        self.pty_backlog = [b"x" * 4095] * 40
+        spawned.protocol.childDataReceived(1, b"a")
+        self.assertEqual(len(events.outputs[0]), service.READ_BATCH)
+        self.assertTrue(self.pty_backlog)
+
+    def test_pty_end_stops_the_drain(self):
+        """EIO (the console is gone) ends the drain; what was read is delivered."""
+        sandbox, events, spawned = self.start()
+
+        def eio(fd, size):
+            raise OSError(5, "Input/output error")
+
+        self.starter.read_pty = eio
+        spawned.protocol.childDataReceived(1, b"last")
+        self.assertEqual(events.outputs, [b"last"])
