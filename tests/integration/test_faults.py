@@ -44,11 +44,13 @@ def test_sigkill_then_restart_leaves_nothing(tmp_path):
     """After SIGKILL of the server, its sandboxes go away, and a restart serves
     new consoles with nothing of the old run left."""
     server = start_server(tmp_path, uid_min=222000, uid_max=222009)
-    clients = open_consoles(server, 2)
-    old_sessions = session_cgroups(server)
-    assert old_sessions
-    server.process.send_signal(signal.SIGKILL)
-    server.process.wait(timeout=10)
+    try:
+        clients = open_consoles(server, 2)
+        old_sessions = session_cgroups(server)
+        assert old_sessions
+    finally:
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=10)
     # The PTYs hang up: each launcher kills and removes its own sandbox.
     assert wait_until(lambda: not processes_of_uids(222000, 222009), timeout=15)
     assert wait_until(lambda: not any(os.path.exists(p) for p in old_sessions), timeout=15)
@@ -68,13 +70,15 @@ def test_sigkill_of_server_and_launchers_is_swept_at_start(tmp_path):
     """When the launchers die with the server (no cleanup at all), the next start
     sweeps their cgroups, and every sandbox process is gone."""
     server = start_server(tmp_path, uid_min=222010, uid_max=222019)
-    clients = open_consoles(server, 2)
-    old_sessions = session_cgroups(server)
-    launchers = launcher_pids(server)
-    assert len(launchers) == 2
-    for pid in [server.process.pid, *launchers]:
-        os.kill(pid, signal.SIGKILL)
-    server.process.wait(timeout=10)
+    try:
+        clients = open_consoles(server, 2)
+        old_sessions = session_cgroups(server)
+        launchers = launcher_pids(server)
+        assert len(launchers) == 2
+    finally:
+        for pid in [server.process.pid, *launcher_pids(server)]:
+            os.kill(pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
     # Init had PR_SET_PDEATHSIG: the sandboxes die with their launchers.
     assert wait_until(lambda: not processes_of_uids(222010, 222019), timeout=15)
     assert any(os.path.exists(p) for p in old_sessions), "nothing left to sweep"
@@ -115,8 +119,10 @@ def test_sigterm_drains(tmp_path):
     """SIGTERM tells running consoles, gives them the grace period, then ends them."""
     server = start_server(tmp_path, uid_min=222030, uid_max=222039,
                           console="shutdown_grace = 2\n")
-    (client,) = open_consoles(server, 1)
-    server.process.send_signal(signal.SIGTERM)
+    try:
+        (client,) = open_consoles(server, 1)
+    finally:
+        server.process.send_signal(signal.SIGTERM)
     assert client.wait_for(lambda c: c.last_message("n") is not None, timeout=10)
     assert "shutting down" in client.last_message("n")
     assert client.wait_closed(timeout=15)
