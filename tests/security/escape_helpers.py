@@ -13,15 +13,11 @@ import ast
 import base64
 import os
 import re
-import sys
 import textwrap
 import time
 import zlib
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
-
-from console_client import ConsoleClient  # noqa: E402
+from console_client import ConsoleClient  # tests/, on the path through conftest.py
 
 START = "<<OUTCOME "
 END = " OUTCOME>>"
