@@ -177,7 +177,7 @@ def build_root(spec):
     for tmpfs in spec["tmpfs"]:
         target = inside(tmpfs["path"])
         os.makedirs(target, 0o755, exist_ok=True)
-        options = f"size={tmpfs['bytes']},mode={tmpfs['mode']}"
+        options = f"size={tmpfs['bytes']},nr_inodes={tmpfs['inodes']},mode={tmpfs['mode']}"
         if tmpfs.get("owned"):
             options += f",uid={spec['uid']},gid={spec['gid']}"
         mount("tmpfs", target, "tmpfs", rw_flags | MS_NOEXEC * tmpfs.get("noexec", 0),

@@ -153,6 +153,12 @@ def etc_files(uid: int, gid: int) -> dict[str, str]:
     }
 
 
+def inodes_for(size: int) -> int:
+    """An inode cap for a tmpfs of ``size`` bytes (one per 8 KiB, at least 1024):
+    empty files cost memory too, so their number is capped like the bytes."""
+    return max(1024, size // 8192)
+
+
 def build_spec(
     *,
     session: str,
@@ -181,9 +187,10 @@ def build_spec(
         read_only_binds=("/usr", runtime, *extra_binds),
         symlinks=MERGED_USR_LINKS,
         tmpfs=(
-            {"path": "/tmp", "bytes": limits.tmp_bytes, "mode": "1777"},
+            {"path": "/tmp", "bytes": limits.tmp_bytes, "mode": "1777",
+             "inodes": inodes_for(limits.tmp_bytes)},
             {"path": CONSOLE_HOME, "bytes": limits.home_bytes, "mode": "0700",
-             "owned": True},
+             "inodes": inodes_for(limits.home_bytes), "owned": True},
         ),
         etc=etc_files(uid, gid),
         copies=HOST_ETC_COPIES,

@@ -91,15 +91,17 @@ class BuildSpecTests(SynchronousTestCase):
         self.assertEqual(built.read_only_binds, ("/usr", RUNTIME, "/opt/data"))
 
     def test_tmpfs(self):
-        """/tmp is 1777 and home is 0700 and owned, each with its configured size."""
+        """/tmp is 1777 and home is 0700 and owned, each with its configured size and
+        an inode cap of one per 8 KiB."""
         tmpfs = {t["path"]: dict(t) for t in spec().tmpfs}
         self.assertEqual(
-            tmpfs["/tmp"], {"path": "/tmp", "bytes": LIMITS.tmp_bytes, "mode": "1777"}
+            tmpfs["/tmp"], {"path": "/tmp", "bytes": LIMITS.tmp_bytes, "mode": "1777",
+                            "inodes": max(1024, LIMITS.tmp_bytes // 8192)}
         )
         self.assertEqual(
             tmpfs[CONSOLE_HOME],
             {"path": CONSOLE_HOME, "bytes": LIMITS.home_bytes, "mode": "0700",
-             "owned": True},
+             "inodes": max(1024, LIMITS.home_bytes // 8192), "owned": True},
         )
         self.assertEqual(spec().cwd, CONSOLE_HOME)
 
