@@ -190,6 +190,21 @@ def prepare_parents(layout: CgroupLayout) -> None:
                 f.write("+memory +pids +cpu")
 
 
+def remove_empty(paths: list[str], rmdir: Callable[[str], None]) -> list[str]:
+    """Remove from ``paths`` (and the tree) each cgroup that is gone or can be
+    removed now; what is still busy stays. Returns ``paths``."""
+    for path in list(paths):
+        try:
+            rmdir(path)
+        except FileNotFoundError:
+            paths.remove(path)
+        except OSError:
+            continue
+        else:
+            paths.remove(path)
+    return paths
+
+
 def sweep(layout: CgroupLayout, timeout: float = 10.0) -> tuple[list[str], list[str]]:
     """Kill and remove session cgroups a previous run left (start-up only).
 
@@ -213,18 +228,8 @@ def sweep(layout: CgroupLayout, timeout: float = 10.0) -> tuple[list[str], list[
                 log.warn("cgroup.kill on {path} failed: {error}", path=path, error=e)
     remaining = list(leftovers)
     deadline = time.monotonic() + timeout
-    while remaining and time.monotonic() < deadline:
-        for path in list(remaining):
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                remaining.remove(path)
-            except OSError:
-                continue
-            else:
-                remaining.remove(path)
-        if remaining:
-            time.sleep(0.01)
+    while remove_empty(remaining, os.rmdir) and time.monotonic() < deadline:
+        time.sleep(0.01)
     removed = [p for p in leftovers if p not in remaining]
     return removed, remaining
 
@@ -285,16 +290,7 @@ class CgroupReaper:
         deadline = self._clock.seconds() + self._timeout
 
         def attempt() -> None:
-            for path in list(remaining):
-                try:
-                    self._rmdir(path)
-                except FileNotFoundError:
-                    remaining.remove(path)
-                except OSError:
-                    continue
-                else:
-                    remaining.remove(path)
-            if not remaining:
+            if not remove_empty(remaining, self._rmdir):
                 done.callback(True)
             elif self._clock.seconds() >= deadline:
                 log.error("cgroups still busy after {timeout}s: {paths}",
