@@ -103,8 +103,11 @@ class Admission:
     per_address_per_minute: int
     switched_off: bool = False
     draining: bool = False  # the server is shutting down
+    # Wrong console tokens an address may present per minute (0: no limit).
+    auth_failures_per_minute: int = 0
     _active: dict[str, int] = field(factory=dict)
     _starts: dict[str, deque[float]] = field(factory=dict)
+    _failures: dict[str, deque[float]] = field(factory=dict)
     _total: int = 0
     _last_sweep: float = 0.0
 
@@ -134,6 +137,43 @@ class Admission:
         self._last_sweep = now
         for address in list(self._starts):
             self._recent_starts(address, now)
+        for address in list(self._failures):
+            self._recent_failures(address, now)
+
+    def _recent_failures(self, address: str, now: float) -> deque[float]:
+        failures = self._failures.get(address)
+        if failures is None:
+            return deque()
+        while failures and failures[0] <= now - WINDOW:
+            failures.popleft()
+        if not failures:
+            del self._failures[address]
+        return failures
+
+    def auth_failed(self, address: str) -> None:
+        """``address`` presented a console token that was refused."""
+        if not self.auth_failures_per_minute or not address:
+            return
+        now = self._clock.seconds()
+        self._sweep(now)
+        failures = self._failures.setdefault(
+            address, deque(maxlen=self.auth_failures_per_minute))
+        failures.append(now)
+        if len(failures) == self.auth_failures_per_minute:
+            log.warn("{address} presented {count} wrong console tokens within a "
+                     "minute: refusing its tokens for a while",
+                     address=address, count=len(failures))
+
+    def auth_retry_after(self, address: str) -> int | None:
+        """Seconds until ``address`` may present a token again (too many
+        wrong ones within a minute), or None when it may now."""
+        if not self.auth_failures_per_minute or not address:
+            return None
+        now = self._clock.seconds()
+        failures = self._recent_failures(address, now)
+        if len(failures) < self.auth_failures_per_minute:
+            return None
+        return max(1, int(failures[0] + WINDOW - now + 0.999))
 
     def status(self, address: str) -> AdmissionStatus:
         """What ``admit(address)`` would decide now; changes nothing."""

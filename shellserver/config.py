@@ -214,6 +214,17 @@ class ServerConfig:
     public_origins: tuple[str, ...] = field(
         default=(), converter=_to_tuple, validator=_check_origins
     )
+    # What one client may cost (shellserver.limits, docs/security.md).
+    max_connections_per_address: int = field(default=64, validator=_integer())
+    tls_handshake_timeout: float = field(default=10.0, validator=_seconds(zero_means_never=False))
+    request_timeout: float = field(default=15.0, validator=_seconds(zero_means_never=False))
+    idle_connection_timeout: float = field(
+        default=60.0, validator=_seconds(zero_means_never=False)
+    )
+    max_request_header_bytes: int = field(default=16384, validator=_integer(minimum=4096))
+    max_request_headers: int = field(default=100, validator=_integer(minimum=16))
+    max_request_body_bytes: int = field(default=262144, validator=_integer(minimum=4096))
+    auth_failures_per_minute: int = field(default=20, validator=_integer())
 
     def node_name(self) -> str:
         """The node name put in tokens: ``node``, or else the host name."""

@@ -261,11 +261,19 @@ class ConsoleSession:
 
     def _authenticate(self, token: str) -> None:
         self._cancel_timer("auth")
+        peer = self._connection.peer_host
+        wait = self._admission.auth_retry_after(peer) if self._admission else None
+        if wait is not None:
+            # Checked before the token: guessing costs a guesser time, not us work.
+            self._fail(CLOSE_NOT_ADMITTED, "No console now: too many wrong console tokens "
+                       f"came from your address. Try again in {wait} seconds.")
+            return
         try:
             claims = self._tokens.redeem(token, origin=self._connection.origin)
         except TokenError as e:
-            log.info("console refused for {peer}: {reason}",
-                     peer=self._connection.peer_host, reason=e.reason)
+            log.info("console refused for {peer}: {reason}", peer=peer, reason=e.reason)
+            if self._admission is not None:
+                self._admission.auth_failed(peer)
             self._fail(CLOSE_AUTH_FAILED, f"Console refused: {e}.")
             return
         if self._admission is not None:

@@ -304,6 +304,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.admission import Admission, KillSwitch
     from shellserver.auth import TokenAuthority
     from shellserver.console import ConsoleFactory, ConsoleSettings
+    from shellserver.limits import ConnectionGuard, ConnectionLimits
     from shellserver.sandbox.budget import CpuBudgetWatcher
     from shellserver.sandbox.pool import SandboxPool
     from shellserver.sandbox.service import SandboxStarter
@@ -342,6 +343,7 @@ def makeService(options: Options) -> MultiService:
         capacity=admission_capacity(config),
         per_address=config.admission.per_address,
         per_address_per_minute=config.admission.per_address_per_minute,
+        auth_failures_per_minute=config.server.auth_failures_per_minute,
     )
     users = UnregisteredUsers(reactor, config.console.token_ttl)
     pool = None
@@ -362,6 +364,7 @@ def makeService(options: Options) -> MultiService:
         users,
     )
     switch = KillSwitch(reactor, admission, config.kill_switch_path, consoles.end_all)
+    limits = ConnectionLimits.from_config(config.server)
     sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions())
     site = ShellSite(
         build_resource(
@@ -369,8 +372,11 @@ def makeService(options: Options) -> MultiService:
             admission=admission, users=users,
             host_origins=config.embed.host_origins + config.server.public_origins,
             selector=config.embed.selector, status_max_age=config.embed.status_max_age,
-        )
+        ),
+        limits=limits, reactor=reactor,
     )
+    # Every listener serves the site through the per-connection limits.
+    guarded = ConnectionGuard(site, limits, reactor)
 
     listen = list(options["listen"])
     if not listen:
@@ -388,7 +394,7 @@ def makeService(options: Options) -> MultiService:
                    ).setServiceParent(top)
     KillSwitchService(switch).setServiceParent(top)
     for index, description in enumerate(listen):
-        listener = strports.service(description, site)
+        listener = strports.service(description, guarded)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(top)
     return top

@@ -20,6 +20,7 @@ from twisted.web.static import File
 
 from shellserver.admission import Admission, AdmissionStatus
 from shellserver.auth import TokenAuthority, new_unregistered_user
+from shellserver.limits import ConnectionLimits, LimitedHTTPChannel, LimitedRequest
 from shellserver.users import UnregisteredUsers
 
 log = Logger()
@@ -71,11 +72,26 @@ def request_origin(request) -> str:
     return f"{scheme}://{host.decode('ascii', 'replace')}"
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class StaticFiles(File):
     """Files without directory listings."""
 
     def directoryListing(self):
         return notFound()
+
+    def getChild(self, path, request):
+        # A NUL (from %00) would make the file lookup fail with a 500; File
+        # logs a traceback for every name that is not UTF-8 (%ff).
+        if b"\0" in path or not _is_utf8(path):
+            return notFound()
+        return super().getChild(path, request)
 
     def createSimilarFile(self, path):
         similar = super().createSimilarFile(path)
@@ -302,9 +318,32 @@ def build_resource(*, web_dir: str, tokens: TokenAuthority, clock: IReactorTime,
 
 
 class ShellSite(Site):
-    """A Site that sets the headers every response carries."""
+    """A Site that sets the headers every response carries, with bounded
+    requests (shellserver.limits): wrap it in a ConnectionGuard to listen."""
+
+    protocol = LimitedHTTPChannel
+    requestFactory = LimitedRequest
+    displayTracebacks = False
+
+    def __init__(self, resource, *, limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008
+                 reactor: IReactorTime | None = None) -> None:
+        # No resource reads form bodies through request.args (jsonp_send
+        # parses its own, with a field cap): parsing them is work for nothing.
+        super().__init__(resource, timeout=limits.idle_connection_timeout, reactor=reactor,
+                         parsePOSTFormSubmission=False)
+        self.limits = limits
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        channel.limits = self.limits
+        channel.MAX_LENGTH = self.limits.max_request_header_bytes
+        channel.totalHeadersSize = self.limits.max_request_header_bytes
+        channel.maxHeaders = self.limits.max_request_headers
+        return channel
 
     def getResourceFor(self, request):
+        # Our versions are nobody's business.
+        request.responseHeaders.removeHeader(b"server")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"no-referrer")
         return super().getResourceFor(request)

@@ -50,6 +50,9 @@ class SockJSOptions:
         until they are forgotten) one client IP address may hold at once;
         beyond it a new session is refused with close code 1013.  Behind a
         reverse proxy every visitor shares the proxy's address.
+    @ivar max_client_pings_per_minute: websocket pings a client may send in
+        a minute (browsers send none); past it the connection is closed
+        with code 1008, so a ping flood costs the server little.
     """
 
     heartbeat_interval: float = field(default=25.0, validator=_positive)
@@ -66,3 +69,4 @@ class SockJSOptions:
     websocket_ping_interval: float = field(default=20.0, validator=_positive)
     websocket_ping_timeout: float = field(default=10.0, validator=_positive)
     max_sessions_per_address: int = field(default=50, validator=_positive)
+    max_client_pings_per_minute: int = field(default=120, validator=_positive)

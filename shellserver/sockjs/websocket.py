@@ -45,6 +45,8 @@ from .session import (
 )
 
 BINARY_NOT_SUPPORTED = (1003, "Binary messages are not supported")
+TOO_MANY_PINGS = (1008, "Too many pings")
+_PING_WINDOW = 60.0
 
 # a close frame's payload is at most 125 bytes, two of them the code
 _MAX_CLOSE_REASON_BYTES = 123
@@ -82,10 +84,14 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     transport_name = ""
     _encode: Callable[[str], bytes] = staticmethod(encode_message)
 
-    def __init__(self, registry: SessionRegistry, max_message_bytes: int) -> None:
+    def __init__(self, registry: SessionRegistry, max_message_bytes: int,
+                 max_pings_per_minute: int = 120) -> None:
         super().__init__()
         self._registry = registry
         self._max_message_bytes = max_message_bytes
+        self._max_pings = max_pings_per_minute
+        self._pings = 0
+        self._pings_since = float("-inf")
         self._session: SockJSConnection | None = None
         self._origin: str | None = None
         self._session_id = ""
@@ -140,6 +146,20 @@ class _SockJSWebSocket(WebSocketServerProtocol):
             # limit) fails the connection.
             self._session.close(*MESSAGE_TOO_BIG)
         super().onMessageFrameBegin(length)
+
+    def onPing(self, payload: bytes) -> None:
+        # Every ping costs a pong: a flood of them is closed, not answered.
+        now = self.factory.reactor.seconds()
+        if now - self._pings_since >= _PING_WINDOW:
+            self._pings, self._pings_since = 0, now
+        self._pings += 1
+        if self._pings <= self._max_pings:
+            super().onPing(payload)
+        elif self._pings == self._max_pings + 1:
+            if self._session is not None:
+                self._session.close(*TOO_MANY_PINGS)
+            else:
+                self._close_websocket(*TOO_MANY_PINGS)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._session is not None:
@@ -269,6 +289,7 @@ class _SockJSWebSocketFactory(WebSocketServerFactory):
         registry: SessionRegistry,
         max_message_bytes: int,
         clock: IReactorTime,
+        max_pings_per_minute: int = 120,
     ) -> None:
         # No Server header: the version of our websocket library is nobody's
         # business.
@@ -276,9 +297,11 @@ class _SockJSWebSocketFactory(WebSocketServerFactory):
         self._protocol_class = protocol_class
         self._registry = registry
         self._max_message_bytes = max_message_bytes
+        self._max_pings_per_minute = max_pings_per_minute
 
     def buildProtocol(self, addr: object) -> _SockJSWebSocket:
-        protocol = self._protocol_class(self._registry, self._max_message_bytes)
+        protocol = self._protocol_class(self._registry, self._max_message_bytes,
+                                        self._max_pings_per_minute)
         protocol.factory = self
         return protocol
 
@@ -303,6 +326,7 @@ def build_websocket_resource(
         registry,
         options.max_message_bytes,
         clock,
+        options.max_client_pings_per_minute,
     )
     factory.setProtocolOptions(
         # RFC 6455 only (hybi-10 browsers are long gone)

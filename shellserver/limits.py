@@ -1,0 +1,336 @@
+"""What one client connection may cost the server, and for how long.
+
+Two layers, both configured by one frozen L{ConnectionLimits}:
+
+- L{ConnectionGuard} wraps the site's factory (inside TLS): a cap on
+  concurrent connections per client address, a deadline for the TLS
+  handshake, and a deadline for a closing connection to be gone.
+- L{LimitedHTTPChannel} and L{LimitedRequest} (used by
+  L{shellserver.web.ShellSite}): bounded request heads and bodies, answered
+  with 414, 431 or 413, and a deadline (408) for a request to arrive once it
+  has begun, so a client trickling bytes cannot hold a connection.
+
+Connections that have become websockets or streaming responses are not
+touched by these timeouts: they have their own heartbeats.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from attrs import frozen
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request
+from zope.interface import directlyProvides, implementer, providedBy
+
+log = Logger()
+
+# RFC 9110 and 6585 names; twisted.web.http.RESPONSES lacks 431.
+_REASONS = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
+# Seconds a refused client has to read its answer before the connection is
+# reset (nothing it sends meanwhile is read).
+REFUSAL_LINGER = 2.0
+
+# Seconds a connection told to close may take to be gone (a TLS peer that
+# never answers our close_notify would otherwise keep it open).
+CLOSING_TIMEOUT = 10.0
+
+
+@frozen(kw_only=True)
+class ConnectionLimits:
+    """Limits on one client's connections; see etc/shellserver.toml."""
+
+    max_connections_per_address: int = 64
+    tls_handshake_timeout: float = 10.0
+    request_timeout: float = 15.0
+    idle_connection_timeout: float = 60.0
+    max_request_header_bytes: int = 16384
+    max_request_headers: int = 100
+    max_request_body_bytes: int = 262144
+
+    @classmethod
+    def from_config(cls, server) -> ConnectionLimits:
+        """The limits of a L{shellserver.config.ServerConfig}."""
+        return cls(
+            max_connections_per_address=server.max_connections_per_address,
+            tls_handshake_timeout=server.tls_handshake_timeout,
+            request_timeout=server.request_timeout,
+            idle_connection_timeout=server.idle_connection_timeout,
+            max_request_header_bytes=server.max_request_header_bytes,
+            max_request_headers=server.max_request_headers,
+            max_request_body_bytes=server.max_request_body_bytes,
+        )
+
+
+def _address_host(address: IAddress | None) -> str | None:
+    """The IP address of a peer; None for peers without one (UNIX sockets)."""
+    return getattr(address, "host", None)
+
+
+class _RefusedConnection(Protocol):
+    """A connection over the per-address cap: reset at once, nothing read."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+@implementer(IHandshakeListener)
+class _GuardedConnection(ProtocolWrapper):
+    """One connection under a L{ConnectionGuard}: its TLS and closing deadlines."""
+
+    factory: ConnectionGuard
+    address: str | None = None
+    _handshake: IDelayedCall | None = None
+    _closing: IDelayedCall | None = None
+
+    secure = False
+
+    def makeConnection(self, transport) -> None:
+        # As ProtocolWrapper does, but without claiming to be the TLS
+        # transport: autobahn, given this wrapper when it takes a connection
+        # over, would ask it for TLS details only TLSMemoryBIOProtocol has.
+        # LimitedHTTPChannel.isSecure asks ``secure`` instead.
+        self.secure = ISSLTransport.providedBy(transport)
+        directlyProvides(self, providedBy(transport) - ISSLTransport)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self.secure:
+            self._handshake = self.factory.clock.callLater(
+                self.factory.limits.tls_handshake_timeout, self._handshake_too_slow)
+        self.wrappedProtocol.makeConnection(self)
+
+    def _handshake_too_slow(self) -> None:
+        self._handshake = None
+        log.info("TLS handshake from {peer} took too long: dropped", peer=self.address)
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        _cancel(self._handshake)
+        self._handshake = None
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting and self.connected:
+            self._closing = self.factory.clock.callLater(CLOSING_TIMEOUT, self._closing_too_slow)
+        super().loseConnection()
+
+    def _closing_too_slow(self) -> None:
+        self._closing = None
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        for call in (self._handshake, self._closing):
+            _cancel(call)
+        self._handshake = self._closing = None
+        super().connectionLost(reason)
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+class ConnectionGuard(WrappingFactory):
+    """
+    Wraps the site's factory (put it where the listener is built; TLS wraps
+    it in turn): at most C{max_connections_per_address} connections per
+    client IP address at once, beyond which a new connection is reset at
+    once; a TLS handshake must finish within C{tls_handshake_timeout}; a
+    connection told to close is aborted after L{CLOSING_TIMEOUT}.
+
+    The wrapper stays in place when autobahn takes a connection over for a
+    websocket, so websockets count against the cap until they close.
+    """
+
+    protocol = _GuardedConnection
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory, limits: ConnectionLimits,
+                 clock: IReactorTime) -> None:
+        super().__init__(wrapped)
+        self.limits = limits
+        self.clock = clock
+        self._per_address: dict[str, int] = {}
+        self._refusing: set[str] = set()
+
+    def connections_from(self, address: str) -> int:
+        """How many connections ``address`` holds now."""
+        return self._per_address.get(address, 0)
+
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:
+        host = _address_host(addr)
+        if host is not None and self.connections_from(host) >= \
+                self.limits.max_connections_per_address:
+            if host not in self._refusing:
+                # Logged once per episode, not once per connection of a flood.
+                self._refusing.add(host)
+                log.warn("{address} holds {count} connections: refusing more",
+                         address=host, count=self.connections_from(host))
+            return _RefusedConnection()
+        protocol = super().buildProtocol(addr)
+        protocol.address = host
+        return protocol
+
+    def registerProtocol(self, p: _GuardedConnection) -> None:
+        super().registerProtocol(p)
+        if p.address is not None:
+            self._per_address[p.address] = self.connections_from(p.address) + 1
+
+    def unregisterProtocol(self, p: _GuardedConnection) -> None:
+        super().unregisterProtocol(p)
+        if p.address is not None:
+            remaining = self.connections_from(p.address) - 1
+            if remaining > 0:
+                self._per_address[p.address] = remaining
+            else:
+                self._per_address.pop(p.address, None)
+            if remaining < self.limits.max_connections_per_address:
+                self._refusing.discard(p.address)
+
+
+class LimitedHTTPChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel with bounded request heads and bodies and a deadline
+    for each request to arrive.  L{shellserver.web.ShellSite} sets
+    C{limits} on every channel it builds.
+
+    Refusals are a short plain-text response and the end of the connection;
+    nothing more is read from it.
+    """
+
+    limits = ConnectionLimits()
+    _head_bytes = 0
+    _head_lines = 0
+    _arrival: IDelayedCall | None = None
+    _linger: IDelayedCall | None = None
+    refused = False
+
+    def isSecure(self) -> bool:
+        return getattr(self.transport, "secure", False) or super().isSecure()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        # In line mode while waiting for a request head (raw mode: a body, or
+        # a request being answered); its first byte starts the deadline.
+        if self._arrival is None and self.line_mode:
+            self._arrival = self.callLater(self.limits.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused:
+            return
+        self._head_lines += 1
+        self._head_bytes += len(line) + 2
+        if self._head_bytes > self.limits.max_request_header_bytes:
+            if self._head_lines == 1:
+                self.refuse(414, "The request line is too long.")
+            else:
+                self.refuse(431, "The request headers are too large.")
+        elif self._head_lines > self.limits.max_request_headers + 1:
+            self.refuse(431, "The request has too many headers.")
+        else:
+            super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._head_lines == 0:
+            self.refuse(414, "The request line is too long.")
+        else:
+            self.refuse(431, "The request headers are too large.")
+
+    def allHeadersReceived(self) -> None:
+        self._head_bytes = self._head_lines = 0
+        if self.length is not None and self.length > self.limits.max_request_body_bytes:
+            self.refuse(413, "The request body is too large.")
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._cancel_arrival()
+        if not self.refused:
+            super().allContentReceived()
+
+    def _cancel_arrival(self) -> None:
+        _cancel(self._arrival)
+        self._arrival = None
+
+    def _too_slow(self) -> None:
+        self._arrival = None
+        log.info("request from {peer} too slow: dropped", peer=self.transport.getPeer())
+        self.refuse(408, "The request took too long to arrive.")
+
+    def refuse(self, code: int, message: str) -> None:
+        """Answer ``code`` with ``message`` and close; ignore the rest."""
+        if self.refused:
+            return
+        self.refused = True
+        self._cancel_arrival()
+        body = message.encode("utf-8") + b"\n"
+        self.transport.write(b"".join([
+            b"HTTP/1.1 %d %s\r\n" % (code, _REASONS[code]),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % (len(body),),
+            b"Cache-Control: no-store\r\n",
+            b"X-Content-Type-Options: nosniff\r\n",
+            b"Connection: close\r\n\r\n",
+            body,
+        ]))
+        # Read nothing more: a client pushing a huge body costs no decryption.
+        self.transport.pauseProducing()
+        self.loseConnection()
+        self._linger = self.callLater(REFUSAL_LINGER, self._abort)
+
+    def _abort(self) -> None:
+        self._linger = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_arrival()
+        _cancel(self._linger)
+        self._linger = None
+        super().connectionLost(reason)
+
+
+class LimitedRequest(Request):
+    """A request whose body is kept in memory, up to the channel's limit.
+
+    A declared C{Content-Length} over the limit is refused by the channel
+    before any of the body is read; a chunked body is counted as it comes.
+    """
+
+    _body_bytes = 0
+
+    def gotLength(self, length: int | None) -> None:
+        # Bodies are small and bounded: no temporary files.
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if channel is None or getattr(channel, "refused", False):
+            return
+        self._body_bytes += len(data)
+        limit = getattr(channel, "limits", ConnectionLimits()).max_request_body_bytes
+        if self._body_bytes > limit:
+            channel.refuse(413, "The request body is too large.")
+            return
+        super().handleContentChunk(data)
