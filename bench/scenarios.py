@@ -331,6 +331,7 @@ async def neighbour_echo_during_flood(target: Target, count: int) -> dict:
 async def ctrl_c_during_flood(target: Target, count: int) -> dict:
     """`print(1)` flood; after 1 s Ctrl-C; time until the next prompt (reading on)."""
     seconds = []
+    repeats = 0
     console = await target.console()
     try:
         for _ in range(count):
@@ -342,10 +343,22 @@ async def ctrl_c_during_flood(target: Target, count: int) -> dict:
             prompt = console.expect(wire.PROMPT)
             sent = wire.now()
             console.send_keys("\x03")
-            seconds.append(await console.wait_prompt(30, prompt) - sent)
+            for attempt in range(3):
+                try:
+                    seconds.append(await console.wait_prompt(10, prompt) - sent)
+                    break
+                except TimeoutError:
+                    # A Ctrl-C can be lost to a terminal switching modes (on the
+                    # PTY baseline too): press it again; the time still counts
+                    # from the first press.
+                    if attempt == 2:
+                        raise
+                    repeats += 1
+                    console.send_keys("\x03")
     finally:
         await target.finish([console])
-    return {"p50": percentile(seconds, 50), "max": max(seconds), "n": len(seconds)}
+    return {"p50": percentile(seconds, 50), "max": max(seconds), "n": len(seconds),
+            "repeats": repeats}
 
 
 async def five_close(target: Target) -> dict:
