@@ -228,7 +228,8 @@ class LimitedHTTPChannel(HTTPChannel):
         return getattr(self.transport, "secure", False) or super().isSecure()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.refused:
+        # Nothing more once refused or closing (twisted.web's own 400s, too).
+        if self.refused or self.transport.disconnecting:
             return
         # In line mode while waiting for a request head (raw mode: a body, or
         # a request being answered); its first byte starts the deadline.

@@ -270,6 +270,15 @@ class ChannelTests(SiteTestCase):
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(transport.value(), written)
 
+    def test_nothing_read_after_bad_request(self):
+        """After twisted.web's own 400 nothing more is parsed."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GARBAGE\r\n")
+        written = transport.value()
+        self.assertTrue(written.startswith(b"HTTP/1.1 400"))
+        channel.dataReceived(b"Host: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value(), written)
+
     def test_refused_client_reset_after_linger(self):
         """A refused client that does not go is reset after REFUSAL_LINGER."""
         channel, transport = self.connect()
