@@ -75,11 +75,11 @@ class RunningServer:
 
 def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                  console: str = "", admission: str = "", embed: str = "",
-                 runtime: str | None = RUNTIME) -> RunningServer:
+                 server: str = "", runtime: str | None = RUNTIME) -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
-    ``config``, ``console``, ``admission`` and ``embed`` are TOML lines for
-    the [sandbox], [console], [admission] and [embed] sections (the tests'
+    ``config``, ``console``, ``admission``, ``embed`` and ``server`` are TOML
+    lines for the [sandbox], [console], [admission], [embed] and [server] sections (the tests'
     default admission allows many consoles from 127.0.0.1, and there is no
     warm pool unless ``config`` sets pool_size); ``runtime=None`` leaves the
     runtime to the server to build.
@@ -92,7 +92,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     port = free_port()
     config_path = tmp / "shellserver.toml"
     config_path.write_text("\n".join([
-        f'[server]\nstate_dir = "{state}"',
+        f'[server]\nstate_dir = "{state}"\n{server}',
         f"[console]\n{console}",
         "" if "shutdown_grace" in console else "shutdown_grace = 0",
         f"[admission]\n{admission or GENEROUS_ADMISSION}",
@@ -112,18 +112,18 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
         cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
-    server = RunningServer(process, port, state, cert, uid_min, uid_max, log_path)
+    running = RunningServer(process, port, state, cert, uid_min, uid_max, log_path)
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n"
-                               + (server.log() if log_path.exists() else ""))
+                               + (running.log() if log_path.exists() else ""))
         try:
-            server.get("/").read()
-            return server
+            running.get("/").read()
+            return running
         except OSError:
             if time.monotonic() > deadline:
-                server.stop()
+                running.stop()
                 raise RuntimeError("server did not answer within 30 s") from None
             time.sleep(0.1)
 

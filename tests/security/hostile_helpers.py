@@ -15,18 +15,10 @@ import re
 import socket
 import ssl
 import struct
-import subprocess
 import time
 from pathlib import Path
 
-from conftest import (
-    GENEROUS_ADMISSION,
-    RUNTIME,
-    TWISTD,
-    RunningServer,
-    free_port,
-    processes_of_uids,
-)
+from conftest import RunningServer, processes_of_uids, start_server
 from console_client import TOKEN, ConsoleClient
 
 UID_MIN, UID_MAX = 231000, 231049
@@ -45,45 +37,13 @@ TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 def start_hostile_server(tmp: Path) -> RunningServer:
-    """Like conftest.start_server, with SERVER_LIMITS in [server] (bounded wait)."""
-    from shellserver.tls import endpoint_description, ensure_self_signed
-
-    state = tmp / "state"
-    state.mkdir(mode=0o700, exist_ok=True)
-    cert, key = ensure_self_signed(str(tmp / "tls"))
-    port = free_port()
-    limits = "\n".join(f"{name} = {value}" for name, value in SERVER_LIMITS.items())
-    config_path = tmp / "shellserver.toml"
-    config_path.write_text(
-        f'[server]\nstate_dir = "{state}"\n{limits}\n'
-        "[console]\nshutdown_grace = 0\nauth_timeout = 10.0\n"
-        f"[admission]\n{GENEROUS_ADMISSION}\n"
-        f'[sandbox]\nuid_min = {UID_MIN}\nuid_max = {UID_MAX}\npool_size = 0\n'
-        f'runtime = "{RUNTIME}"\n'
-        f'[embed]\nhost_origins = ["{HOST_ORIGIN}"]\n'
+    """A real server with SERVER_LIMITS in [server] (bounded wait)."""
+    return start_server(
+        tmp, uid_min=UID_MIN, uid_max=UID_MAX,
+        server="\n".join(f"{name} = {value}" for name, value in SERVER_LIMITS.items()),
+        console="auth_timeout = 10.0\n",
+        embed=f'host_origins = ["{HOST_ORIGIN}"]\n',
     )
-    log_path = tmp / "twistd.log"
-    listen = endpoint_description(port, cert, key, interface="127.0.0.1")
-    process = subprocess.Popen(
-        [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
-         "shellserver", "--config", str(config_path), "--listen", listen],
-        cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    server = RunningServer(process, port, state, cert, UID_MIN, UID_MAX, log_path)
-    deadline = time.monotonic() + 30
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n"
-                               + (server.log() if log_path.exists() else ""))
-        try:
-            server.get("/").read()
-            return server
-        except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError("server did not answer within 30 s") from None
-            time.sleep(0.1)
 
 
 # -- the server from outside ---------------------------------------------------
