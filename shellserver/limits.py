@@ -25,6 +25,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IProtocol,
     IProtocolFactory,
+    IProtocolNegotiationFactory,
     IReactorTime,
     ISSLTransport,
 )
@@ -149,6 +150,7 @@ def _cancel(call: IDelayedCall | None) -> None:
         call.cancel()
 
 
+@implementer(IProtocolNegotiationFactory)
 class ConnectionGuard(WrappingFactory):
     """
     Wraps the site's factory (put it where the listener is built; TLS wraps
@@ -171,6 +173,12 @@ class ConnectionGuard(WrappingFactory):
         self.clock = clock
         self._per_address: dict[str, int] = {}
         self._refusing: set[str] = set()
+
+    def acceptableProtocols(self) -> list[bytes]:
+        # TLS asks the factory it wraps for the ALPN protocols; with none
+        # offered, a browser's ALPN hello ends in an internal-error alert.
+        negotiation = IProtocolNegotiationFactory(self.wrappedFactory, None)
+        return list(negotiation.acceptableProtocols()) if negotiation else [b"http/1.1"]
 
     def connections_from(self, address: str) -> int:
         """How many connections ``address`` holds now."""

@@ -198,3 +198,17 @@ def test_wrong_origin_refused(server):
     client.login()
     assert client.wait_closed(timeout=10)
     assert "another origin" in (client.last_message("e") or "")
+
+
+def test_tls_with_alpn(server):
+    """A browser-like TLS hello offering ALPN (h2, http/1.1) gets http/1.1."""
+    import socket
+    import ssl
+
+    context = server.ssl_context()
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.selected_alpn_protocol() == "http/1.1"
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert tls.recv(64).startswith(b"HTTP/1.1 200")
