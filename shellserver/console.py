@@ -43,7 +43,9 @@ DEFAULT_COLS, DEFAULT_ROWS = 80, 24
 # (fewer, larger messages under load); output after a quiet spell, such as a
 # keystroke's echo, goes out at once.
 COALESCE_WINDOW = 0.002
-COALESCE_MAX = 65536
+# Messages stay well under the 64 KiB websocket message size, the size past
+# which they would go out fragmented (a path that stalled under a fast reader).
+COALESCE_MAX = 32768
 MAX_COLS, MAX_ROWS = 1000, 500
 _SIZE = re.compile(r"\A([0-9]{1,4}),([0-9]{1,4})\Z")
 

@@ -35,7 +35,7 @@ log = Logger()
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 # The launcher's exit status when the sandbox could not be built.
 SETUP_FAILED = 111
-READ_BATCH = 65536  # bytes of PTY output read per wake-up at most
+READ_BATCH = 32768  # bytes of PTY output read per wake-up at most
 
 
 class SandboxUnavailable(Exception):

@@ -203,7 +203,6 @@ def test_wrong_origin_refused(server):
 def test_tls_with_alpn(server):
     """A browser-like TLS hello offering ALPN (h2, http/1.1) gets http/1.1."""
     import socket
-    import ssl
 
     context = server.ssl_context()
     context.set_alpn_protocols(["h2", "http/1.1"])

@@ -233,11 +233,15 @@ class CoalescingTests(ConsoleTestCase):
         self.assertEqual(connection.sent[before:], ["oabc"])
 
     def test_large_burst_not_held(self):
-        """A window's worth over 64 KiB is sent without waiting for the timer."""
+        """A window's worth over COALESCE_MAX is sent without waiting for the timer."""
+        from shellserver.console import COALESCE_MAX
+
         connection, session, sandbox = self.running()
-        session.output(b"x" * 40000)
-        session.output(b"y" * 30000)
-        self.assertEqual(connection.sent[-1], "o" + "x" * 40000 + "y" * 30000)
+        half = COALESCE_MAX // 2 + 1
+        session.output(b"x" * half)
+        self.assertFalse(connection.sent[-1].startswith("ox"))
+        session.output(b"y" * half)
+        self.assertEqual(connection.sent[-1], "o" + "x" * half + "y" * half)
 
     def test_pending_output_precedes_the_end(self):
         """Output still in the window is sent before the exit message."""
