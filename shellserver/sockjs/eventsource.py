@@ -17,8 +17,12 @@ EVENTSOURCE_PRELUDE = b"\r\n"
 
 
 def _event(frame: bytes) -> bytes:
-    # frames are JSON or single letters: never a new line inside
-    return b"data: " + frame + b"\r\n\r\n"
+    # sockjs-client passes each event's data through decodeURI: a bare "%"
+    # would throw ("URI malformed") or decode what the program printed, so
+    # it is escaped, as are the characters an event cannot hold.
+    escaped = (frame.replace(b"%", b"%25").replace(b"\r", b"%0D")
+               .replace(b"\n", b"%0A").replace(b"\x00", b"%00"))
+    return b"data: " + escaped + b"\r\n\r\n"
 
 
 def render_eventsource(endpoint: Endpoint, request: IRequest, session_id: str) -> bytes | int:

@@ -663,6 +663,15 @@ class EventSourceTests(HTTPTestsMixin, SynchronousTestCase):
         self.assertTrue(exchange.transport.no_delay)
         self.assertEqual(self.handlers[0].connection.transport_name, "eventsource")
 
+    def test_percent_survives_decode_uri(self) -> None:
+        """
+        "%" is escaped as %25 (sockjs-client runs decodeURI on every event), so
+        "%zz" cannot throw and "%41" is not turned into "A".
+        """
+        exchange = self.request("GET", "/sockjs/000/s1/eventsource")
+        self.handlers[0].connection.send("100% %zz %41")
+        self.assertIn(b'data: a["100%25 %25zz %2541"]\r\n\r\n', exchange.response().body)
+
     def test_response_limit(self) -> None:
         """
         The event stream ends after response_limit bytes; the session lives.
