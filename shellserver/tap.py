@@ -138,6 +138,16 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
 
     state_dir = config.server.state_dir
     notices = []
+    # Checked first: a start that fails here leaves nothing behind.
+    if config.sandbox.runtime:
+        runtime, build = config.sandbox.runtime, False
+        try:
+            check_prebuilt(runtime)
+        except (RuntimeProblem, OSError) as e:
+            raise usage.UsageError(str(e)) from e
+    else:
+        runtime = config.runtime_dir
+        build = not runtime_is_ready(runtime)
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         os.chmod(state_dir, 0o700)
@@ -175,15 +185,6 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
         notices.append(f"uids still in use by other processes, never handed out: "
                        f"{sorted(busy)}")
 
-    if config.sandbox.runtime:
-        runtime, build = config.sandbox.runtime, False
-        try:
-            check_prebuilt(runtime)
-        except (RuntimeProblem, OSError) as e:
-            raise usage.UsageError(str(e)) from e
-    else:
-        runtime = config.runtime_dir
-        build = not runtime_is_ready(runtime)
     return PreparedState(secret=secret, layout=layout, sandbox_root=sandbox_root,
                          runtime=runtime, build_runtime=build, tls=tls, busy_uids=busy,
                          notices=tuple(notices))

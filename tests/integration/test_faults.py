@@ -168,6 +168,12 @@ def test_missing_runtime_is_a_clear_start_up_error(tmp_path):
     assert code != 0
     assert "sandbox.runtime '/nonexistent/runtime' is not a venv" in output
     assert "Traceback" not in output
+    # Nothing was set up before the check: no cgroup directory is left.
+    from shellserver.sandbox.cgroups import read_layout
+    from shellserver.tap import instance_name
+
+    layout = read_layout().for_instance(instance_name(str(tmp_path / "s")))
+    assert not any(os.path.exists(path) for path in layout.parents())
 
 
 def test_full_state_disk_is_a_clear_start_up_error(tmp_path):
