@@ -14,7 +14,6 @@ import base64
 import os
 import re
 import textwrap
-import time
 import zlib
 
 from console_client import ConsoleClient  # tests/, on the path through conftest.py
@@ -186,15 +185,6 @@ def cgroup_dir(pid: int, controller: str) -> str | None:
                 relative = path[len(root):] if root != "/" and path.startswith(root) else path
                 return mount_point + relative
     return None
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def file_state(path: str | os.PathLike) -> tuple:

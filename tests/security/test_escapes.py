@@ -22,7 +22,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import start_server
+from conftest import start_server, wait_until
 from escape_helpers import (
     Sandbox,
     cgroup_dir,
@@ -30,7 +30,6 @@ from escape_helpers import (
     file_state,
     pids_of_uid,
     server_leftovers,
-    wait_until,
 )
 
 pytestmark = [
