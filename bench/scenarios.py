@@ -155,13 +155,16 @@ class FloodVerifier:
 
     def feed(self, text: str, at: float) -> None:
         if self.state == "before":
-            self.head = (self.head + text)[-4096:]
-            index = self.head.find(BEGIN)
+            # Search all of the new text (one message may hold BEGIN and
+            # megabytes after it), keeping only enough for a straddling BEGIN.
+            joined = self.head + text
+            index = joined.find(BEGIN)
             if index < 0:
+                self.head = joined[-len(BEGIN):]
                 return
             self.state, self.began_at = "body", at
             self.began.set_result(at)
-            text = self.head[index + len(BEGIN):]
+            text = joined[index + len(BEGIN):]
         if self.state == "body":
             text = self._body(text)
         if self.state == "after" and text:

@@ -111,6 +111,7 @@ class PreparedState:
     secret: bytes
     layout: CgroupLayout
     sandbox_root: str
+    pipes: str
     runtime: str
     build_runtime: bool
     tls: tuple[str, str] | None
@@ -132,6 +133,7 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
     """
     from shellserver.auth import SecretFileError, load_or_create_secret
     from shellserver.sandbox.cgroups import CgroupError, prepare_parents, read_layout, sweep
+    from shellserver.sandbox.output import prepare_directory as prepare_pipes
     from shellserver.sandbox.runtime import RuntimeProblem, check_prebuilt, runtime_is_ready
     from shellserver.sandbox.uids import uids_in_use
     from shellserver.tls import ensure_self_signed
@@ -154,6 +156,8 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
         secret = load_or_create_secret(config.secret_path)
         sandbox_root = os.path.join(state_dir, "sandbox-root")
         os.makedirs(sandbox_root, mode=0o755, exist_ok=True)
+        pipes = os.path.join(state_dir, "pipes")
+        stale_pipes = prepare_pipes(pipes)
         tls = None
         if need_tls:
             if config.tls.certificate:
@@ -172,6 +176,8 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
             f"server.state_dir {state_dir}: cannot prepare {where}: {e.strerror or e}"
         ) from e
 
+    if stale_pipes:
+        notices.append(f"removed {stale_pipes} output pipes a previous run left behind")
     removed, remaining = sweep(layout)
     if removed:
         notices.append(f"removed {len(removed)} cgroups a previous run left behind")
@@ -185,7 +191,7 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
         notices.append(f"uids still in use by other processes, never handed out: "
                        f"{sorted(busy)}")
 
-    return PreparedState(secret=secret, layout=layout, sandbox_root=sandbox_root,
+    return PreparedState(secret=secret, layout=layout, sandbox_root=sandbox_root, pipes=pipes,
                          runtime=runtime, build_runtime=build, tls=tls, busy_uids=busy,
                          notices=tuple(notices))
 
@@ -307,6 +313,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.limits import ConnectionGuard, ConnectionLimits
     from shellserver.sandbox.budget import CpuBudgetWatcher
+    from shellserver.sandbox.output import FifoPipes
     from shellserver.sandbox.pool import SandboxPool
     from shellserver.sandbox.service import SandboxStarter
     from shellserver.sandbox.spec import SandboxLimits
@@ -337,6 +344,7 @@ def makeService(options: Options) -> MultiService:
         root=prepared.sandbox_root,
         cgroup_layout=prepared.layout,
         uids=uids,
+        outputs=FifoPipes(reactor, prepared.pipes),
         system_python=config.sandbox.system_python,
     )
     admission = Admission(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from attrs import define, field
 from zope.interface import implementer
 
+from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.service import (
     IConsoleProcessEvents,
     ISandbox,
@@ -112,3 +113,54 @@ class FakeSandboxStarter:
         self._next_uid += 1
         self.started.append(sandbox)
         return sandbox
+
+
+@implementer(IOutputPipe)
+@define
+class FakeOutputPipe:
+    """One session's output pipe: ``send`` delivers bytes as if init wrote them."""
+
+    path: str
+    deliver: object
+    reading: bool = True
+    held: list[bytes] = field(factory=list)  # in the pipe, not read yet
+    finished: bool = False
+
+    def send(self, data: bytes) -> None:
+        """Output arrives; read at once unless paused."""
+        self.held.append(data)
+        if self.reading:
+            self._read_all()
+
+    def _read_all(self) -> None:
+        while self.held:
+            self.deliver(self.held.pop(0))
+
+    def pause(self) -> None:
+        self.reading = False
+
+    def resume(self) -> None:
+        self.reading = True
+        self._read_all()
+
+    def finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._read_all()
+
+
+@implementer(IOutputPipes)
+@define
+class FakeOutputPipes:
+    """Makes FakeOutputPipes; can be told to fail as mkfifo would."""
+
+    directory: str = "/state/pipes"
+    opened: dict[str, FakeOutputPipe] = field(factory=dict)
+    error: OSError | None = None
+
+    def open(self, session: str, deliver) -> tuple[str, FakeOutputPipe]:
+        if self.error is not None:
+            raise self.error
+        pipe = FakeOutputPipe(f"{self.directory}/{session}", deliver)
+        self.opened[session] = pipe
+        return pipe.path, pipe

@@ -179,7 +179,28 @@ def sandbox_leftovers(server: RunningServer) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         problems += [f"mount {line.split()[4]}" for line in f
                      if str(server.state_dir) in line]
+    pipes = server.state_dir / "pipes"
+    if pipes.exists():
+        problems += [f"output pipe {path}" for path in pipes.iterdir()]
+    problems += [f"server fd {fd} on {target}" for fd, target in server_pipe_fds(server)]
     return problems
+
+
+def server_pipe_fds(server: RunningServer) -> list[tuple[int, str]]:
+    """The server's open descriptors on output pipes (its sandboxes' FIFOs)."""
+    pipes = str(server.state_dir / "pipes") + "/"
+    found = []
+    directory = f"/proc/{server.process.pid}/fd"
+    if server.process.poll() is not None:
+        return []  # a stopped server holds nothing
+    for name in os.listdir(directory):
+        try:
+            target = os.readlink(f"{directory}/{name}")
+        except OSError:
+            continue
+        if target.startswith(pipes):
+            found.append((int(name), target))
+    return found
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):

@@ -24,6 +24,7 @@ built (the reason is printed on the terminal first).
 """
 
 import ctypes
+import fcntl
 import importlib.util
 import json
 import os
@@ -31,9 +32,21 @@ import signal
 import socket
 import stat
 import sys
+import termios
 import time
 
 SETUP_FAILED = 111
+MAX_FD = 65536
+
+# The relay (init's loop): how much console output it holds before it stops
+# reading the console's terminal, and how long, and how much, it still passes
+# on once the console has exited.
+RELAY_HIGH = 65536
+RELAY_BATCH = 32768
+RELAY_FLOOD_READ = 4000  # a PTY read returns at most 4 KiB
+RELAY_HOLD_MS = 1
+RELAY_FLUSH_BYTES = 1 << 20
+RELAY_FLUSH_SECONDS = 2.0
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -264,13 +277,17 @@ def drop_privileges(spec):
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_init(spec, go_fd):
+def run_init(spec, go_fd, out_fd):
     """Pid 1 of the sandbox: build it, start the console, reap, exit with it."""
     # Wait until the launcher has moved us into the session's cgroups, so the
     # cgroup namespace is rooted there.
     if os.read(go_fd, 1) != b"g":
         os._exit(SETUP_FAILED)
     os.close(go_fd)
+    # Not the launcher's handlers: as pid 1, init then gets no TERM or HUP
+    # from inside the sandbox at all (the launcher's kill ends it).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     try:
         # Built while the host's files (this directory, libseccomp) are in
         # view; loaded once init is unprivileged. Init is then bound by it as
@@ -289,25 +306,178 @@ def run_init(spec, go_fd):
         os.write(2, f"\r\nshellserver: the sandbox could not be built: {e}\r\n".encode())
         os._exit(SETUP_FAILED)
 
+    try:
+        master, console, wake = start_console(spec)
+    except OSError as e:
+        os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n".encode())
+        os._exit(SETUP_FAILED)
+    os._exit(relay(master, out_fd, console, wake))
+
+
+def start_console(spec):
+    """The console on a terminal of the sandbox's own.
+
+    Returns the terminal's master, the console's pid, and the pipe signals
+    arrive on (a byte each, to wake relay's poll).
+    The launcher's terminal (the server's PTY) stays with init and carries
+    keystrokes in; the console's output leaves through the output pipe.
+    """
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    for sig in (signal.SIGCHLD, signal.SIGWINCH):
+        signal.signal(sig, lambda signum, frame: None)
+    master, slave = os.openpty()
+    copy_size(master)
+    import tty
+    tty.setraw(0)  # keystrokes pass as they are; the console's terminal cooks them
     console = os.fork()
     if console == 0:
         try:
-            for sig in TERMINAL_SIGNALS + (signal.SIGTERM, signal.SIGHUP):
+            for sig in TERMINAL_SIGNALS + (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
+                                           signal.SIGWINCH):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+            # Nothing of init's: not the server's terminal, not the output pipe.
+            os.closerange(3, MAX_FD)
             os.chdir(spec["cwd"])
             os.execve(spec["argv"][0], spec["argv"], spec["env"])
         except OSError as e:
             os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n"
                      .encode())
         os._exit(SETUP_FAILED)
+    # Init keeps the slave open (it is never closed): the master does not hang
+    # up while init runs, and what the console wrote before it exited can
+    # still be read.
+    return master, console, wake_read
 
+
+def copy_size(master):
+    """The server's terminal size onto the console's (which then gets SIGWINCH)."""
+    try:
+        size = fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(8))
+        fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+    except OSError:
+        pass
+
+
+def relay(master, out, console, wake):
+    """Init's loop until the console exits; returns its exit status.
+
+    Output: the console's terminal (the kernel hands a PTY's reader 4 KiB at a
+    time, so this loop pays that cost, on the sandbox's CPU) into the output
+    pipe, which the server reads in large pieces. When the pipe is full (the
+    server stopped reading: its client is behind) this stops reading the
+    terminal and the console blocks. Keystrokes: the server's terminal into
+    the console's, whatever the output does. Signals: SIGWINCH copies the
+    size, SIGCHLD reaps (init reaps orphans too).
+    """
+    import select
+
+    for fd in (0, master, out):
+        os.set_blocking(fd, False)
+    pending = bytearray()  # output not yet in the pipe
+    typed = bytearray()  # keystrokes not yet in the console's terminal
+    poller = select.poll()
+    poller.register(wake, select.POLLIN)
+    keys_open = True
+    holding = False  # gathering a flood's output into one write
+    status = None
+    while status is None:
+        poller.register(master, (select.POLLIN if len(pending) < RELAY_HIGH else 0)
+                        | (select.POLLOUT if typed else 0))
+        if out >= 0:
+            poller.register(out, select.POLLOUT if pending and not holding else 0)
+        if keys_open:
+            poller.register(0, select.POLLIN if len(typed) < RELAY_HIGH else 0)
+        events = dict(poller.poll(RELAY_HOLD_MS if holding else None))
+        holding = False
+        if wake in events:
+            try:
+                signals = os.read(wake, 256)
+            except BlockingIOError:
+                signals = b""
+            if signal.SIGWINCH in signals:
+                copy_size(master)
+            status = reap(console)
+        if events.get(master, 0) & select.POLLIN:
+            # A full read means a flood: write once RELAY_BATCH is together
+            # (or nothing came for RELAY_HOLD_MS), not at each 4 KiB; every
+            # write wakes the server. Anything less (an echo) goes at once.
+            flood = read_output(master, pending) >= RELAY_FLOOD_READ
+            holding = flood and len(pending) < RELAY_BATCH
+        if pending and out >= 0 and not holding:
+            out = write_output(out, pending)
+        if out < 0:
+            pending.clear()  # the server has gone: nobody to show it to
+        if 0 in events:
+            try:
+                keys = os.read(0, 65536)
+            except BlockingIOError:
+                keys = None
+            except OSError:
+                keys = b""
+            if keys == b"":
+                keys_open = False
+                poller.unregister(0)
+            elif keys:
+                typed += keys
+        if typed:
+            try:
+                del typed[:os.write(master, typed)]
+            except BlockingIOError:
+                pass
+    # The console has exited: what it wrote last, then its status.
+    read_output(master, pending, limit=RELAY_FLUSH_BYTES)
+    deadline = time.monotonic() + RELAY_FLUSH_SECONDS
+    while pending and out >= 0 and time.monotonic() < deadline:
+        select.select([], [out], [], max(0.0, deadline - time.monotonic()))
+        out = write_output(out, pending)
+    return status
+
+
+def read_output(master, pending, limit=RELAY_HIGH):
+    """Read what the console's terminal has (up to ``limit`` held); how much."""
+    got = 0
+    while len(pending) < limit:
+        try:
+            data = os.read(master, 65536)
+        except (BlockingIOError, OSError):
+            return got
+        if not data:
+            return got
+        pending += data
+        got += len(data)
+    return got
+
+
+def write_output(out, pending):
+    """Write what the pipe takes; -1 when the server closed it."""
+    try:
+        del pending[:os.write(out, pending)]
+    except BlockingIOError:
+        pass
+    except OSError:
+        os.close(out)
+        return -1
+    return out
+
+
+def reap(console):
+    """Reap every exited child; the console's exit status once it has gone."""
+    status = None
     while True:
         try:
-            pid, status = os.wait()
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            os._exit(SETUP_FAILED)
+            return SETUP_FAILED if status is None else status
+        if pid == 0:
+            return status
         if pid == console:
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+            status = os.waitstatus_to_exitcode(wait_status) & 0xFF
 
 
 # -- launcher -----------------------------------------------------------------
@@ -325,6 +495,10 @@ def main(argv):
     signal.signal(signal.SIGHUP, stop)
 
     try:
+        # The server made this FIFO and has it open for reading; init writes
+        # the console's output to it. Nobody else may ever open it.
+        out = os.open(spec["output"], os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.unlink(spec["output"])
         create_cgroups(cgroups)
         unshare(CLONE_NEWPID)
     except (OSError, SetupError) as e:
@@ -336,9 +510,10 @@ def main(argv):
     pid = os.fork()
     if pid == 0:
         os.close(go_write)
-        run_init(spec, go_read)
+        run_init(spec, go_read, out)
         os._exit(SETUP_FAILED)  # not reached
     os.close(go_read)
+    os.close(out)
     try:
         join_cgroups(cgroups, pid)
         os.write(go_write, b"g")

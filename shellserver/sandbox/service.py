@@ -1,11 +1,15 @@
 """The one seam that spawns sandboxes.
 
-``SandboxStarter.start`` allocates a uid, builds the spec, and spawns the root
-launcher in a fresh PTY with ``reactor.spawnProcess(..., usePTY=True)``. The
-``SandboxProcessProtocol`` only turns PTY bytes and the exit into calls on the
-console's ``IConsoleProcessEvents``. When the launcher ends, however it ends,
-the server kills and removes the session's cgroups (the launcher may have been
-SIGKILLed before its own cleanup) and only then gives the uid back.
+``SandboxStarter.start`` allocates a uid, opens the session's output pipe
+(output.py), builds the spec, and spawns the root launcher in a fresh PTY
+with ``reactor.spawnProcess(..., usePTY=True)``. Keystrokes and the terminal
+size go in through that PTY; the console's output comes back through the
+output pipe (the PTY itself only carries the launcher's own messages, such as
+why a sandbox could not be built). The ``SandboxProcessProtocol`` only turns
+bytes and the exit into calls on the console's ``IConsoleProcessEvents``.
+When the launcher ends, however it ends, the server kills and removes the
+session's cgroups (the launcher may have been SIGKILLed before its own
+cleanup) and only then gives the uid back.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from shellserver.sandbox.cgroups import CgroupLayout, CgroupReaper
+from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.spec import SandboxLimits, SandboxSpec, build_spec
 from shellserver.sandbox.uids import UidPool, UidsExhausted
 
@@ -62,7 +67,7 @@ class ISandbox(IPushProducer):
     """A running sandbox, as its console sees it.
 
     As a push producer of terminal output, it can be paused (the server stops
-    reading the PTY) while the client is behind.
+    reading its output pipe) while the client is behind.
     """
 
     session = Attribute("The session name (also the cgroup directory name).")
@@ -85,12 +90,11 @@ class ISandboxStarter(Interface):
 
 @define
 class SandboxProcessProtocol(ProcessProtocol):
-    """PTY bytes and the exit, passed on; no policy here.
+    """The launcher's PTY bytes and the exit, passed on; no policy here.
 
-    The kernel hands out at most 4 KiB per PTY read and Twisted reads once per
-    wake-up; draining what is already there (up to READ_BATCH) into one batch
-    saves most of the per-read overhead under a flood, and costs nothing when
-    a single keystroke's echo is all there is.
+    The console's output does not come this way (see output.py); what does
+    is little (the launcher's messages), but draining what is already there
+    (up to READ_BATCH) keeps it one message.
     """
 
     _sandbox: RunningSandbox
@@ -123,6 +127,7 @@ class RunningSandbox:
     events: IConsoleProcessEvents
     _starter: SandboxStarter
     _transport: object = None
+    _output: IOutputPipe | None = None
     _kill_call: IDelayedCall | None = None
     ended: bool = False
     cleaned: Deferred[None] = field(factory=Deferred)
@@ -155,11 +160,11 @@ class RunningSandbox:
 
     def pauseProducing(self) -> None:
         if not self.ended:
-            self._transport.pauseProducing()
+            self._output.pause()
 
     def resumeProducing(self) -> None:
         if not self.ended:
-            self._transport.resumeProducing()
+            self._output.resume()
 
     def stopProducing(self) -> None:
         self.terminate()
@@ -167,9 +172,6 @@ class RunningSandbox:
     def terminate(self) -> None:
         if self.ended or self._kill_call is not None:
             return
-        # Twisted reports the end of a PTY process only once it has read the
-        # PTY's end: a paused reader would never see it.
-        self._transport.resumeProducing()
         self._signal("TERM")
         self._kill_call = self._starter.clock.callLater(
             self._starter.kill_delay, self._kill
@@ -197,6 +199,13 @@ class RunningSandbox:
             status, signal = value.exitCode, value.signal
         log.info("console {session} (uid {uid}) ended: status {status}, signal {signal}",
                  session=self.session, uid=self.uid, status=status, signal=signal)
+        # Init wrote the console's last output before it exited, and the
+        # launcher ended after init: all of it is in the pipe now.
+        try:
+            self._output.finish()
+        except Exception:
+            log.failure("console {session}: the output pipe's end failed",
+                        session=self.session)
         # The console hears first; the cleanup may complete synchronously and
         # let a shutting-down reactor go on to close every connection.
         try:
@@ -217,6 +226,7 @@ class SandboxStarter:
     root: str
     cgroup_layout: CgroupLayout | None
     uids: UidPool
+    outputs: IOutputPipes
     system_python: str = "/usr/bin/python3"
     launcher: str = LAUNCHER
     kill_delay: float = 5.0
@@ -248,6 +258,18 @@ class SandboxStarter:
         except UidsExhausted as e:
             raise SandboxUnavailable("all consoles are in use; try again soon") from e
         session = "s" + secrets.token_hex(8)
+        sandbox: RunningSandbox | None = None
+
+        def deliver(data: bytes) -> None:  # only once the launcher runs
+            sandbox.events.output(data)
+
+        try:
+            path, output = self.outputs.open(session, deliver)
+        except OSError as e:
+            self.uids.release(uid)
+            log.error("could not make the output pipe for {session}: {error}",
+                      session=session, error=e)
+            raise SandboxUnavailable("the console could not be started") from e
         spec = build_spec(
             session=session,
             uid=uid,
@@ -255,8 +277,9 @@ class SandboxStarter:
             runtime=self.runtime,
             root=self.root,
             cgroup_layout=self.cgroup_layout,
+            output=path,
         )
-        sandbox = RunningSandbox(spec=spec, events=events, starter=self)
+        sandbox = RunningSandbox(spec=spec, events=events, starter=self, output=output)
         argv = [self.system_python, "-I", "-S", self.launcher, spec.to_json()]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
         try:
@@ -266,6 +289,7 @@ class SandboxStarter:
             )
         except Exception as e:
             self.uids.release(uid)
+            sandbox._output.finish()
             log.failure("could not spawn the launcher for {session}", session=session)
             raise SandboxUnavailable("the console could not be started") from e
         self.running[session] = sandbox

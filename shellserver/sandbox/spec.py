@@ -80,6 +80,9 @@ class SandboxSpec:
     copies: tuple[str, ...]
     rlimits: Mapping[str, tuple[int, int]]
     cgroups: tuple[CgroupGroup, ...] = field(default=())
+    # The FIFO the console's output goes to (see launcher.relay); the server
+    # made it and reads it.
+    output: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -101,6 +104,7 @@ class SandboxSpec:
                 "cgroups": [
                     {"path": g.path, "limits": dict(g.limits)} for g in self.cgroups
                 ],
+                "output": self.output,
             },
             separators=(",", ":"),
         )
@@ -167,6 +171,7 @@ def build_spec(
     runtime: str,
     root: str,
     cgroup_layout: CgroupLayout | None,
+    output: str = "",
     extra_binds: Sequence[str] = (),
 ) -> SandboxSpec:
     """The sandbox for one console session, as a pure value."""
@@ -201,4 +206,5 @@ def build_spec(
             "CORE": (0, 0),
         },
         cgroups=tuple(cgroups),
+        output=output,
     )

@@ -10,7 +10,13 @@ import os
 import time
 
 import pytest
-from conftest import processes_of_uids, sandbox_leftovers, session_cgroups, wait_until
+from conftest import (
+    processes_of_uids,
+    sandbox_leftovers,
+    server_pipe_fds,
+    session_cgroups,
+    wait_until,
+)
 from console_client import ConsoleClient, fetch_token
 
 pytestmark = pytest.mark.integration
@@ -116,6 +122,58 @@ def test_resize_reaches_the_terminal(console):
     time.sleep(0.2)
     size = ask(console, "tuple(__import__('os').get_terminal_size())", 2)
     assert size == "(123, 41)"
+
+
+def holders_of(inode: tuple[int, int], pids: list[int]) -> list[int]:
+    """Which of ``pids`` have a descriptor open on the file ``inode`` (dev, ino)."""
+    holders = []
+    for pid in pids:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == inode:
+                holders.append(pid)
+    return holders
+
+
+def test_output_pipe_and_terminals(console, server):
+    """The output FIFO is unlinked at once and held by init alone; the console
+    runs on a terminal of its own devpts and holds nothing of the server's PTY."""
+    uid = int(ask(console, "__import__('os').getuid()", 2))
+    assert list((server.state_dir / "pipes").iterdir()) == []
+    ((fd, target),) = server_pipe_fds(server)
+    assert target.endswith(" (deleted)")
+    st = os.stat(f"/proc/{server.process.pid}/fd/{fd}")
+    pipe = (st.st_dev, st.st_ino)
+    pids = processes_of_uids(uid, uid)
+    inits = [pid for pid in pids if "launcher.py" in open(f"/proc/{pid}/cmdline").read()]
+    consoles = [pid for pid in pids if pid not in inits]
+    assert len(inits) == 1 and consoles, pids
+    assert holders_of(pipe, pids) == inits
+    # The launcher's PTY (the server's) is init's fd 0; no console process has it.
+    st = os.stat(f"/proc/{inits[0]}/fd/0")
+    assert holders_of((st.st_dev, st.st_ino), consoles) == []
+    tty = ask(console, "__import__('os').ttyname(1)", 3)
+    assert tty == "/dev/pts/0"
+
+
+def test_last_output_arrives_before_the_exit(server):
+    """What the console prints just before it exits arrives whole, then the close."""
+    client = ConsoleClient(server)
+    client.login()
+    assert client.wait_for_prompt(1, timeout=20)
+    client.send("k0")  # acknowledging: the output is paused above the high watermark
+    client.type("print('z' * 600000 + 'END'); exit()\r")
+    deadline = time.monotonic() + 30
+    while not client.closed and time.monotonic() < deadline:
+        client.send(f"k{sum(len(chunk) for chunk in client.raw_output)}")
+        client.pump(0.1)
+    assert client.closed
+    text = output_of(client).replace("\r\n", "")
+    assert "z" * 600000 + "END" in text
+    assert client.last_message("x") == "The console has exited."
 
 
 def test_utf8_output_intact(console):

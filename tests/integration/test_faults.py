@@ -84,9 +84,15 @@ def test_sigkill_of_server_and_launchers_is_swept_at_start(tmp_path):
     assert any(os.path.exists(p) for p in old_sessions), "nothing left to sweep"
     for client in clients:
         client.close()
+    # A server killed between making a console's output FIFO and its launcher
+    # opening it leaves the FIFO: the next start removes it.
+    stale = server.state_dir / "pipes" / "s0000000000000000"
+    os.mkfifo(stale, 0o600)
     restarted = start_server(tmp_path, uid_min=222010, uid_max=222019)
     try:
         assert "removed" in restarted.log() and "cgroups a previous run left" in restarted.log()
+        assert "removed 1 output pipes a previous run left" in restarted.log()
+        assert not stale.exists()
         assert not any(os.path.exists(p) for p in old_sessions)
         (client,) = open_consoles(restarted, 1)
         client.close()

@@ -24,6 +24,7 @@ from shellserver.sandbox.service import (
 )
 from shellserver.sandbox.spec import SandboxLimits
 from shellserver.sandbox.uids import UidPool
+from shellserver.testing import FakeOutputPipes
 
 MIB = 1024 * 1024
 LIMITS = SandboxLimits(
@@ -119,12 +120,14 @@ class RecordingEvents:
     outputs: list[bytes] = field(factory=list)
     exits: list[tuple] = field(factory=list)
     exit_error: Exception | None = None
+    outputs_at_exit: list[list[bytes]] = field(factory=list)
 
     def output(self, data):
         self.outputs.append(data)
 
     def exited(self, status, signal):
         self.exits.append((status, signal))
+        self.outputs_at_exit.append(list(self.outputs))
         if self.exit_error is not None:
             raise self.exit_error
 
@@ -176,6 +179,7 @@ class StarterTestCase(SynchronousTestCase):
 
     def make_starter(self, busy_attempts=0, timeout=10.0, layout=LAYOUT):
         self.cgroups = FakeCgroups(busy_attempts)
+        self.pipes = FakeOutputPipes()
         self.starter = SandboxStarter(
             reactor=self.reactor,
             limits=LIMITS,
@@ -183,6 +187,7 @@ class StarterTestCase(SynchronousTestCase):
             root="/srv/root",
             cgroup_layout=layout,
             uids=self.uids,
+            outputs=self.pipes,
             system_python=SYSTEM_PYTHON,
             kill_delay=5.0,
             reaper=CgroupReaper(self.reactor, interval=1.0, timeout=timeout,
@@ -194,6 +199,9 @@ class StarterTestCase(SynchronousTestCase):
         events = RecordingEvents()
         sandbox = self.starter.start(events, cols, rows)
         return sandbox, events, self.reactor.spawned[-1]
+
+    def pipe(self, sandbox):
+        return self.pipes.opened[sandbox.session]
 
     def end(self, spawned, reason=None):
         reason = reason if reason is not None else ProcessDone(0)
@@ -252,11 +260,32 @@ class SpawnTests(StarterTestCase):
         )
 
     def test_output_passed_on(self):
-        """Bytes from the PTY reach the console's events unchanged."""
-        _, events, spawned = self.start()
-        spawned.protocol.childDataReceived(1, b"In [1]: ")
-        spawned.protocol.childDataReceived(1, b"\x1b[0m")
+        """Bytes from the output pipe reach the console's events unchanged."""
+        sandbox, events, _ = self.start()
+        self.pipe(sandbox).send(b"In [1]: ")
+        self.pipe(sandbox).send(b"\x1b[0m")
         self.assertEqual(events.outputs, [b"In [1]: ", b"\x1b[0m"])
+
+    def test_launcher_messages_passed_on(self):
+        """Bytes on the PTY (the launcher's own messages) reach the events too."""
+        _, events, spawned = self.start()
+        spawned.protocol.childDataReceived(1, b"the sandbox could not be built")
+        self.assertEqual(events.outputs, [b"the sandbox could not be built"])
+
+    def test_output_pipe_in_spec(self):
+        """The spec names the session's output pipe, for the launcher to open."""
+        sandbox, _, spawned = self.start()
+        document = json.loads(spawned.args[4])
+        self.assertEqual(document["output"], "/state/pipes/" + sandbox.session)
+        self.assertEqual(self.pipe(sandbox).path, document["output"])
+
+    def test_output_pipe_failure(self):
+        """If the pipe cannot be made, nothing is spawned and the uid goes back."""
+        self.pipes.error = OSError(errno.ENOSPC, "No space left on device")
+        with self.assertRaises(SandboxUnavailable) as caught:
+            self.start()
+        self.assertEqual(str(caught.exception), "the console could not be started")
+        self.assertEqual((self.reactor.spawned, self.uids.in_use), ([], 0))
 
     def test_write(self):
         """Keystrokes go to the PTY until the process ends, then are dropped."""
@@ -293,6 +322,8 @@ class SpawnTests(StarterTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.assertEqual((self.uids.in_use, self.uids.available), (0, 2))
         self.assertEqual(self.starter.running, {})
+        (pipe,) = self.pipes.opened.values()
+        self.assertTrue(pipe.finished)
 
 
 class ExitTests(StarterTestCase):
@@ -436,22 +467,38 @@ class TerminateTests(StarterTestCase):
 class OutputProducerTests(StarterTestCase):
     def setUp(self):
         super().setUp()
-        self.sandbox, _, spawned = self.start()
-        self.transport = spawned.transport
+        self.sandbox, self.events, self.spawned = self.start()
+        self.transport = self.spawned.transport
 
     def test_pause_and_resume_reading(self):
-        """Pausing the sandbox stops reading its PTY; resuming reads again."""
-        self.sandbox.pauseProducing()
-        self.assertFalse(self.transport.reading)
-        self.sandbox.resumeProducing()
-        self.assertTrue(self.transport.reading)
+        """Pausing the sandbox stops reading its output pipe; resuming reads again.
 
-    def test_terminate_resumes_reading(self):
-        """Terminating a paused sandbox reads again, so its end is noticed."""
+        The PTY, which carries only keystrokes in and the launcher's messages,
+        is read throughout.
+        """
+        pipe = self.pipe(self.sandbox)
         self.sandbox.pauseProducing()
-        self.sandbox.terminate()
+        pipe.send(b"held back")
+        self.assertEqual((pipe.reading, self.events.outputs), (False, []))
         self.assertTrue(self.transport.reading)
-        self.assertEqual(self.transport.signals, ["TERM"])
+        self.sandbox.resumeProducing()
+        self.assertEqual(self.events.outputs, [b"held back"])
+
+    def test_last_output_before_exit(self):
+        """At the end, what the pipe holds is delivered (paused or not), then the exit."""
+        pipe = self.pipe(self.sandbox)
+        self.sandbox.pauseProducing()
+        pipe.send(b"Bye")
+        self.end(self.spawned)
+        self.assertEqual(self.events.outputs_at_exit, [[b"Bye"]])
+        self.assertTrue(pipe.finished)
+
+    def test_paused_after_end_is_harmless(self):
+        """Pausing or resuming an ended sandbox touches nothing."""
+        self.end(self.spawned)
+        self.sandbox.pauseProducing()
+        self.sandbox.resumeProducing()
+        self.assertTrue(self.pipe(self.sandbox).finished)
 
 
 class DrainTests(StarterTestCase):

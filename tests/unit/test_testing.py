@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
+from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.service import (
     IConsoleProcessEvents,
     ISandbox,
@@ -18,7 +19,13 @@ from shellserver.sandbox.service import (
 from shellserver.sandbox.spec import SandboxLimits, build_spec
 from shellserver.sandbox.uids import UidPool
 from shellserver.sockjs import SockJSConnection
-from shellserver.testing import FakeConnection, FakeSandbox, FakeSandboxStarter
+from shellserver.testing import (
+    FakeConnection,
+    FakeOutputPipe,
+    FakeOutputPipes,
+    FakeSandbox,
+    FakeSandboxStarter,
+)
 
 LIMITS = SandboxLimits(
     memory_bytes=1 << 28, pids_max=64, cpu_shares=256, cpu_quota=0.5,
@@ -57,7 +64,7 @@ class SandboxFakesTests(SynchronousTestCase):
     def starter(self):
         return SandboxStarter(reactor=Clock(), limits=LIMITS, runtime="/srv/runtime",
                               root="/srv/root", cgroup_layout=None,
-                              uids=UidPool(200000, 200009))
+                              uids=UidPool(200000, 200009), outputs=FakeOutputPipes())
 
     def test_fake_sandbox(self):
         """FakeSandbox provides ISandbox."""
@@ -71,11 +78,23 @@ class SandboxFakesTests(SynchronousTestCase):
         self.assertTrue(verifyClass(ISandboxStarter, FakeSandboxStarter))
         self.assertTrue(verifyObject(ISandboxStarter, FakeSandboxStarter()))
 
+    def test_fake_output_pipes(self):
+        """FakeOutputPipes and FakeOutputPipe provide the output pipe interfaces."""
+        self.assertTrue(verifyObject(IOutputPipes, FakeOutputPipes()))
+        self.assertTrue(verifyClass(IOutputPipe, FakeOutputPipe))
+        self.assertTrue(verifyObject(IOutputPipe, FakeOutputPipes().open("s1", print)[1]))
+
+    def test_real_fifo_reader(self):
+        """The real FifoReader provides IOutputPipe."""
+        from shellserver.sandbox.output import FifoReader
+        self.assertTrue(verifyClass(IOutputPipe, FifoReader))
+
     def test_running_sandbox(self):
         """The real RunningSandbox provides ISandbox."""
         spec = build_spec(session="s1", uid=200000, limits=LIMITS, runtime="/srv/rt",
                           root="/srv/root", cgroup_layout=None)
-        sandbox = RunningSandbox(spec=spec, events=Events(), starter=self.starter())
+        sandbox = RunningSandbox(spec=spec, events=Events(), starter=self.starter(),
+                                 output=FakeOutputPipes().open("s1", print)[1])
         self.assertTrue(verifyClass(ISandbox, RunningSandbox))
         self.assertTrue(verifyObject(ISandbox, sandbox))
         self.assertEqual((sandbox.session, sandbox.uid), ("s1", 200000))
