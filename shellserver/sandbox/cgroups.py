@@ -268,10 +268,25 @@ class CgroupReaper:
     _timeout: float = 10.0
     _rmdir: Callable[[str], None] = os.rmdir
     _kill: Callable[[str], None] = field(default=None)
+    _write_file: Callable[[str, str], None] = _write
 
     def __attrs_post_init__(self) -> None:
         if self._kill is None:
             self._kill = lambda path: _write(os.path.join(path, "cgroup.kill"), "1")
+
+    def deprioritize(self, groups: tuple[CgroupGroup, ...]) -> None:
+        """Give an ending session the lowest CPU weight.
+
+        Its teardown (the kernel unmapping a console's memory, its mounts)
+        then waits for the live consoles instead of taking turns with them.
+        """
+        for group in groups:
+            for key, lowest in (("cpu.weight", "1"), ("cpu.shares", "2")):
+                if key in group.limits:
+                    try:
+                        self._write_file(os.path.join(group.path, key), lowest)
+                    except OSError:
+                        pass  # already gone, or never made: nothing to slow
 
     def reap(self, groups: tuple[CgroupGroup, ...]) -> Deferred[bool]:
         """Fire with True once every directory is gone, False on timeout."""

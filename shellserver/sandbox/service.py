@@ -172,6 +172,7 @@ class RunningSandbox:
     def terminate(self) -> None:
         if self.ended or self._kill_call is not None:
             return
+        self._starter.reaper.deprioritize(self.spec.cgroups)
         self._signal("TERM")
         self._kill_call = self._starter.clock.callLater(
             self._starter.kill_delay, self._kill

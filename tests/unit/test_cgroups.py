@@ -284,3 +284,24 @@ class CgroupReaperTests(SynchronousTestCase):
         reaper = CgroupReaper(self.clock, kill=kill, rmdir=cgroups.rmdir)
         self.assertIs(self.successResultOf(reaper.reap(GROUPS)), True)
         self.assertEqual(cgroups.killed, ["/cg/memory/s1", "/cg/unified/s1"])
+
+    def test_deprioritize_writes_the_lowest_weight(self):
+        """An ending session's CPU weight drops to the minimum, in v1 or v2 terms;
+        groups without a CPU weight, and writes that fail, are passed over."""
+        writes = []
+
+        def write(path, text):
+            writes.append((path, text))
+            if path.startswith("/cg/gone"):
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+        reaper = CgroupReaper(self.clock, write_file=write)
+        reaper.deprioritize((
+            CgroupGroup("/cg/memory/s1", {"memory.limit_in_bytes": "1"}),
+            CgroupGroup("/cg/cpu/s1", {"cpu.shares": "256", "cpu.cfs_quota_us": "1"}),
+            CgroupGroup("/cg/gone/s1", {"cpu.weight": "25"}),
+            CgroupGroup("/cg/unified/s1", {"cpu.weight": "25", "cpu.max": "1 1"}),
+        ))
+        self.assertEqual(writes, [("/cg/cpu/s1/cpu.shares", "2"),
+                                  ("/cg/gone/s1/cpu.weight", "1"),
+                                  ("/cg/unified/s1/cpu.weight", "1")])

@@ -140,9 +140,13 @@ class FakeCgroups:
         self.attempts = {}
         self.killed = []
         self.removed = []
+        self.written = []
 
     def kill(self, path):
         self.killed.append(path)
+
+    def write(self, path, text):
+        self.written.append((path, text))
 
     def rmdir(self, path):
         count = self.attempts.get(path, 0)
@@ -191,7 +195,8 @@ class StarterTestCase(SynchronousTestCase):
             system_python=SYSTEM_PYTHON,
             kill_delay=5.0,
             reaper=CgroupReaper(self.reactor, interval=1.0, timeout=timeout,
-                                kill=self.cgroups.kill, rmdir=self.cgroups.rmdir),
+                                kill=self.cgroups.kill, rmdir=self.cgroups.rmdir,
+                                write_file=self.cgroups.write),
             read_pty=self.read_pty,
         )
 
@@ -401,10 +406,13 @@ class CleanupTests(StarterTestCase):
 
 class TerminateTests(StarterTestCase):
     def test_term_then_kill(self):
-        """terminate() sends TERM, and KILL after kill_delay if still running."""
+        """terminate() lowers the session's CPU weight and sends TERM, and KILL
+        after kill_delay if still running."""
         sandbox, _, spawned = self.start()
         sandbox.terminate()
         self.assertEqual(spawned.transport.signals, ["TERM"])
+        self.assertEqual(self.cgroups.written,
+                         [(sandbox.spec.cgroups[0].path + "/cpu.weight", "1")])
         self.reactor.advance(4.9)
         self.assertEqual(spawned.transport.signals, ["TERM"])
         self.reactor.advance(0.1)
