@@ -176,6 +176,14 @@ def test_last_output_arrives_before_the_exit(server):
     assert client.last_message("x") == "The console has exited."
 
 
+def test_start_up_heap_is_frozen(console):
+    """IPython's start-up objects are frozen out of the collector (no full
+    collection walks them), and the freeze leaves no name behind."""
+    frozen = int(ask(console, "__import__('gc').get_freeze_count()", 2))
+    assert frozen > 10000
+    assert ask(console, "'gc' in dir()", 3) == "False"
+
+
 def test_utf8_output_intact(console):
     """Large multi-byte output arrives without a corrupted character."""
     console.run("print('S' + '☃é€😀' * 3000 + 'E')", 2, timeout=20)
