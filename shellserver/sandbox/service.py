@@ -129,6 +129,7 @@ class RunningSandbox:
     _transport: object = None
     _output: IOutputPipe | None = None
     _kill_call: IDelayedCall | None = None
+    _terminating: bool = False
     ended: bool = False
     cleaned: Deferred[None] = field(factory=Deferred)
 
@@ -169,10 +170,24 @@ class RunningSandbox:
     def stopProducing(self) -> None:
         self.terminate()
 
-    def terminate(self) -> None:
-        if self.ended or self._kill_call is not None:
+    def terminate(self, at_once: bool = False) -> None:
+        """End the sandbox: its CPU weight drops now; TERM follows, spaced
+        from other teardowns (see SandboxStarter.teardown_spacing) unless
+        ``at_once``; KILL after ``kill_delay`` more."""
+        if self.ended:
             return
-        self._starter.reaper.deprioritize(self.spec.cgroups)
+        if not self._terminating:
+            self._terminating = True
+            self._starter.reaper.deprioritize(self.spec.cgroups)
+            if not at_once:
+                self._starter.space_teardown(self._send_term)
+                return
+        if at_once:
+            self._send_term()
+
+    def _send_term(self) -> None:
+        if self.ended or self._kill_call is not None:
+            return  # gone already, or TERM was sent (at once, before its turn)
         self._signal("TERM")
         self._kill_call = self._starter.clock.callLater(
             self._starter.kill_delay, self._kill
@@ -231,6 +246,12 @@ class SandboxStarter:
     system_python: str = "/usr/bin/python3"
     launcher: str = LAUNCHER
     kill_delay: float = 5.0
+    # Sandboxes ending together (tabs closed at once, the kill switch) are
+    # torn down this far apart: each teardown is a burst of kernel work (a
+    # console's memory unmapped, its mounts and namespaces) that live
+    # consoles would otherwise feel all at once.
+    teardown_spacing: float = 0.025
+    _next_teardown: float = 0.0
     reaper: CgroupReaper | None = None
     read_pty: Callable[[int, int], bytes] = os.read
     running: dict[str, RunningSandbox] = field(factory=dict)
@@ -298,6 +319,16 @@ class SandboxStarter:
         log.info("console {session} started as uid {uid}", session=session, uid=uid)
         return sandbox
 
+    def space_teardown(self, action: Callable[[], None]) -> None:
+        """Run ``action`` now, or ``teardown_spacing`` after the last one."""
+        now = self.clock.seconds()
+        at = max(now, self._next_teardown)
+        self._next_teardown = at + self.teardown_spacing
+        if at <= now:
+            action()
+        else:
+            self.clock.callLater(at - now, action)
+
     def sandbox_ended(self, sandbox: RunningSandbox) -> None:
         self.running.pop(sandbox.session, None)
         d = self.reaper.reap(sandbox.spec.cgroups)
@@ -320,5 +351,5 @@ class SandboxStarter:
 
         waits = [s.cleaned for s in self.running.values()]
         for sandbox in list(self.running.values()):
-            sandbox.terminate()
+            sandbox.terminate(at_once=True)  # the server is stopping: no spacing
         return gatherResults(waits)

@@ -535,3 +535,51 @@ class DrainTests(StarterTestCase):
         self.starter.read_pty = eio
         spawned.protocol.childDataReceived(1, b"last")
         self.assertEqual(events.outputs, [b"last"])
+
+
+class TeardownSpacingTests(StarterTestCase):
+    def test_spaced_terms(self):
+        """Sandboxes ended together get TERM teardown_spacing apart, the first at once;
+        all get the lowest CPU weight at once."""
+        started = [self.start() for _ in range(2)]
+        for sandbox, _, _ in started:
+            sandbox.terminate()
+        signals = [spawned.transport.signals for _, _, spawned in started]
+        self.assertEqual(signals, [["TERM"], []])
+        self.assertEqual(len(self.cgroups.written), 2)
+        self.reactor.advance(self.starter.teardown_spacing)
+        self.assertEqual(signals, [["TERM"], ["TERM"]])
+
+    def test_later_teardown_not_delayed(self):
+        """A teardown long after the last one is not held back."""
+        first, _, _ = self.start()
+        first.terminate()
+        self.reactor.advance(1.0)
+        second, _, spawned = self.start()
+        second.terminate()
+        self.assertEqual(spawned.transport.signals, ["TERM"])
+
+    def test_ended_before_its_turn(self):
+        """A sandbox that ends while waiting for its turn gets no signal and no timer."""
+        self.make_starter(layout=None)
+        first, _, _ = self.start()
+        second, _, spawned = self.start()
+        first.terminate()
+        second.terminate()
+        self.end(spawned, ProcessDone(0))
+        self.reactor.advance(1.0)
+        self.assertEqual(spawned.transport.signals, [])
+
+    def test_stop_all_does_not_wait_its_turn(self):
+        """stop_all (the server is stopping) sends TERM to all at once, including
+        sandboxes already waiting for their turn."""
+        first, _, first_spawned = self.start()
+        second, _, second_spawned = self.start()
+        first.terminate()
+        second.terminate()
+        self.assertEqual(second_spawned.transport.signals, [])
+        self.starter.stop_all()
+        self.assertEqual(second_spawned.transport.signals, ["TERM"])
+        self.reactor.advance(self.starter.teardown_spacing)
+        self.assertEqual(second_spawned.transport.signals, ["TERM"])
+        self.assertEqual(first_spawned.transport.signals, ["TERM"])
