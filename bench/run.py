@@ -245,6 +245,12 @@ def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str 
                   "all exact" if t["all_ok"] else "; ".join(t["errors"])[:60],
                   "all exact" if b["all_ok"] else "; ".join(b["errors"])[:60], None,
                   "exact", t["all_ok"] and b["all_ok"])
+        table.row("whole machine CPU per MB during the flood",
+                  f"{t['machine_cpu_ms_per_mb']:.1f} ms/MB",
+                  f"{b['machine_cpu_ms_per_mb']:.1f} ms/MB",
+                  ratio(t["machine_cpu_ms_per_mb"], b["machine_cpu_ms_per_mb"]))
+        table.row("CPUs busy during the flood", f"{t['machine_busy']:.2f} of {os.cpu_count()}",
+                  f"{b['machine_busy']:.2f} of {os.cpu_count()}")
         cpu = t["server_cpu_ms_per_mb"]
         table.row("server CPU per MB of output", f"{cpu:.1f} ms/MB", "—",
                   cpu / TTYD_CPU_MS_PER_MB, f"<= ttyd ({TTYD_CPU_MS_PER_MB} ms/MB)",

@@ -50,6 +50,13 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(all, idle) clock ticks of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]  # idle and iowait
+
+
 def cpu_self() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -209,6 +216,9 @@ async def throughput(target: Target, megabytes: float) -> dict:
         await console.quiet(0.2)
         verifier = FloodVerifier(blocks * BLOCK_LINES)
         console.sink = verifier.feed
+        machine = []  # at BEGIN and at DONE
+        for event in (verifier.began, verifier.done):
+            event.add_done_callback(lambda _: machine.append(machine_cpu()))
         prompt = console.expect(wire.PROMPT)
         server_cpu = target.server.cpu_seconds() if target.server else 0.0
         client_cpu = cpu_self()
@@ -223,7 +233,13 @@ async def throughput(target: Target, megabytes: float) -> dict:
         await target.finish([console])
     mb = verifier.body / 1e6
     seconds = verifier.done_at - verifier.began_at
+    (all_before, idle_before), (all_after, idle_after) = machine
+    busy = 1 - (idle_after - idle_before) / max(1, all_after - all_before)
     return {
+        # CPUs busy (of os.cpu_count()) during the flood, everything included:
+        # the console, the server, the client, the kernel's tty work.
+        "machine_busy": busy * os.cpu_count(),
+        "machine_cpu_ms_per_mb": busy * os.cpu_count() * seconds * 1000 / mb,
         "bytes": verifier.body, "expected": verifier.expected, "error": verifier.error,
         "mb_per_s": mb / seconds, "seconds": seconds,
         "server_cpu_ms_per_mb": None if server_cpu is None else server_cpu * 1000 / mb,
