@@ -328,8 +328,6 @@ def start_console(spec):
         signal.signal(sig, lambda signum, frame: None)
     master, slave = os.openpty()
     copy_size(master)
-    import tty
-    tty.setraw(0)  # keystrokes pass as they are; the console's terminal cooks them
     console = os.fork()
     if console == 0:
         try:

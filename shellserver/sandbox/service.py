@@ -19,6 +19,7 @@ import os
 import secrets
 import struct
 import termios
+import tty
 from collections.abc import Callable
 
 from attrs import define, field
@@ -148,6 +149,20 @@ class RunningSandbox:
     def write(self, data: bytes) -> None:
         if not self.ended:
             self._transport.write(data)
+
+    def make_raw(self) -> None:
+        """Put the PTY in raw mode before any keystroke reaches it.
+
+        Keystrokes typed while the sandbox is being built then wait as they
+        are (not echoed, not held for a newline) for init's relay, which
+        passes them to the console's own terminal. (Termios requests on a
+        master act on its slave.)
+        """
+        try:
+            tty.setraw(self._transport.fileno(), termios.TCSANOW)
+        except (OSError, termios.error) as e:
+            log.warn("raw mode for console {session} failed: {error}",
+                     session=self.session, error=e)
 
     def resize(self, cols: int, rows: int) -> None:
         if self.ended:
@@ -315,6 +330,7 @@ class SandboxStarter:
             log.failure("could not spawn the launcher for {session}", session=session)
             raise SandboxUnavailable("the console could not be started") from e
         self.running[session] = sandbox
+        sandbox.make_raw()
         sandbox.resize(cols, rows)
         log.info("console {session} started as uid {uid}", session=session, uid=uid)
         return sandbox

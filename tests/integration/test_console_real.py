@@ -176,6 +176,21 @@ def test_last_output_arrives_before_the_exit(server):
     assert client.last_message("x") == "The console has exited."
 
 
+def test_keys_typed_before_the_prompt_are_kept(server):
+    """Keystrokes sent while the sandbox is still being built reach IPython
+    once it is up and run once. They are echoed as type-ahead by the console's
+    terminal, as on any terminal, and not also by the server's PTY."""
+    client = ConsoleClient(server)
+    client.login()
+    client.type("print(6*7)\r")
+    assert client.wait_for_prompt(2, timeout=20), client.display()
+    lines = [line.strip() for line in client.display().splitlines()]
+    assert lines.count("42") == 1, client.display()
+    assert "In [1]: print(6*7)" in lines, client.display()
+    assert sum("print(6*7)" in line for line in lines) <= 2, client.display()
+    client.close()
+
+
 def test_start_up_heap_is_frozen(console):
     """IPython's start-up objects are frozen out of the collector (no full
     collection walks them), and the freeze leaves no name behind."""

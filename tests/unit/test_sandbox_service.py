@@ -103,6 +103,16 @@ class FakeProcessReactor(Clock):
         return transport
 
 
+class FakeTty:
+    """Stands in for the tty module: records setraw calls."""
+
+    def __init__(self):
+        self.raw = []
+
+    def setraw(self, fd, when):
+        self.raw.append((fd, when))
+
+
 class FakeFcntl:
     """Stands in for the fcntl module: records ioctl calls."""
 
@@ -167,6 +177,8 @@ class StarterTestCase(SynchronousTestCase):
         self.reactor = FakeProcessReactor()
         self.fcntl = FakeFcntl()
         self.patch(service, "fcntl", self.fcntl)
+        self.tty = FakeTty()
+        self.patch(service, "tty", self.tty)
         self.uids = UidPool(200000, 200001)
         self.pty_backlog = []
         self.make_starter()
@@ -263,6 +275,11 @@ class SpawnTests(StarterTestCase):
             [(spawned.transport.fd, termios.TIOCSWINSZ,
               struct.pack("HHHH", 43, 132, 0, 0))],
         )
+
+    def test_pty_raw_before_any_keystroke(self):
+        """The PTY is made raw (at once, nothing flushed) as soon as it exists."""
+        sandbox, _, spawned = self.start()
+        self.assertEqual(self.tty.raw, [(spawned.transport.fd, termios.TCSANOW)])
 
     def test_output_passed_on(self):
         """Bytes from the output pipe reach the console's events unchanged."""
