@@ -43,8 +43,9 @@ DEFAULT_COLS, DEFAULT_ROWS = 80, 24
 # (fewer, larger messages under load); output after a quiet spell, such as a
 # keystroke's echo, goes out at once.
 COALESCE_WINDOW = 0.002
-# Messages stay well under the 64 KiB websocket message size, the size past
-# which they would go out fragmented (a path that stalled under a fast reader).
+# Pending output is sent at once from this size on. One read of the output
+# pipe (up to 64 KiB) is one message at most; past the websocket message size
+# limit a message goes out through autobahn's fragment API (websocket.py).
 COALESCE_MAX = 32768
 MAX_COLS, MAX_ROWS = 1000, 500
 _SIZE = re.compile(r"\A([0-9]{1,4}),([0-9]{1,4})\Z")
