@@ -53,7 +53,9 @@ class Sizes:
 
 
 def ms(value: float | None) -> str:
-    return "—" if value is None or math.isnan(value) else f"{value * 1000:.1f} ms"
+    if value is None or math.isnan(value):
+        return "—"
+    return "never" if math.isinf(value) else f"{value * 1000:.1f} ms"
 
 
 def mb(value: float | None) -> str:
@@ -98,7 +100,7 @@ class Table:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
         return None
     return a / b
 
@@ -300,6 +302,9 @@ def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str 
         c, b = got["ctrlc"], base["ctrlc"]
         table.row(f"Ctrl-C to prompt during a flood (worst of {c['n']})", ms(c["max"]),
                   ms(b["max"]), ratio(c["max"], b["max"]), "< 500 ms", c["max"] < 0.5)
+        notes.append(f"{name} Ctrl-C: presses repeated (a press lost to IPython switching "
+                     f"terminal modes) {c['repeats']}, PTY baseline {b['repeats']}; "
+                     "'never' is three presses without a prompt")
     if "fiveclose" in got:
         f, b = got["fiveclose"], base["fiveclose"]
         table.row(f"worst echo while 5 consoles close (worst of {sizes.fiveclose_runs})",
