@@ -42,6 +42,10 @@ LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py
 # The launcher's exit status when the sandbox could not be built.
 SETUP_FAILED = 111
 READ_BATCH = 32768  # bytes of PTY output read per wake-up at most
+# Keystrokes the server holds for a console that does not read them (init
+# relays them as the console's terminal takes them); past this, more is
+# dropped, as a full terminal input queue drops it, and the user is told.
+INPUT_BACKLOG_MAX = 1 << 20
 
 
 class SandboxUnavailable(Exception):
@@ -119,6 +123,24 @@ class SandboxProcessProtocol(ProcessProtocol):
         self._sandbox.process_ended(reason)
 
 
+@implementer(IPushProducer)
+@define
+class InputBacklog:
+    """Registered on the PTY transport, which pauses it while more than its
+    buffer size of keystrokes waits to be written to the PTY."""
+
+    full: bool = False
+
+    def pauseProducing(self) -> None:
+        self.full = True
+
+    def resumeProducing(self) -> None:
+        self.full = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @implementer(ISandbox)
 @define
 class RunningSandbox:
@@ -131,6 +153,9 @@ class RunningSandbox:
     _output: IOutputPipe | None = None
     _kill_call: IDelayedCall | None = None
     _terminating: bool = False
+    _input: InputBacklog = field(factory=InputBacklog)
+    _input_held: int = 0  # bytes written since the PTY's buffer filled
+    _input_dropped: int = 0
     ended: bool = False
     cleaned: Deferred[None] = field(factory=Deferred)
 
@@ -147,8 +172,20 @@ class RunningSandbox:
         return getattr(self._transport, "pid", None)
 
     def write(self, data: bytes) -> None:
-        if not self.ended:
-            self._transport.write(data)
+        if self.ended:
+            return
+        if not self._input.full:
+            self._input_held = self._input_dropped = 0
+        elif self._input_held + len(data) > INPUT_BACKLOG_MAX:
+            if not self._input_dropped:
+                self.events.notice(
+                    "The console is not reading what you type: typed text is being "
+                    "dropped until it does.")
+            self._input_dropped += len(data)
+            return
+        else:
+            self._input_held += len(data)
+        self._transport.write(data)
 
     def make_raw(self) -> None:
         """Put the PTY in raw mode before any keystroke reaches it.
@@ -330,6 +367,7 @@ class SandboxStarter:
             log.failure("could not spawn the launcher for {session}", session=session)
             raise SandboxUnavailable("the console could not be started") from e
         self.running[session] = sandbox
+        sandbox._transport.registerProducer(sandbox._input, True)
         sandbox.make_raw()
         sandbox.resize(cols, rows)
         log.info("console {session} started as uid {uid}", session=session, uid=uid)

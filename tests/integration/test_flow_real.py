@@ -79,3 +79,24 @@ def test_stalled_reader_does_not_grow_server_memory(server):
     assert client.wait_for_prompt(2, timeout=30)
     client.close()
     assert wait_until(lambda: server_rss_kb(server) - before < 16 * 1024, timeout=10)
+
+
+def test_unread_input_is_bounded(server):
+    """Typing into a console whose program does not read (its terminal raw,
+    asleep) costs the server little memory: past a backlog the keystrokes are
+    dropped and the user is told."""
+    client = ConsoleClient(server)
+    client.login()
+    assert client.wait_for_prompt(1, timeout=20)
+    client.type("import tty, time; tty.setraw(0); time.sleep(30)\r")
+    pump_for(client, 1.0)
+    before = server_rss_kb(server)
+    for _ in range(100):  # 3 MB, bounded
+        client.type("y" * 30000)
+        client.pump(0.01)
+    pump_for(client, 1.0)
+    notices = [m for m in client.messages if m.startswith("n")]
+    assert any("not reading what you type" in m for m in notices), notices
+    assert server_rss_kb(server) - before < 5 * 1024, (before, server_rss_kb(server))
+    client.close()
+    assert wait_until(lambda: server_rss_kb(server) - before < 5 * 1024, timeout=10)

@@ -53,9 +53,14 @@ class FakeProcessTransport:
     signals: list[str] = field(factory=list)
     exited: bool = False
     reading: bool = True
+    producer: object = None
 
     def write(self, data):
         self.written.append(data)
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
 
     def pauseProducing(self):
         self.reading = False
@@ -131,6 +136,10 @@ class RecordingEvents:
     exits: list[tuple] = field(factory=list)
     exit_error: Exception | None = None
     outputs_at_exit: list[list[bytes]] = field(factory=list)
+    notices: list[str] = field(factory=list)
+
+    def notice(self, message):
+        self.notices.append(message)
 
     def output(self, data):
         self.outputs.append(data)
@@ -600,3 +609,29 @@ class TeardownSpacingTests(StarterTestCase):
         self.reactor.advance(self.starter.teardown_spacing)
         self.assertEqual(second_spawned.transport.signals, ["TERM"])
         self.assertEqual(first_spawned.transport.signals, ["TERM"])
+
+
+class InputBacklogTests(StarterTestCase):
+    def test_input_dropped_past_the_backlog(self):
+        """While the PTY's write buffer is full, up to INPUT_BACKLOG_MAX more bytes
+        are written; past that, keystrokes are dropped and the user told once;
+        once the buffer drains, keystrokes flow again."""
+        sandbox, events, spawned = self.start()
+        producer = spawned.transport.producer
+        chunk = b"x" * 65536
+        producer.pauseProducing()  # Twisted: more than bufferSize waits
+        for _ in range(service.INPUT_BACKLOG_MAX // len(chunk)):
+            sandbox.write(chunk)
+        self.assertEqual(len(spawned.transport.written), 16)
+        sandbox.write(b"a")
+        sandbox.write(b"\x03")
+        self.assertEqual(len(spawned.transport.written), 16)
+        self.assertEqual(len(events.notices), 1)
+        self.assertIn("not reading what you type", events.notices[0])
+        producer.resumeProducing()  # drained
+        sandbox.write(b"b")
+        self.assertEqual(spawned.transport.written[-1], b"b")
+        producer.pauseProducing()
+        sandbox.write(chunk * 17)
+        self.assertEqual(spawned.transport.written[-1], b"b")
+        self.assertEqual(len(events.notices), 2)
