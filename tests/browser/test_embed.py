@@ -17,14 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port, start_server, wait_until
 from console_client import ConsoleClient
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-]
 LAUNCH = "Launch interactive shell"
 
 
@@ -122,14 +118,6 @@ def service(tmp_path_factory, host):
     srv = embed_server(tmp_path_factory.mktemp("embed"), host, 260000)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ pytestmark = pytest.mark.browser
 
 WEB = Path(__file__).resolve().parents[2] / "web"
 NODE_MODULES = WEB / "node_modules"
-CHROMIUM = Path("/usr/bin/chromium")
 
 # The mapping the real server makes from /static/vendor/ into node_modules.
 VENDOR_FILES = {
@@ -245,26 +244,6 @@ def page_server() -> Iterator[PageServer]:
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed")
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()
-
-
 class PageProblems:
     """Collects uncaught errors and CSP violations reported by a page."""
 
@@ -279,8 +258,8 @@ class PageProblems:
 
 
 @pytest.fixture
-def browser_page(chromium: Browser) -> Iterator[tuple[Page, PageProblems]]:
-    context = chromium.new_context(viewport={"width": 1100, "height": 800})
+def browser_page(browser: Browser) -> Iterator[tuple[Page, PageProblems]]:
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
     page = context.new_page()
     page.set_default_timeout(10_000)
     problems = PageProblems(page)

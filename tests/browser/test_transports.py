@@ -14,16 +14,9 @@ import re
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
-
-# as in test_console_browser.py
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-    "--disable-quic",
-]
 
 # sockjs-client's transport name -> the receiver requests it makes (the last
 # segment of .../sockjs/<server>/<session>/<name>) and the pages it loads
@@ -47,14 +40,6 @@ document.addEventListener("securitypolicyviolation", function (event) {
   console.error("CSP violation: " + event.violatedDirective + " " + event.blockedURI);
 });
 """
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def transport_names(url: str) -> set[str]:
