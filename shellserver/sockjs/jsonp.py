@@ -13,23 +13,15 @@ from twisted.web.iweb import IRequest
 
 from .endpoint import Endpoint
 from .framing import (
-    BrokenPayload,
     InvalidCallback,
     check_callback,
-    decode_payload,
     encode_script_string,
 )
 from .headers import (
     JAVASCRIPT,
-    TEXT_PLAIN,
-    disable_nagle,
-    render_not_found,
     render_text,
-    set_no_cache,
-    set_session_cookie,
 )
-from .receiver import find_session, serve_receiver
-from .session import MESSAGE_TOO_BIG, ForeignSession
+from .receiver import PayloadTooBig, receive_sent, serve_receiver
 
 FORM_ENCODED = b"application/x-www-form-urlencoded"
 
@@ -63,16 +55,12 @@ def render_polling(endpoint: Endpoint, request: IRequest, session_id: str) -> by
     )
 
 
-class _TooBig(Exception):
-    pass
-
-
 def _read_payload(request: IRequest, limit: int) -> bytes:
     """
     The payload of a C{jsonp_send} request: the C{d} field of a form, or
     the whole body otherwise.
 
-    @raise _TooBig: if it is over C{limit} bytes.
+    @raise PayloadTooBig: if it is over C{limit} bytes.
     """
     content_type = request.getHeader(b"content-type") or b""
     form = content_type.split(b";")[0].strip().lower() == FORM_ENCODED
@@ -80,7 +68,7 @@ def _read_payload(request: IRequest, limit: int) -> bytes:
     request.content.seek(0)
     body = request.content.read(raw_limit + 1)
     if len(body) > raw_limit:
-        raise _TooBig()
+        raise PayloadTooBig()
     if not form:
         return body
     try:
@@ -90,7 +78,7 @@ def _read_payload(request: IRequest, limit: int) -> bytes:
         return b""
     payload = fields.get(b"d", [b""])[0]
     if len(payload) > limit:
-        raise _TooBig()
+        raise PayloadTooBig()
     return payload
 
 
@@ -99,24 +87,7 @@ def render_send(endpoint: Endpoint, request: IRequest, session_id: str) -> bytes
     C{POST .../jsonp_send}: messages from the client; answers "ok" (some
     browsers mishandle 204 in an iframe).
     """
-    try:
-        session = find_session(endpoint, request, session_id)
-    except ForeignSession:
-        session = None
-    disable_nagle(request.transport)
-    set_no_cache(request)
-    set_session_cookie(request, endpoint.options)
-    if session is None:
-        return render_not_found(request)
-    try:
-        payload = _read_payload(request, endpoint.options.max_message_bytes)
-    except _TooBig:
-        session.close(*MESSAGE_TOO_BIG)
-        return render_text(request, 413, MESSAGE_TOO_BIG[1] + ".")
-    try:
-        messages = decode_payload(payload)
-    except BrokenPayload as broken:
-        return render_text(request, 500, broken.reason)
-    request.setHeader(b"Content-Type", TEXT_PLAIN)
-    session._deliver(messages)
+    error = receive_sent(endpoint, request, session_id, _read_payload)
+    if error is not None:
+        return error
     return b"ok"

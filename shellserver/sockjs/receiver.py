@@ -15,17 +15,27 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .endpoint import Endpoint
-from .framing import HEARTBEAT_FRAME, OPEN_FRAME, close_frame, encode_message, messages_frame
+from .framing import (
+    HEARTBEAT_FRAME,
+    OPEN_FRAME,
+    BrokenPayload,
+    close_frame,
+    decode_payload,
+    encode_message,
+    messages_frame,
+)
 from .headers import (
+    TEXT_PLAIN,
     disable_nagle,
     peer_host,
     render_not_found,
+    render_text,
     request_origin,
     set_cors,
     set_no_cache,
     set_session_cookie,
 )
-from .session import TOO_MANY_SESSIONS, ForeignSession, SockJSConnection
+from .session import MESSAGE_TOO_BIG, TOO_MANY_SESSIONS, ForeignSession, SockJSConnection
 
 
 @implementer(IPushProducer)
@@ -147,6 +157,52 @@ def find_session(
         peer_host=peer_host(request.getClientAddress()),
         jsessionid=request_jsessionid(endpoint, request),
     )
+
+
+class PayloadTooBig(Exception):
+    """A send request carries more than C{max_message_bytes}."""
+
+
+def receive_sent(
+    endpoint: Endpoint,
+    request: IRequest,
+    session_id: str,
+    read_payload: Callable[[IRequest, int], bytes],
+    *,
+    cors: bool = False,
+) -> bytes | None:
+    """
+    What the send transports (C{xhr_send}, C{jsonp_send}) share: find the
+    session, read the messages with C{read_payload} (which raises
+    L{PayloadTooBig}) and deliver them.
+
+    @return: C{None} once delivered (the caller answers), or the body of
+        an error response: 404 for no session (or another client's), 413
+        for too much (the session is closed), 500 for a broken payload.
+    """
+    try:
+        session = find_session(endpoint, request, session_id)
+    except ForeignSession:
+        session = None
+    disable_nagle(request.transport)
+    set_no_cache(request)
+    if cors:
+        set_cors(request)
+    set_session_cookie(request, endpoint.options)
+    if session is None:
+        return render_not_found(request)
+    try:
+        payload = read_payload(request, endpoint.options.max_message_bytes)
+    except PayloadTooBig:
+        session.close(*MESSAGE_TOO_BIG)
+        return render_text(request, 413, MESSAGE_TOO_BIG[1] + ".")
+    try:
+        messages = decode_payload(payload)
+    except BrokenPayload as broken:
+        return render_text(request, 500, broken.reason)
+    request.setHeader(b"Content-Type", TEXT_PLAIN)
+    session._deliver(messages)
+    return None
 
 
 def serve_receiver(

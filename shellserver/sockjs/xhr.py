@@ -8,19 +8,10 @@ from __future__ import annotations
 from twisted.web.iweb import IRequest
 
 from .endpoint import Endpoint
-from .framing import BrokenPayload, decode_payload
 from .headers import (
     JAVASCRIPT,
-    TEXT_PLAIN,
-    disable_nagle,
-    render_not_found,
-    render_text,
-    set_cors,
-    set_no_cache,
-    set_session_cookie,
 )
-from .receiver import find_session, serve_receiver
-from .session import MESSAGE_TOO_BIG, ForeignSession
+from .receiver import PayloadTooBig, receive_sent, serve_receiver
 
 # Some browsers only hand a streaming response to the page once they have
 # seen this much of it.
@@ -65,30 +56,19 @@ def render_streaming(endpoint: Endpoint, request: IRequest, session_id: str) -> 
     )
 
 
+def _read_body(request: IRequest, limit: int) -> bytes:
+    body = request.content.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooBig()
+    return body
+
+
 def render_send(endpoint: Endpoint, request: IRequest, session_id: str) -> bytes:
     """
     C{POST .../xhr_send}: messages from the client, a JSON array of strings.
     """
-    try:
-        session = find_session(endpoint, request, session_id)
-    except ForeignSession:
-        session = None
-    disable_nagle(request.transport)
-    set_no_cache(request)
-    set_cors(request)
-    set_session_cookie(request, endpoint.options)
-    if session is None:
-        return render_not_found(request)
-    limit = endpoint.options.max_message_bytes
-    data = request.content.read(limit + 1)
-    if len(data) > limit:
-        session.close(*MESSAGE_TOO_BIG)
-        return render_text(request, 413, MESSAGE_TOO_BIG[1] + ".")
-    try:
-        messages = decode_payload(data)
-    except BrokenPayload as broken:
-        return render_text(request, 500, broken.reason)
+    error = receive_sent(endpoint, request, session_id, _read_body, cors=True)
+    if error is not None:
+        return error
     request.setResponseCode(204)
-    request.setHeader(b"Content-Type", TEXT_PLAIN)
-    session._deliver(messages)
     return b""
