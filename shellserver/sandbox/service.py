@@ -155,7 +155,7 @@ class RunningSandbox:
     _terminating: bool = False
     _input: InputBacklog = field(factory=InputBacklog)
     _input_held: int = 0  # bytes written since the PTY's buffer filled
-    _input_dropped: int = 0
+    _input_dropping: bool = False  # the user has been told
     ended: bool = False
     cleaned: Deferred[None] = field(factory=Deferred)
 
@@ -175,13 +175,13 @@ class RunningSandbox:
         if self.ended:
             return
         if not self._input.full:
-            self._input_held = self._input_dropped = 0
+            self._input_held, self._input_dropping = 0, False
         elif self._input_held + len(data) > INPUT_BACKLOG_MAX:
-            if not self._input_dropped:
+            if not self._input_dropping:
+                self._input_dropping = True
                 self.events.notice(
                     "The console is not reading what you type: typed text is being "
                     "dropped until it does.")
-            self._input_dropped += len(data)
             return
         else:
             self._input_held += len(data)
