@@ -7,6 +7,7 @@ would see through a pyte screen, or the raw output stream.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -227,6 +228,57 @@ def test_closing_releases_everything(server):
     client.close()
     assert wait_until(lambda: not processes_of_uids(uid, uid), timeout=15)
     assert wait_until(lambda: not session_cgroups(server), timeout=15)
+
+
+SCHED_OTHER, SCHED_IDLE = 0, 5
+
+
+def scheduling_policy(pid: int) -> int | None:
+    """A process's scheduling policy (field 41 of /proc/<pid>/stat), None once gone."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[38])
+
+
+def test_an_ending_sandbox_runs_on_spare_cpu_only(server):
+    """Once its tab has gone, a sandbox's launcher drops to SCHED_IDLE for the
+    rest of the teardown: it no longer competes with consoles in use."""
+    client = ConsoleClient(server)
+    client.login()
+    assert client.wait_for_prompt(1, timeout=20)
+    session = re.findall(r"console (s[0-9a-f]+) started", server.log())[-1]
+    launcher = find_launcher(session)
+    assert scheduling_policy(launcher) == SCHED_OTHER
+    # A child cgroup keeps the session's cgroup from being removed, so the
+    # launcher stays in its teardown long enough to be seen there.
+    group = next(path for path in session_cgroups(server) if session in path)
+    hold = os.path.join(group, "hold")
+    os.mkdir(hold)
+    try:
+        client.close()
+        assert wait_until(lambda: scheduling_policy(launcher) in (SCHED_IDLE, None),
+                          timeout=10)
+        assert scheduling_policy(launcher) == SCHED_IDLE
+    finally:
+        os.rmdir(hold)
+    assert wait_until(lambda: scheduling_policy(launcher) is None, timeout=10)
+    assert wait_until(lambda: not any(session in path for path in session_cgroups(server)),
+                      timeout=15)
+
+
+def find_launcher(session: str) -> int:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if (len(argv) > 4 and argv[3].endswith(b"launcher.py")
+                    and session.encode() in argv[4]):
+                return int(entry)
+    raise AssertionError(f"no launcher for {session}")
 
 
 def test_twenty_consoles_leave_nothing_behind(server):
