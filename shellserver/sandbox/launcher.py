@@ -487,8 +487,8 @@ def main(argv):
     cgroups = spec["cgroups"]
 
     def stop(signum, frame):
-        yield_cpu()
         kill_cgroups(cgroups)
+        yield_cpu()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
@@ -528,8 +528,8 @@ def main(argv):
         except ChildProcessError:
             status = SETUP_FAILED << 8
             break
-    yield_cpu()
     kill_cgroups(cgroups)
+    yield_cpu()
     remove_cgroups(cgroups, time.monotonic() + 2)
     return os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + (
         os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
@@ -538,8 +538,10 @@ def main(argv):
 def yield_cpu():
     """The sandbox is ending: what is left of it runs only on spare CPU.
 
-    Tearing down (killing the cgroup, removing it, this process's exit)
-    must not take CPU from consoles that are still in use.
+    Called once the cgroups are killed (that must not wait): removing them
+    and this process's exit must not take CPU from consoles still in use.
+    When the CPUs are saturated this can take a while; the server's KILL
+    after its kill_delay, and its CgroupReaper, bound it.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
