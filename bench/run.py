@@ -41,7 +41,7 @@ class Sizes:
     def __init__(self, quick: bool) -> None:
         self.auth = 5 if quick else 20
         self.megabytes = 20 if quick else 100
-        self.throughput_runs = 1 if quick else 3
+        self.throughput_runs = 1 if quick else 5
         self.echo = 50 if quick else 100  # keystroke pairs: x and backspace, both timed
         self.idle = [1, 10, 25] if quick else [1, 50, 200]
         self.stall = 5.0 if quick else 10.0
