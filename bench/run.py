@@ -186,7 +186,18 @@ async def measure(targets: list[s.Target], wanted: set[str], sizes: Sizes,
             if "broken" not in results[target.name]:
                 results[target.name]["auth"] = s.summary(samples[target.name])
     if "throughput" in wanted:
-        await throughput_runs(targets, sizes, notes, results, guarded)
+        # The baseline once more with other work beside it (a row of context).
+        loaded = s.LoadedPtyTarget()
+        results[loaded.name] = {}
+        try:
+            await throughput_runs(targets[:1] + [loaded] + targets[1:], sizes, notes,
+                                  results, guarded)
+        finally:
+            loaded.cleanup()
+        base = results[targets[0].name]
+        if "throughput" in results[loaded.name] and "throughput" in base:
+            base["throughput_loaded"] = results[loaded.name]["throughput"]
+            base["throughput_loaded"]["load"] = loaded.load
     if "echo" in wanted:
         for target in targets:
             log(f"{target.name}: echo")
@@ -253,6 +264,12 @@ def fill_table(table: Table, name: str, got: dict, base: dict, warm: dict | str 
                   ratio(t["machine_cpu_ms_per_mb"], b["machine_cpu_ms_per_mb"]))
         table.row("CPUs busy during the flood", f"{t['machine_busy']:.2f} of {os.cpu_count()}",
                   f"{b['machine_busy']:.2f} of {os.cpu_count()}")
+        if "throughput_loaded" in base:
+            loaded = base["throughput_loaded"]
+            table.row(f"baseline throughput, {loaded['load']:.2f} CPU busy beside it "
+                      "(ratio to baseline)",
+                      "—", f"{loaded['mb_per_s']:.1f} MB/s",
+                      ratio(loaded["mb_per_s"], b["mb_per_s"]))
         cpu = t["server_cpu_ms_per_mb"]
         table.row("server CPU per MB of output", f"{cpu:.1f} ms/MB", "—",
                   cpu / TTYD_CPU_MS_PER_MB, f"<= ttyd ({TTYD_CPU_MS_PER_MB} ms/MB)",

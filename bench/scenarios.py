@@ -13,6 +13,7 @@ import math
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,6 +142,54 @@ class PtyTarget(Target):
         self.live.clear()
         shutil.rmtree(self.home, ignore_errors=True)
 
+
+
+# A busy loop of ``duty`` of every ``period`` seconds, ending by itself.
+_CPU_LOAD = """
+import sys, time
+duty, period = float(sys.argv[1]), float(sys.argv[2])
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    start = time.perf_counter()
+    while time.perf_counter() - start < duty * period:
+        pass
+    time.sleep((1 - duty) * period)
+"""
+
+
+class LoadedPtyTarget(PtyTarget):
+    """The PTY baseline with other work beside it: a process keeping ``load``
+    of one CPU busy in bursts (as a server's event loop is), from the console
+    opening until it is finished. It shows how much the PTY's own hand-off
+    loses to any other work on the machine."""
+
+    name = "pty+load"
+
+    def __init__(self, load: float = 0.25, period: float = 0.006, seconds: float = 120) -> None:
+        super().__init__()
+        self.load, self.period, self.seconds = load, period, seconds
+        self.burner: subprocess.Popen | None = None
+
+    async def console(self, source: str | None = None) -> wire.Terminal:
+        console = await super().console(source)
+        self.burner = subprocess.Popen(
+            [sys.executable, "-c", _CPU_LOAD, str(self.load), str(self.period),
+             str(self.seconds)], stdin=subprocess.DEVNULL)
+        return console
+
+    async def finish(self, consoles: list[wire.Terminal]) -> None:
+        self.stop_load()
+        await super().finish(consoles)
+
+    def stop_load(self) -> None:
+        if self.burner is not None:
+            self.burner.kill()
+            self.burner.wait()
+            self.burner = None
+
+    def cleanup(self) -> None:
+        self.stop_load()
+        super().cleanup()
 
 # -- the flood, verified byte for byte ----------------------------------------
 
