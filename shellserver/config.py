@@ -215,6 +215,7 @@ class ServerConfig:
         default=(), converter=_to_tuple, validator=_check_origins
     )
     # What one client may cost (shellserver.limits, docs/security.md).
+    max_connections: int = field(default=4096, validator=_integer())
     max_connections_per_address: int = field(default=64, validator=_integer())
     tls_handshake_timeout: float = field(default=10.0, validator=_seconds(zero_means_never=False))
     request_timeout: float = field(default=15.0, validator=_seconds(zero_means_never=False))

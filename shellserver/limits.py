@@ -59,6 +59,7 @@ CLOSING_TIMEOUT = 10.0
 class ConnectionLimits:
     """Limits on one client's connections; see etc/shellserver.toml."""
 
+    max_connections: int = 4096
     max_connections_per_address: int = 64
     tls_handshake_timeout: float = 10.0
     request_timeout: float = 15.0
@@ -71,6 +72,7 @@ class ConnectionLimits:
     def from_config(cls, server) -> ConnectionLimits:
         """The limits of a L{shellserver.config.ServerConfig}."""
         return cls(
+            max_connections=server.max_connections,
             max_connections_per_address=server.max_connections_per_address,
             tls_handshake_timeout=server.tls_handshake_timeout,
             request_timeout=server.request_timeout,
@@ -87,7 +89,7 @@ def _address_host(address: IAddress | None) -> str | None:
 
 
 class _RefusedConnection(Protocol):
-    """A connection over the per-address cap: reset at once, nothing read."""
+    """A connection over a cap (in all, or per address): reset at once, nothing read."""
 
     def connectionMade(self) -> None:
         self.transport.abortConnection()
@@ -154,10 +156,11 @@ def _cancel(call: IDelayedCall | None) -> None:
 class ConnectionGuard(WrappingFactory):
     """
     Wraps the site's factory (put it where the listener is built; TLS wraps
-    it in turn): at most C{max_connections_per_address} connections per
-    client IP address at once, beyond which a new connection is reset at
-    once; a TLS handshake must finish within C{tls_handshake_timeout}; a
-    connection told to close is aborted after L{CLOSING_TIMEOUT}.
+    it in turn): at most C{max_connections} connections in all and
+    C{max_connections_per_address} per client IP address at once, beyond
+    which a new connection is reset at once; a TLS handshake must finish
+    within C{tls_handshake_timeout}; a connection told to close is aborted
+    after L{CLOSING_TIMEOUT}.
 
     The wrapper stays in place when autobahn takes a connection over for a
     websocket, so websockets count against the cap until they close.
@@ -173,6 +176,8 @@ class ConnectionGuard(WrappingFactory):
         self.clock = clock
         self._per_address: dict[str, int] = {}
         self._refusing: set[str] = set()
+        self._total = 0
+        self._full = False  # refusing for the total, logged once per episode
 
     def acceptableProtocols(self) -> list[bytes]:
         # TLS asks the factory it wraps for the ALPN protocols; with none
@@ -184,8 +189,19 @@ class ConnectionGuard(WrappingFactory):
         """How many connections ``address`` holds now."""
         return self._per_address.get(address, 0)
 
+    @property
+    def connections(self) -> int:
+        """How many connections are held now, from every address."""
+        return self._total
+
     def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:
         host = _address_host(addr)
+        if self._total >= self.limits.max_connections:
+            if not self._full:
+                self._full = True
+                log.warn("{count} connections are open (server.max_connections): "
+                         "refusing more", count=self._total)
+            return _RefusedConnection()
         if host is not None and self.connections_from(host) >= \
                 self.limits.max_connections_per_address:
             if host not in self._refusing:
@@ -200,11 +216,15 @@ class ConnectionGuard(WrappingFactory):
 
     def registerProtocol(self, p: _GuardedConnection) -> None:
         super().registerProtocol(p)
+        self._total += 1
         if p.address is not None:
             self._per_address[p.address] = self.connections_from(p.address) + 1
 
     def unregisterProtocol(self, p: _GuardedConnection) -> None:
         super().unregisterProtocol(p)
+        self._total -= 1
+        if self._total < self.limits.max_connections:
+            self._full = False
         if p.address is not None:
             remaining = self.connections_from(p.address) - 1
             if remaining > 0:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import socket
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -25,6 +26,12 @@ DEFAULT_WEB_DIR = os.path.join(
 )
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
 FLUSH_DELAY = 0.5  # seconds for the goodbye messages to leave at shutdown
+# Open files the server holds for each console besides its connection (the
+# launcher's PTY, the output pipe, one spare), and for everything else
+# (listeners, the log, the state directory, the reactor's own).
+FILES_PER_CONSOLE = 3
+FILES_RESERVED = 256
+FEWEST_CONNECTIONS = 16
 
 
 class Options(usage.Options):
@@ -66,6 +73,7 @@ class Options(usage.Options):
         self["configuration"] = config
         self._check_listen()
         check_host(config)
+        self["max_connections"], self["connection_notices"] = plan_connections(config)
         self["prepared"] = prepare_state(config, need_tls=not self["listen"])
 
     def _check_listen(self) -> None:
@@ -295,6 +303,53 @@ class KillSwitchService(Service):
         self.switch.stop()
 
 
+def plan_connections(config: Config) -> tuple[int, list[str]]:
+    """``server.max_connections``, within what the process may open.
+
+    Raises the open-files limit to its hard limit first (a root shell
+    starts with 1024).
+    """
+    open_files = raise_open_files_limit()
+    try:
+        return connection_budget(config.server.max_connections, admission_capacity(config),
+                                 open_files)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from e
+
+
+def raise_open_files_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_budget(max_connections: int, capacity: int,
+                      open_files: int) -> tuple[int, list[str]]:
+    """How many connections fit in ``open_files`` beside ``capacity`` consoles
+    (pure): ``max_connections`` when they fit, else fewer with a notice.
+    ValueError when not even FEWEST_CONNECTIONS fit."""
+    room = open_files - FILES_RESERVED - FILES_PER_CONSOLE * capacity
+    if room >= max_connections:
+        return max_connections, []
+    advice = ("raise the limit (LimitNOFILE= in the systemd unit, ulimit -n in a shell) "
+              "or lower admission.capacity")
+    if room < FEWEST_CONNECTIONS:
+        raise ValueError(
+            f"the process may open only {open_files} files: too few for {capacity} "
+            f"consoles ({FILES_PER_CONSOLE} files each) and {FEWEST_CONNECTIONS} "
+            f"connections; {advice}")
+    return room, [
+        f"server.max_connections lowered from {max_connections} to {room}: the process "
+        f"may open only {open_files} files, and {capacity} consoles need "
+        f"{FILES_PER_CONSOLE} each; {advice}"]
+
+
 def admission_capacity(config: Config) -> int:
     """``admission.capacity``, or else derived from the machine's memory."""
     from shellserver.admission import derived_capacity
@@ -325,7 +380,7 @@ def makeService(options: Options) -> MultiService:
 
     config: Config = options["configuration"]
     prepared: PreparedState = options["prepared"]
-    for notice in prepared.notices:
+    for notice in (*prepared.notices, *options.get("connection_notices", ())):
         log.warn("start-up: {notice}", notice=notice)
     tokens = TokenAuthority(
         prepared.secret,
@@ -373,7 +428,9 @@ def makeService(options: Options) -> MultiService:
         users,
     )
     switch = KillSwitch(reactor, admission, config.kill_switch_path, consoles.end_all)
-    limits = ConnectionLimits.from_config(config.server)
+    limits = evolve(ConnectionLimits.from_config(config.server),
+                    max_connections=options.get("max_connections",
+                                                config.server.max_connections))
     sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions())
     site = ShellSite(
         build_resource(

@@ -75,14 +75,16 @@ class RunningServer:
 
 def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                  console: str = "", admission: str = "", embed: str = "",
-                 server: str = "", runtime: str | None = RUNTIME) -> RunningServer:
+                 server: str = "", runtime: str | None = RUNTIME,
+                 preexec_fn=None) -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
     ``config``, ``console``, ``admission``, ``embed`` and ``server`` are TOML
     lines for the [sandbox], [console], [admission], [embed] and [server] sections (the tests'
     default admission allows many consoles from 127.0.0.1, and there is no
     warm pool unless ``config`` sets pool_size); ``runtime=None`` leaves the
-    runtime to the server to build.
+    runtime to the server to build; ``preexec_fn`` runs in the server's
+    process before it starts (to set its limits, say).
     """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
@@ -110,7 +112,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
          "shellserver", "--config", str(config_path), "--listen", listen],
         cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
     )
     running = RunningServer(process, port, state, cert, uid_min, uid_max, log_path)
     deadline = time.monotonic() + 30

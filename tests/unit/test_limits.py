@@ -105,6 +105,28 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual(self.guard.connections_from("198.51.100.9"), 0)
         self.assertEqual(self.guard._per_address, {})
 
+    def test_cap_in_all(self):
+        """Past max_connections in all, a new connection from any address (or
+        none) is aborted at once; a closed one makes room again."""
+        limits = ConnectionLimits(max_connections=3, max_connections_per_address=2)
+        guard = ConnectionGuard(Factory.forProtocol(Echo), limits, self.clock)
+        self.guard = guard
+        first, _ = self.connect("198.51.100.1")
+        self.connect("198.51.100.2")
+        self.connect("198.51.100.3")
+        self.assertEqual(guard.connections, 3)
+        _, refused = self.connect("198.51.100.4")
+        self.assertTrue(refused.aborted)
+        unix = guard.buildProtocol(UNIXAddress(None))
+        transport = AbortableTransport()
+        unix.makeConnection(transport)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(guard.connections, 3)
+        first.connectionLost(None)
+        self.assertEqual(guard.connections, 2)
+        _, admitted = self.connect("198.51.100.4")
+        self.assertFalse(admitted.aborted)
+
     def test_unix_peers_not_capped(self):
         """Peers without an IP address (a local proxy) are not capped."""
         for _ in range(5):

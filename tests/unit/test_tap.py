@@ -26,6 +26,8 @@ class OptionsTestCase(SynchronousTestCase):
         self.patch(tap, "check_host", self.checked.append)
         self.patch(tap, "prepare_state",
                    lambda config, need_tls: self.prepared.append((config, need_tls)))
+        self.patch(tap, "plan_connections",
+                   lambda config: (config.server.max_connections, []))
 
     def parse(self, *argv):
         options = Options()
@@ -119,6 +121,44 @@ class PrepareTests(OptionsTestCase):
         self.parse("--listen", "tcp:8080")
         self.assertEqual([need for _, need in self.prepared], [True, False])
         self.assertEqual(len(self.checked), 2)
+
+
+class ConnectionBudgetTests(SynchronousTestCase):
+    def test_fits(self):
+        """When the connections fit beside the consoles, the cap is kept."""
+        self.assertEqual(tap.connection_budget(4096, 76, 65536), (4096, []))
+        needed = 4096 + tap.FILES_RESERVED + tap.FILES_PER_CONSOLE * 76
+        self.assertEqual(tap.connection_budget(4096, 76, needed), (4096, []))
+
+    def test_lowered(self):
+        """Too few files: the cap is what fits, with a notice saying why."""
+        cap, notices = tap.connection_budget(4096, 10, 1000)
+        self.assertEqual(cap, 1000 - tap.FILES_RESERVED - 10 * tap.FILES_PER_CONSOLE)
+        self.assertEqual(len(notices), 1)
+        self.assertIn(f"lowered from 4096 to {cap}", notices[0])
+        self.assertIn("only 1000 files", notices[0])
+
+    def test_too_few(self):
+        """Not even a few connections fit: an error naming the limit."""
+        with self.assertRaises(ValueError) as caught:
+            tap.connection_budget(4096, 100, 500)
+        self.assertIn("only 500 files", str(caught.exception))
+        self.assertIn("LimitNOFILE", str(caught.exception))
+
+    def test_plan_is_a_usage_error(self):
+        """At start-up the error stops twistd as a usage error."""
+        self.patch(tap, "raise_open_files_limit", lambda: 300)
+        self.patch(tap, "admission_capacity", lambda config: 20)
+        with self.assertRaises(UsageError) as caught:
+            tap.plan_connections(Config())
+        self.assertIn("only 300 files", str(caught.exception))
+
+    def test_plan_uses_the_capacity(self):
+        self.patch(tap, "raise_open_files_limit", lambda: 1000)
+        self.patch(tap, "admission_capacity", lambda config: 10)
+        cap, notices = tap.plan_connections(Config())
+        self.assertEqual(cap, 1000 - tap.FILES_RESERVED - 10 * tap.FILES_PER_CONSOLE)
+        self.assertEqual(len(notices), 1)
 
 
 class InstanceNameTests(SynchronousTestCase):
