@@ -73,7 +73,7 @@ class Options(usage.Options):
         self["configuration"] = config
         self._check_listen()
         check_host(config)
-        self["max_connections"], self["connection_notices"] = plan_connections(config)
+        self["connections"] = plan_connections(config)
         self["prepared"] = prepare_state(config, need_tls=not self["listen"])
 
     def _check_listen(self) -> None:
@@ -303,18 +303,30 @@ class KillSwitchService(Service):
         self.switch.stop()
 
 
-def plan_connections(config: Config) -> tuple[int, list[str]]:
-    """``server.max_connections``, within what the process may open.
+@frozen
+class ConnectionPlan:
+    """How many consoles and connections this server takes, once the
+    open-files limit is known; ``notices`` say what was lowered."""
+
+    capacity: int
+    max_connections: int
+    notices: tuple[str, ...]
+
+
+def plan_connections(config: Config) -> ConnectionPlan:
+    """The admission capacity, and ``server.max_connections`` within what the
+    process may open.
 
     Raises the open-files limit to its hard limit first (a root shell
     starts with 1024).
     """
     open_files = raise_open_files_limit()
+    capacity = admission_capacity(config)
     try:
-        return connection_budget(config.server.max_connections, admission_capacity(config),
-                                 open_files)
+        cap, notices = connection_budget(config.server.max_connections, capacity, open_files)
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
+    return ConnectionPlan(capacity=capacity, max_connections=cap, notices=tuple(notices))
 
 
 def raise_open_files_limit() -> int:
@@ -380,7 +392,8 @@ def makeService(options: Options) -> MultiService:
 
     config: Config = options["configuration"]
     prepared: PreparedState = options["prepared"]
-    for notice in (*prepared.notices, *options.get("connection_notices", ())):
+    connections: ConnectionPlan = options["connections"]
+    for notice in (*prepared.notices, *connections.notices):
         log.warn("start-up: {notice}", notice=notice)
     tokens = TokenAuthority(
         prepared.secret,
@@ -404,7 +417,7 @@ def makeService(options: Options) -> MultiService:
     )
     admission = Admission(
         reactor,
-        capacity=admission_capacity(config),
+        capacity=connections.capacity,
         per_address=config.admission.per_address,
         per_address_per_minute=config.admission.per_address_per_minute,
         auth_failures_per_minute=config.server.auth_failures_per_minute,
@@ -429,8 +442,7 @@ def makeService(options: Options) -> MultiService:
     )
     switch = KillSwitch(reactor, admission, config.kill_switch_path, consoles.end_all)
     limits = evolve(ConnectionLimits.from_config(config.server),
-                    max_connections=options.get("max_connections",
-                                                config.server.max_connections))
+                    max_connections=connections.max_connections)
     sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions())
     site = ShellSite(
         build_resource(

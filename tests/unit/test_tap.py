@@ -27,7 +27,7 @@ class OptionsTestCase(SynchronousTestCase):
         self.patch(tap, "prepare_state",
                    lambda config, need_tls: self.prepared.append((config, need_tls)))
         self.patch(tap, "plan_connections",
-                   lambda config: (config.server.max_connections, []))
+                   lambda config: tap.ConnectionPlan(10, config.server.max_connections, ()))
 
     def parse(self, *argv):
         options = Options()
@@ -156,9 +156,11 @@ class ConnectionBudgetTests(SynchronousTestCase):
     def test_plan_uses_the_capacity(self):
         self.patch(tap, "raise_open_files_limit", lambda: 1000)
         self.patch(tap, "admission_capacity", lambda config: 10)
-        cap, notices = tap.plan_connections(Config())
-        self.assertEqual(cap, 1000 - tap.FILES_RESERVED - 10 * tap.FILES_PER_CONSOLE)
-        self.assertEqual(len(notices), 1)
+        plan = tap.plan_connections(Config())
+        self.assertEqual(plan.capacity, 10)
+        self.assertEqual(plan.max_connections,
+                         1000 - tap.FILES_RESERVED - 10 * tap.FILES_PER_CONSOLE)
+        self.assertEqual(len(plan.notices), 1)
 
 
 class InstanceNameTests(SynchronousTestCase):
