@@ -49,6 +49,9 @@ COALESCE_WINDOW = 0.002
 COALESCE_MAX = 32768
 MAX_COLS, MAX_ROWS = 1000, 500
 _SIZE = re.compile(r"\A([0-9]{1,4}),([0-9]{1,4})\Z")
+# ASCII digits only: str.isdigit() also accepts "²" or "١", which int() refuses
+# (or reads as another number).
+_COUNT = re.compile(r"\A[0-9]{1,15}\Z")
 
 
 class ProtocolError(Exception):
@@ -341,7 +344,7 @@ class ConsoleSession:
 
     def _acknowledged(self, payload: str) -> None:
         """``k<n>``: the browser has written ``n`` units of output in all."""
-        if not payload.isdigit() or len(payload) > 15:
+        if not _COUNT.match(payload):
             raise ProtocolError(f"an acknowledgement needs a count, got {payload[:20]!r}")
         units = int(payload)
         if not self._acked_units <= units <= self._sent_units:

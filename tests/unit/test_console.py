@@ -346,6 +346,14 @@ class FlowControlTests(ConsoleTestCase):
         session.message_received("k4")
         self.assertEqual(connection.close_code, CLOSE_PROTOCOL_ERROR)
 
+    def test_acknowledgement_with_non_ascii_digits(self):
+        """Digits that are not ASCII ("k²", Arabic-Indic, full-width) are a protocol error."""
+        for bad in ("k\u00b2", "k\u0661", "k\uff11", "k1\u00b9"):
+            connection, session, sandbox = self.running()
+            session.message_received(bad)
+            self.assertEqual(connection.close_code, CLOSE_PROTOCOL_ERROR, bad)
+            self.assertIn("an acknowledgement needs a count", connection.close_reason)
+
 
 class DescribeDurationTests(SynchronousTestCase):
     def test_units(self):
