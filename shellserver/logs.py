@@ -1,0 +1,104 @@
+"""Log messages that clients cause, rate-limited per client address.
+
+Anyone can send a bad token, a malformed request or a broken frame, at any
+rate; logging each one would let a single client flood the log. A
+L{ClientEventLog} logs the first few of each kind of event per address per
+window, counts the rest, and when the window ends logs one summary line
+("suppressed N similar messages").
+"""
+
+from __future__ import annotations
+
+from attrs import define, field
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger, LogLevel
+
+# Per (address, event) and window: how many messages are logged as they come.
+MESSAGES_PER_WINDOW = 5
+WINDOW_SECONDS = 60.0
+# Addresses tracked at once; past it, all further addresses share one count
+# per event, so a botnet cannot grow this table (or the log) without bound.
+MAX_TRACKED = 10000
+OTHER_ADDRESSES = "other addresses"
+
+
+@define
+class _Window:
+    logged: int = 0
+    suppressed: int = 0
+    end: IDelayedCall | None = None
+
+
+@define
+class ClientEventLog:
+    """
+    Logs client-caused events through C{log}, at most C{per_window} per
+    (address, event) within each C{window} seconds of the injected clock.
+
+    C{event} is a short fixed name for the kind of message (not client
+    text): it keys the count and names what was suppressed.
+    """
+
+    _log: Logger
+    _clock: IReactorTime
+    per_window: int = MESSAGES_PER_WINDOW
+    window: float = WINDOW_SECONDS
+    max_tracked: int = MAX_TRACKED
+    _windows: dict[tuple[str, str], _Window] = field(factory=dict, init=False)
+
+    def warn(self, address: str | None, event: str, format: str, **fields: object) -> bool:
+        """Log a warning unless this address's budget for C{event} is spent."""
+        return self.emit(LogLevel.warn, address, event, format, **fields)
+
+    def info(self, address: str | None, event: str, format: str, **fields: object) -> bool:
+        """Log an informational message, within the same budget as L{warn}."""
+        return self.emit(LogLevel.info, address, event, format, **fields)
+
+    def emit(self, level: LogLevel, address: str | None, event: str, format: str,
+             **fields: object) -> bool:
+        """Log C{format} with C{fields} at C{level}; return whether it was logged."""
+        window = self._window_for(address or "-", event)
+        if window.logged >= self.per_window:
+            window.suppressed += 1
+            return False
+        window.logged += 1
+        self._log.emit(level, format, **fields)
+        return True
+
+    @property
+    def tracked(self) -> int:
+        """How many (address, event) windows are open (for tests)."""
+        return len(self._windows)
+
+    def _window_for(self, address: str, event: str) -> _Window:
+        key = (address, event)
+        window = self._windows.get(key)
+        if window is not None:
+            return window
+        if len(self._windows) >= self.max_tracked:
+            key = (OTHER_ADDRESSES, event)
+            window = self._windows.get(key)
+            if window is not None:
+                return window
+        window = _Window()
+        window.end = self._clock.callLater(self.window, self._close, key)
+        self._windows[key] = window
+        return window
+
+    def _close(self, key: tuple[str, str]) -> None:
+        window = self._windows.pop(key)
+        if window.suppressed:
+            address, event = key
+            self._log.warn(
+                "suppressed {count} similar messages ({event}) from {address} "
+                "in {window:.0f} s",
+                count=window.suppressed, event=event, address=address,
+                window=self.window,
+            )
+
+    def flush(self) -> None:
+        """End every window now, logging their summaries (at shutdown, in tests)."""
+        for key, window in list(self._windows.items()):
+            if window.end is not None and window.end.active():
+                window.end.cancel()
+            self._close(key)

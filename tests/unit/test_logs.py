@@ -1,0 +1,89 @@
+"""ClientEventLog: client-caused messages, bounded per address and window."""
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from shellserver.logs import OTHER_ADDRESSES, ClientEventLog
+
+
+class ClientEventLogTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.events = []
+        self.log = ClientEventLog(Logger(observer=self.events.append), self.clock,
+                                  per_window=3, window=60.0, max_tracked=4)
+
+    def texts(self):
+        return [formatEvent(event) for event in self.events]
+
+    def test_first_messages_are_logged_with_their_fields(self):
+        """The first messages of a window are logged at their level, with their fields."""
+        self.assertTrue(self.log.warn("192.0.2.1", "bad token", "bad token from {peer}",
+                                      peer="192.0.2.1"))
+        self.log.info("192.0.2.1", "slow", "slow {peer}", peer="192.0.2.1")
+        self.assertEqual(self.texts(), ["bad token from 192.0.2.1", "slow 192.0.2.1"])
+        self.assertEqual([e["log_level"] for e in self.events], [LogLevel.warn, LogLevel.info])
+        self.assertEqual(self.events[0]["peer"], "192.0.2.1")
+
+    def test_flood_is_suppressed_then_summarised(self):
+        """Past the budget nothing is logged until the window ends with one summary."""
+        for _ in range(500):
+            self.log.warn("192.0.2.1", "bad token", "bad token")
+        self.assertEqual(self.texts(), ["bad token"] * 3)
+        self.clock.advance(60)
+        self.assertEqual(len(self.events), 4)
+        self.assertEqual(
+            self.texts()[3],
+            "suppressed 497 similar messages (bad token) from 192.0.2.1 in 60 s")
+        self.assertEqual(self.events[3]["log_level"], LogLevel.warn)
+        self.assertEqual(self.log.tracked, 0)
+
+    def test_new_window_logs_again(self):
+        """After the window, the address's messages are logged again."""
+        for _ in range(4):
+            self.log.warn("192.0.2.1", "e", "m")
+        self.clock.advance(60)
+        self.assertTrue(self.log.warn("192.0.2.1", "e", "m"))
+
+    def test_no_summary_without_suppression(self):
+        """A window that suppressed nothing ends silently."""
+        self.log.warn("192.0.2.1", "e", "m")
+        self.clock.advance(60)
+        self.assertEqual(self.texts(), ["m"])
+
+    def test_addresses_and_events_count_apart(self):
+        """Each (address, event) has its own budget."""
+        for _ in range(5):
+            self.log.warn("192.0.2.1", "a", "a1")
+            self.log.warn("192.0.2.2", "a", "a2")
+            self.log.warn("192.0.2.1", "b", "b1")
+        self.assertEqual(sorted(self.texts()), sorted(["a1", "a2", "b1"] * 3))
+
+    def test_tracked_addresses_are_bounded(self):
+        """Past max_tracked, further addresses share one budget per event."""
+        for number in range(100):
+            for _ in range(10):
+                self.log.warn(f"198.51.100.{number}", "e", "m {n}", n=number)
+        self.assertLessEqual(self.log.tracked, 5)
+        self.assertEqual(len(self.events), 4 * 3 + 3)
+        self.clock.advance(60)
+        summaries = [t for t in self.texts() if t.startswith("suppressed")]
+        self.assertIn(f"suppressed {96 * 10 - 3} similar messages (e) from {OTHER_ADDRESSES} "
+                      "in 60 s", summaries)
+        self.assertEqual(self.log.tracked, 0)
+
+    def test_missing_address(self):
+        """Peers without an address (UNIX sockets) share one budget."""
+        for _ in range(5):
+            self.log.warn(None, "e", "m")
+        self.assertEqual(len(self.events), 3)
+
+    def test_flush_summarises_and_cancels(self):
+        """flush() logs pending summaries now and leaves no timer behind."""
+        for _ in range(5):
+            self.log.warn("192.0.2.1", "e", "m")
+        self.log.flush()
+        self.assertEqual(self.texts()[-1],
+                         "suppressed 2 similar messages (e) from 192.0.2.1 in 60 s")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
