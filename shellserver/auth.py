@@ -26,6 +26,11 @@ from attrs import field, frozen
 from twisted.internet.interfaces import IReactorTime
 
 MAX_TOKEN_LENGTH = 1024
+# scheme://host:port with a host of at most 255 characters (the site refuses
+# longer Host headers); anything longer or not printable ASCII is refused
+# before minting, with a clear error, rather than a token that cannot be.
+MAX_ORIGIN_LENGTH = 300
+_ORIGIN_TEXT = re.compile(rf"[\x21-\x7e]{{1,{MAX_ORIGIN_LENGTH}}}")
 SECRET_LENGTH = 32
 # A shorter HMAC key would make forging tokens easier than it has to be.
 MIN_SECRET_LENGTH = 16
@@ -143,7 +148,16 @@ class TokenAuthority:
             del self._redeemed[nonce]
 
     def mint(self, *, user_id: str, origin: str) -> str:
-        """A token letting ``user_id`` open one console from a page on ``origin``."""
+        """A token letting ``user_id`` open one console from a page on ``origin``.
+
+        @raise ValueError: ``origin`` is empty, not printable ASCII, or longer
+            than L{MAX_ORIGIN_LENGTH}.
+        """
+        if not _ORIGIN_TEXT.fullmatch(origin):
+            raise ValueError(
+                f"an origin must be 1 to {MAX_ORIGIN_LENGTH} printable ASCII characters, "
+                f"got {len(origin)} characters starting {origin[:40]!r}"
+            )
         now = self._clock.seconds()
         self._forget_expired(now)
         claims = TokenClaims(

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from shellserver.admission import Admission, Refused, Slot
 from shellserver.auth import TokenAuthority, TokenError
+from shellserver.logs import ClientEventLog
 from shellserver.sandbox.service import (
     SETUP_FAILED,
     IConsoleProcessEvents,
@@ -142,6 +143,9 @@ class ConsoleSession:
     _admission: Admission | None = None
     _users: UnregisteredUsers | None = None
     _on_end: Callable[[ConsoleSession], None] | None = None
+    # What clients cause before they hold a console is logged within a
+    # budget per address (shared by all sessions: the factory's).
+    _client_events: ClientEventLog | None = None
     state: str = "authenticating"  # -> starting -> running -> ended
     sandbox: ISandbox | None = None
     _size: tuple[int, int] = (DEFAULT_COLS, DEFAULT_ROWS)
@@ -218,13 +222,18 @@ class ConsoleSession:
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
         except ProtocolError as e:
+            self._log_client_event("protocol error", "console protocol error from {peer}: {error}",
+                                   peer=self._connection.peer_host, error=str(e))
             self._fail(CLOSE_PROTOCOL_ERROR, f"Protocol error: {e}.")
 
     def closed(self) -> None:
         """The connection is gone: end the sandbox."""
         if self.state != "ended":
-            log.info("console {session}: client went away",
-                     session=self.sandbox.session if self.sandbox else None)
+            if self.sandbox is not None:
+                log.info("console {session}: client went away", session=self.sandbox.session)
+            else:
+                self._log_client_event("left early", "console {session}: client went away",
+                                       session=None)
         self.state = "ended"
         for name in list(self._timers):
             self._cancel_timer(name)
@@ -263,6 +272,13 @@ class ConsoleSession:
             self._stopping = True
             self.sandbox.terminate()
 
+    def _log_client_event(self, event: str, format: str, **fields: object) -> None:
+        peer = self._connection.peer_host
+        if self._client_events is not None:
+            self._client_events.info(peer, event, format, **fields)
+        else:
+            log.info(format, **fields)
+
     # -- authentication and start ---------------------------------------------
 
     def _authenticate(self, token: str) -> None:
@@ -277,7 +293,8 @@ class ConsoleSession:
         try:
             claims = self._tokens.redeem(token, origin=self._connection.origin)
         except TokenError as e:
-            log.info("console refused for {peer}: {reason}", peer=peer, reason=e.reason)
+            self._log_client_event("refused token", "console refused for {peer}: {reason}",
+                                   peer=peer, reason=e.reason)
             if self._admission is not None:
                 self._admission.auth_failed(peer)
             self._fail(CLOSE_AUTH_FAILED, f"Console refused: {e}.")
@@ -410,11 +427,15 @@ class ConsoleFactory:
     _admission: Admission | None = None
     _users: UnregisteredUsers | None = None
     sessions: set[ConsoleSession] = field(factory=set)
+    _client_events: ClientEventLog = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._client_events = ClientEventLog(log, self._clock)
 
     def __call__(self, connection) -> ConsoleSession:
         session = ConsoleSession(connection, self._clock, self._tokens, self._sandboxes,
                                  self._settings, self._admission, self._users,
-                                 self.sessions.discard)
+                                 self.sessions.discard, self._client_events)
         self.sessions.add(session)
         return session
 

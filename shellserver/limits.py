@@ -36,6 +36,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 from zope.interface import directlyProvides, implementer, providedBy
 
+from shellserver.logs import ClientEventLog
+
 log = Logger()
 
 # RFC 9110 and 6585 names; twisted.web.http.RESPONSES lacks 431.
@@ -122,7 +124,9 @@ class _GuardedConnection(ProtocolWrapper):
 
     def _handshake_too_slow(self) -> None:
         self._handshake = None
-        log.info("TLS handshake from {peer} took too long: dropped", peer=self.address)
+        self.factory.client_events.info(
+            self.address, "slow handshake",
+            "TLS handshake from {peer} took too long: dropped", peer=self.address)
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
@@ -178,6 +182,7 @@ class ConnectionGuard(WrappingFactory):
         self._refusing: set[str] = set()
         self._total = 0
         self._full = False  # refusing for the total, logged once per episode
+        self.client_events = ClientEventLog(log, clock)
 
     def acceptableProtocols(self) -> list[bytes]:
         # TLS asks the factory it wraps for the ALPN protocols; with none
@@ -207,8 +212,12 @@ class ConnectionGuard(WrappingFactory):
             if host not in self._refusing:
                 # Logged once per episode, not once per connection of a flood.
                 self._refusing.add(host)
-                log.warn("{address} holds {count} connections: refusing more",
-                         address=host, count=self.connections_from(host))
+                # An episode ends when one closes: a client cycling at the
+                # cap starts many, hence the per-address budget as well.
+                self.client_events.warn(
+                    host, "too many connections",
+                    "{address} holds {count} connections: refusing more",
+                    address=host, count=self.connections_from(host))
             return _RefusedConnection()
         protocol = super().buildProtocol(addr)
         protocol.address = host
@@ -246,6 +255,8 @@ class LimitedHTTPChannel(HTTPChannel):
     """
 
     limits = ConnectionLimits()
+    # set by the site: the per-address budget for client-caused messages
+    client_events: ClientEventLog | None = None
     _head_bytes = 0
     _head_lines = 0
     _arrival: IDelayedCall | None = None
@@ -304,7 +315,12 @@ class LimitedHTTPChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._arrival = None
-        log.info("request from {peer} too slow: dropped", peer=self.transport.getPeer())
+        peer = self.transport.getPeer()
+        if self.client_events is None:
+            log.info("request from {peer} too slow: dropped", peer=peer)
+        else:
+            self.client_events.info(_address_host(peer), "slow request",
+                                    "request from {peer} too slow: dropped", peer=peer)
         self.refuse(408, "The request took too long to arrive.")
 
     def refuse(self, code: int, message: str) -> None:

@@ -46,23 +46,32 @@ class ClientEventLog:
     max_tracked: int = MAX_TRACKED
     _windows: dict[tuple[str, str], _Window] = field(factory=dict, init=False)
 
-    def warn(self, address: str | None, event: str, format: str, **fields: object) -> bool:
+    def warn(self, address: str | None, event: str, format: str, /,
+             **fields: object) -> bool:
         """Log a warning unless this address's budget for C{event} is spent."""
         return self.emit(LogLevel.warn, address, event, format, **fields)
 
-    def info(self, address: str | None, event: str, format: str, **fields: object) -> bool:
+    def info(self, address: str | None, event: str, format: str, /,
+             **fields: object) -> bool:
         """Log an informational message, within the same budget as L{warn}."""
         return self.emit(LogLevel.info, address, event, format, **fields)
 
-    def emit(self, level: LogLevel, address: str | None, event: str, format: str,
+    def emit(self, level: LogLevel, address: str | None, event: str, format: str, /,
              **fields: object) -> bool:
         """Log C{format} with C{fields} at C{level}; return whether it was logged."""
+        if not self.allow(address, event):
+            return False
+        self._log.emit(level, format, **fields)
+        return True
+
+    def allow(self, address: str | None, event: str) -> bool:
+        """Count one C{event} from C{address}; whether it is within the budget
+        (for messages written elsewhere, such as the access log)."""
         window = self._window_for(address or "-", event)
         if window.logged >= self.per_window:
             window.suppressed += 1
             return False
         window.logged += 1
-        self._log.emit(level, format, **fields)
         return True
 
     @property

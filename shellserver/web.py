@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from collections.abc import Sequence
 
 from twisted.internet.interfaces import IReactorTime
@@ -21,6 +22,7 @@ from twisted.web.static import File
 from shellserver.admission import Admission, AdmissionStatus
 from shellserver.auth import TokenAuthority, new_unregistered_user
 from shellserver.limits import ConnectionLimits, LimitedHTTPChannel, LimitedRequest
+from shellserver.logs import ClientEventLog
 from shellserver.users import UnregisteredUsers
 
 log = Logger()
@@ -63,6 +65,48 @@ def with_frame_ancestors(csp: str, host_origins: Sequence[str]) -> str:
 
 class MissingWebAssets(Exception):
     """web/ or its npm packages are missing; str() says what to run."""
+
+
+# A Host header is host[:port] (RFC 9110 7.2, RFC 3986 3.2.2): a DNS name or
+# IPv4 address, or an IPv6 literal in brackets. Only the characters a browser
+# sends are accepted, since the host becomes the console token's origin.
+MAX_HOST_LENGTH = 255
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._~-]+)(?::([0-9]{1,5}))?")
+
+
+def host_header_problem(request) -> str | None:
+    """Why the request's Host header is unusable, or None if it is fine.
+
+    A request without one (HTTP/1.0) is served as ``localhost``.
+    """
+    values = request.requestHeaders.getRawHeaders(b"host")
+    if values is None:
+        return None
+    if len(values) > 1:
+        return "The request has more than one Host header."
+    host = values[0]
+    if len(host) > MAX_HOST_LENGTH:
+        return f"The Host header is longer than {MAX_HOST_LENGTH} characters."
+    match = _HOST.fullmatch(host)
+    if match is None or (match.group(1) is not None and int(match.group(1)) > 65535):
+        return "The Host header is not a host name or address with an optional port."
+    return None
+
+
+class BadRequestPage(Resource):
+    """A ``400`` with a short plain-text reason, for any method."""
+
+    isLeaf = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self._body = message.encode("utf-8") + b"\n"
+
+    def render(self, request) -> bytes:
+        request.setResponseCode(400)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return self._body
 
 
 def request_origin(request) -> str:
@@ -142,7 +186,15 @@ class ConsolePage(Resource):
         user = new_unregistered_user(self._clock, address, self._host_origin(request))
         if self._users is not None:
             self._users.add(user)
-        token = self._tokens.mint(user_id=user.user_id, origin=request_origin(request))
+        try:
+            token = self._tokens.mint(user_id=user.user_id, origin=request_origin(request))
+        except ValueError:
+            # ShellSite refuses such Host headers first; this keeps a bad one
+            # from ever being a 500 here.
+            if self._users is not None:
+                self._users.forget(user.user_id)
+            return BadRequestPage("The Host header cannot be used for a console.").render(
+                request)
         log.info("unregistered user {user} from {address} (host {host})",
                  user=user.user_id, address=address, host=user.host_origin or "-")
         page = (
@@ -332,10 +384,13 @@ class ShellSite(Site):
         super().__init__(resource, timeout=limits.idle_connection_timeout, reactor=reactor,
                          parsePOSTFormSubmission=False)
         self.limits = limits
+        # Refused requests, logged within a budget per client address.
+        self.client_events = ClientEventLog(log, self.reactor)
 
     def buildProtocol(self, addr):
         channel = super().buildProtocol(addr)
         channel.limits = self.limits
+        channel.client_events = self.client_events
         channel.MAX_LENGTH = self.limits.max_request_header_bytes
         channel.totalHeadersSize = self.limits.max_request_header_bytes
         channel.maxHeaders = self.limits.max_request_headers
@@ -346,4 +401,23 @@ class ShellSite(Site):
         request.responseHeaders.removeHeader(b"server")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"no-referrer")
+        # Checked before any resource: the Host becomes the origin in tokens
+        # and redirects, for every path.
+        problem = host_header_problem(request)
+        if problem is not None:
+            address = getattr(request.getClientAddress(), "host", None)
+            self.client_events.info(address, "bad host header",
+                                    "refused a request from {address}: {problem}",
+                                    address=address, problem=problem)
+            return BadRequestPage(problem)
         return super().getResourceFor(request)
+
+    def log(self, request) -> None:
+        # The access log line of a refused request (4xx, 5xx) is client-caused
+        # too: within the same per-address budget, so a flood of bad requests
+        # cannot flood the log.
+        if request.code >= 400:
+            address = getattr(request.getClientAddress(), "host", None)
+            if not self.client_events.allow(address, "refused request"):
+                return
+        super().log(request)

@@ -19,6 +19,7 @@ from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 
+from ..logs import ClientEventLog
 from .options import SockJSOptions
 
 log = Logger()
@@ -443,6 +444,11 @@ class SessionRegistry:
     _options: SockJSOptions
     _sessions: dict[str, SockJSConnection] = field(factory=dict, init=False)
     _by_peer: dict[str, set[SockJSConnection]] = field(factory=dict, init=False)
+    # refusals are the client's doing: logged within a budget per address
+    _client_events: ClientEventLog = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._client_events = ClientEventLog(log, self._clock)
 
     def get(self, session_id: str) -> SockJSConnection | None:
         """
@@ -469,7 +475,9 @@ class SessionRegistry:
         if session.peer_host != peer_host or (
             session._jsessionid is not None and session._jsessionid != jsessionid
         ):
-            log.warn(
+            self._client_events.warn(
+                peer_host,
+                "foreign session",
                 "refused {peer} access to SockJS session {session} of {owner}",
                 peer=peer_host,
                 session=session_id,
@@ -488,7 +496,9 @@ class SessionRegistry:
         held = len(self._by_peer.get(peer_host, ()))
         if held < self._options.max_sessions_per_address:
             return True
-        log.warn(
+        self._client_events.warn(
+            peer_host,
+            "too many sessions",
             "refused a new SockJS session to {peer}, which holds {count}",
             peer=peer_host,
             count=held,

@@ -14,10 +14,12 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from ..logs import ClientEventLog
 from .endpoint import Endpoint
 from .framing import (
     HEARTBEAT_FRAME,
@@ -50,6 +52,33 @@ _PING_WINDOW = 60.0
 
 # a close frame's payload is at most 125 bytes, two of them the code
 _MAX_CLOSE_REASON_BYTES = 123
+
+log = Logger()
+
+
+class _PeerLog:
+    """
+    autobahn's logger for one connection: its warnings and notices (a
+    protocol violation, a failed handshake, a dropped connection) are the
+    peer's doing, so they are logged within the peer address's budget.
+    Errors (our bugs) and debug messages pass unchanged.
+    """
+
+    def __init__(self, logger: object, events: ClientEventLog, address: str) -> None:
+        self._logger = logger
+        self._events = events
+        self._address = address
+
+    def warn(self, format: str, **fields: object) -> None:
+        if self._events.allow(self._address, "websocket warning"):
+            self._logger.warn(format, **fields)
+
+    def info(self, format: str, **fields: object) -> None:
+        if self._events.allow(self._address, "websocket notice"):
+            self._logger.info(format, **fields)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._logger, name)
 
 
 @implementer(IPushProducer)
@@ -98,6 +127,8 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         self._incoming_bytes = 0
 
     def connectionMade(self) -> None:
+        self.log = _PeerLog(type(self).log, self.factory.client_events,
+                            peer_host(self.transport.getPeer()))
         super().connectionMade()
         disable_nagle(self.transport)
 
@@ -298,6 +329,7 @@ class _SockJSWebSocketFactory(WebSocketServerFactory):
         self._registry = registry
         self._max_message_bytes = max_message_bytes
         self._max_pings_per_minute = max_pings_per_minute
+        self.client_events = ClientEventLog(log, clock)
 
     def buildProtocol(self, addr: object) -> _SockJSWebSocket:
         protocol = self._protocol_class(self._registry, self._max_message_bytes,
