@@ -17,7 +17,7 @@ from typing import Protocol
 
 from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ..logs import ClientEventLog
 from .options import SockJSOptions
@@ -536,7 +536,11 @@ class SessionRegistry:
         if not bound:
             self._sessions[session_id] = connection
         self._by_peer.setdefault(peer_host, set()).add(connection)
-        log.debug(
+        # Anyone can open sessions at any rate: within the address's budget.
+        self._client_events.emit(
+            LogLevel.debug,
+            peer_host,
+            "session opened",
             "SockJS session {session} opened over {transport} from {peer}",
             session=session_id,
             transport=transport_name,
