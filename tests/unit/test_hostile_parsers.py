@@ -10,6 +10,7 @@ for a broken payload or callback, with its fixed text.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -149,8 +150,15 @@ class HostileSiteTestCase(SynchronousTestCase):
         # the websocket handshake and coalesced output run on the clock
         self.clock.advance(0.1)
         channel.connectionLost(Failure(ConnectionDone("the client went away")))
+        self.end_terminated_sandboxes()
         self.clock.advance(settle)
         return transport.value()
+
+    def end_terminated_sandboxes(self) -> None:
+        """Sandboxes told to stop exit, as real ones do (freeing their slots)."""
+        for sandbox in self.starter.started:
+            if sandbox.terminated and not sandbox.ended:
+                sandbox.exit(None, 9)
 
     def assertClearAnswer(self, response: bytes, events) -> int | None:
         """A status line (or nothing, for a connection closed at once), never
@@ -433,3 +441,83 @@ class HostProblemTests(SynchronousTestCase):
                 values[0].decode("ascii")
         else:
             self.assertTrue(problem.startswith("The "))
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True,
+                 rsv: int = 0) -> bytes:
+    """One websocket frame as a client sends it (or, unmasked, as it must not)."""
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    length = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        head += bytes([mask_bit | length])
+    else:
+        head += bytes([mask_bit | 126]) + length.to_bytes(2, "big")
+    if not masked:
+        return head + payload
+    key = b"\x01\x02\x03\x04"
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+# Console messages: a kind letter (or a surprise) and any text.
+CONSOLE_MESSAGES = st.lists(st.one_of(
+    st.sampled_from(["k\u00b2", "k0", "r80,24", "r\u00b2,1", "ix", "a"]),
+    st.tuples(st.sampled_from(list("airkx\u00b2")), CLIENT_TEXT).map("".join),
+), min_size=1, max_size=3)
+# What a client may put on a websocket: broken frames, junk bytes, or
+# console messages (to be framed as the transport expects).
+FRAMES = st.lists(st.one_of(
+    st.builds(client_frame, st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA, 0xF]),
+              CLIENT_BYTES, fin=st.booleans(), masked=st.booleans(),
+              rsv=st.sampled_from([0, 0, 0, 1, 4])),
+    st.binary(max_size=16),
+    CONSOLE_MESSAGES,
+), max_size=6)
+
+
+def as_frame(item: bytes | list[str], *, framed: bool) -> bytes:
+    """``item`` as websocket bytes: console messages become one text frame
+    (a SockJS JSON array when ``framed``), bytes go as they are."""
+    if isinstance(item, bytes):
+        return item
+    if framed:
+        return client_frame(0x1, json.dumps(item).encode())
+    return client_frame(0x1, item[0].encode("utf-8", "replace"))
+
+
+class WebSocketFrameTests(HostileSiteTestCase):
+    @PROPERTY
+    @given(path=st.sampled_from([b"/sockjs/websocket", b"/sockjs/000/abc/websocket"]),
+           frames=FRAMES, authenticate=st.booleans())
+    def test_any_frames_after_the_handshake(self, path, frames, authenticate):
+        """Any frames on a raw or framed websocket are delivered, or end the
+        connection with a close code; no failure is logged."""
+        self.port += 1
+        address = IPv4Address("TCP", "198.51.100.9", self.port)
+        channel = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        transport.protocol = channel  # autobahn moves the connection to its protocol
+        channel.makeConnection(transport)
+        with capturedLogs() as events:
+            channel.dataReceived(
+                b"GET " + path + b" HTTP/1.1\r\nHost: console.example\r\n"
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\nOrigin: https://console.example\r\n\r\n")
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "),
+                            transport.value()[:300])
+            websocket = transport.protocol
+            framed = path != b"/sockjs/websocket"
+            if authenticate:
+                token = self.tokens.mint(user_id="u", origin="https://console.example")
+                frames = [["a" + token]] + frames
+            for frame in frames:
+                if transport.disconnecting:
+                    break
+                websocket.dataReceived(as_frame(frame, framed=framed))
+            self.clock.advance(10)
+            websocket.connectionLost(Failure(ConnectionDone("the client went away")))
+            self.end_terminated_sandboxes()
+            self.clock.advance(120)
+        self.assertEqual(unexpected_failures(events), [])
+        self.assertNotIn(b"Traceback", transport.value())
