@@ -3,14 +3,16 @@
 Anyone can send a bad token, a malformed request or a broken frame, at any
 rate; logging each one would let a single client flood the log. A
 L{ClientEventLog} logs the first few of each kind of event per address per
-window, counts the rest, and when the window ends logs one summary line
+window, counts the rest, and once the window is over logs one summary line
 ("suppressed N similar messages").
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 from attrs import define, field
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 # Per (address, event) and window: how many messages are logged as they come.
@@ -24,9 +26,9 @@ OTHER_ADDRESSES = "other addresses"
 
 @define
 class _Window:
+    started: float
     logged: int = 0
     suppressed: int = 0
-    end: IDelayedCall | None = None
 
 
 @define
@@ -37,6 +39,11 @@ class ClientEventLog:
 
     C{event} is a short fixed name for the kind of message (not client
     text): it keys the count and names what was suppressed.
+
+    No timers: windows that are over are closed (and their summaries
+    logged) when the next event arrives, from any address, or at L{flush}.
+    So nothing is left on the clock when the clients are gone, and a flood's
+    summary comes as soon as the flood goes on past its window.
     """
 
     _log: Logger
@@ -45,6 +52,8 @@ class ClientEventLog:
     window: float = WINDOW_SECONDS
     max_tracked: int = MAX_TRACKED
     _windows: dict[tuple[str, str], _Window] = field(factory=dict, init=False)
+    # keys in the order their windows started, hence ended (all are as long)
+    _order: deque[tuple[str, str]] = field(factory=deque, init=False)
 
     def warn(self, address: str | None, event: str, format: str, /,
              **fields: object) -> bool:
@@ -67,7 +76,9 @@ class ClientEventLog:
     def allow(self, address: str | None, event: str) -> bool:
         """Count one C{event} from C{address}; whether it is within the budget
         (for messages written elsewhere, such as the access log)."""
-        window = self._window_for(address or "-", event)
+        now = self._clock.seconds()
+        self._close_windows(ended_by=now)
+        window = self._window_for(address or "-", event, now)
         if window.logged >= self.per_window:
             window.suppressed += 1
             return False
@@ -79,7 +90,11 @@ class ClientEventLog:
         """How many (address, event) windows are open (for tests)."""
         return len(self._windows)
 
-    def _window_for(self, address: str, event: str) -> _Window:
+    def flush(self) -> None:
+        """Close every window now, logging their summaries (at shutdown, in tests)."""
+        self._close_windows(ended_by=float("inf"))
+
+    def _window_for(self, address: str, event: str, now: float) -> _Window:
         key = (address, event)
         window = self._windows.get(key)
         if window is not None:
@@ -89,25 +104,23 @@ class ClientEventLog:
             window = self._windows.get(key)
             if window is not None:
                 return window
-        window = _Window()
-        window.end = self._clock.callLater(self.window, self._close, key)
-        self._windows[key] = window
+        window = self._windows[key] = _Window(started=now)
+        self._order.append(key)
         return window
 
-    def _close(self, key: tuple[str, str]) -> None:
-        window = self._windows.pop(key)
-        if window.suppressed:
-            address, event = key
-            self._log.warn(
-                "suppressed {count} similar messages ({event}) from {address} "
-                "in {window:.0f} s",
-                count=window.suppressed, event=event, address=address,
-                window=self.window,
-            )
-
-    def flush(self) -> None:
-        """End every window now, logging their summaries (at shutdown, in tests)."""
-        for key, window in list(self._windows.items()):
-            if window.end is not None and window.end.active():
-                window.end.cancel()
-            self._close(key)
+    def _close_windows(self, *, ended_by: float) -> None:
+        while self._order:
+            key = self._order[0]
+            window = self._windows[key]
+            if window.started + self.window > ended_by:
+                return
+            self._order.popleft()
+            del self._windows[key]
+            if window.suppressed:
+                address, event = key
+                self._log.warn(
+                    "suppressed {count} similar messages ({event}) from {address} "
+                    "in {window:.0f} s",
+                    count=window.suppressed, event=event, address=address,
+                    window=self.window,
+                )

@@ -258,6 +258,7 @@ class HostHeaderTests(HostileSiteTestCase):
             for _ in range(200):
                 self.get_console(b"a" * 300, settle=0.1)
             self.clock.advance(60)
+            self.site.client_events.flush()
         texts = [formatEvent(event) for event in events]
         self.assertEqual(len(texts), 5 + 2, texts)  # 5 refusals and 2 summaries
         self.assertIn("suppressed 195 similar messages (bad host header) from 198.51.100.9 "
