@@ -36,7 +36,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 from zope.interface import directlyProvides, implementer, providedBy
 
-from shellserver.logs import ClientEventLog
+from shellserver.logs import ClientEventLog, PeerLogger
 
 log = Logger()
 
@@ -263,6 +263,16 @@ class LimitedHTTPChannel(HTTPChannel):
     _linger: IDelayedCall | None = None
     refused = False
 
+    @property
+    def _log(self):
+        # twisted.web's messages about a connection ("Timing out client") are
+        # the client's doing: within its address's budget.
+        logger = vars(HTTPChannel)["_log"].__get__(self, type(self))
+        if self.client_events is None:
+            return logger
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return PeerLogger(logger, self.client_events, _address_host(peer), "connection")
+
     def isSecure(self) -> bool:
         return getattr(self.transport, "secure", False) or super().isSecure()
 
@@ -364,6 +374,16 @@ class LimitedRequest(Request):
     """
 
     _body_bytes = 0
+
+    @property
+    def _log(self):
+        # twisted.web's messages about a request (a HEAD answered by GET) are
+        # the client's doing: within its address's budget.
+        logger = vars(Request)["_log"].__get__(self, type(self))
+        events = getattr(self.channel, "client_events", None)
+        if events is None:
+            return logger
+        return PeerLogger(logger, events, _address_host(self.getClientAddress()), "request")
 
     def gotLength(self, length: int | None) -> None:
         # Bodies are small and bounded: no temporary files.

@@ -124,3 +124,32 @@ class ClientEventLog:
                     count=window.suppressed, event=event, address=address,
                     window=self.window,
                 )
+
+
+class PeerLogger:
+    """
+    A library's logger (twisted.web's, autobahn's) for one client
+    connection: its warnings and notices there are the client's doing (a
+    timed-out connection, a faked HEAD request, a websocket protocol
+    violation), so they are logged within that address's budget in
+    C{events}. Errors and failures (our bugs) and debug messages pass
+    unchanged.
+    """
+
+    def __init__(self, logger: object, events: ClientEventLog, address: str | None,
+                 name: str) -> None:
+        self._logger = logger
+        self._events = events
+        self._address = address
+        self._name = name
+
+    def warn(self, format: str | None = None, **fields: object) -> None:
+        if self._events.allow(self._address, f"{self._name} warning"):
+            self._logger.warn(format, **fields)
+
+    def info(self, format: str | None = None, **fields: object) -> None:
+        if self._events.allow(self._address, f"{self._name} notice"):
+            self._logger.info(format, **fields)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._logger, name)

@@ -19,7 +19,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
-from ..logs import ClientEventLog
+from ..logs import ClientEventLog, PeerLogger
 from .endpoint import Endpoint
 from .framing import (
     HEARTBEAT_FRAME,
@@ -54,31 +54,6 @@ _PING_WINDOW = 60.0
 _MAX_CLOSE_REASON_BYTES = 123
 
 log = Logger()
-
-
-class _PeerLog:
-    """
-    autobahn's logger for one connection: its warnings and notices (a
-    protocol violation, a failed handshake, a dropped connection) are the
-    peer's doing, so they are logged within the peer address's budget.
-    Errors (our bugs) and debug messages pass unchanged.
-    """
-
-    def __init__(self, logger: object, events: ClientEventLog, address: str) -> None:
-        self._logger = logger
-        self._events = events
-        self._address = address
-
-    def warn(self, format: str, **fields: object) -> None:
-        if self._events.allow(self._address, "websocket warning"):
-            self._logger.warn(format, **fields)
-
-    def info(self, format: str, **fields: object) -> None:
-        if self._events.allow(self._address, "websocket notice"):
-            self._logger.info(format, **fields)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._logger, name)
 
 
 @implementer(IPushProducer)
@@ -127,8 +102,10 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         self._incoming_bytes = 0
 
     def connectionMade(self) -> None:
-        self.log = _PeerLog(type(self).log, self.factory.client_events,
-                            peer_host(self.transport.getPeer()))
+        # autobahn's messages about this connection (protocol violations, a
+        # failed handshake, a dropped connection) are the peer's doing.
+        self.log = PeerLogger(type(self).log, self.factory.client_events,
+                              peer_host(self.transport.getPeer()), "websocket")
         super().connectionMade()
         disable_nagle(self.transport)
 

@@ -522,3 +522,26 @@ class WebSocketFrameTests(HostileSiteTestCase):
             self.clock.advance(120)
         self.assertEqual(unexpected_failures(events), [])
         self.assertNotIn(b"Traceback", transport.value())
+
+
+class LibraryMessageTests(HostileSiteTestCase):
+    def test_head_requests_are_logged_within_a_budget(self):
+        """twisted.web's note on every HEAD answered by GET stays within the budget."""
+        with capturedLogs() as events:
+            for _ in range(100):
+                response = self.exchange(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", settle=0.1)
+                self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:200])
+        texts = [formatEvent(event) for event in events]
+        self.assertEqual(sum("HEAD request" in text for text in texts), 5, texts)
+
+    def test_idle_timeouts_are_logged_within_a_budget(self):
+        """twisted.web's "Timing out client" for idle connections stays within the budget."""
+        with capturedLogs() as events:
+            for _ in range(50):
+                self.port += 1
+                address = IPv4Address("TCP", "198.51.100.9", self.port)
+                channel = self.site.buildProtocol(address)
+                channel.makeConnection(StringTransport(peerAddress=address))
+            self.clock.advance(self.site.limits.idle_connection_timeout + 1)
+        texts = [formatEvent(event) for event in events]
+        self.assertEqual(sum("Timing out client" in text for text in texts), 5, texts)

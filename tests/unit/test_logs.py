@@ -4,7 +4,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from shellserver.logs import OTHER_ADDRESSES, ClientEventLog
+from shellserver.logs import OTHER_ADDRESSES, ClientEventLog, PeerLogger
 
 
 class ClientEventLogTests(SynchronousTestCase):
@@ -98,3 +98,33 @@ class ClientEventLogTests(SynchronousTestCase):
         self.assertEqual(self.texts()[-1],
                          "suppressed 2 similar messages (e) from 192.0.2.1 in 60 s")
         self.assertEqual(self.log.tracked, 0)
+
+
+class PeerLoggerTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.events = []
+        self.library_log = Logger(observer=self.events.append)
+        self.budget = ClientEventLog(Logger(observer=self.events.append), self.clock,
+                                     per_window=2)
+
+    def test_notices_and_warnings_within_the_budget(self):
+        """A library's notices and warnings for one peer are logged within its budget."""
+        logger = PeerLogger(self.library_log, self.budget, "192.0.2.1", "websocket")
+        for _ in range(10):
+            logger.warn("dropping {peer}", peer="x")
+            logger.info("failing handshake")
+        self.assertEqual([formatEvent(e) for e in self.events],
+                         ["dropping x", "failing handshake"] * 2)
+
+    def test_errors_and_debug_pass(self):
+        """Errors, failures and debug messages are never held back."""
+        logger = PeerLogger(self.library_log, self.budget, "192.0.2.1", "websocket")
+        for _ in range(5):
+            logger.error("bug")
+            logger.debug("detail")
+            try:
+                raise RuntimeError("a bug")
+            except RuntimeError:
+                logger.failure("failed")
+        self.assertEqual(len(self.events), 15)
