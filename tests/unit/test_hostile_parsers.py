@@ -545,3 +545,18 @@ class LibraryMessageTests(HostileSiteTestCase):
             self.clock.advance(self.site.limits.idle_connection_timeout + 1)
         texts = [formatEvent(event) for event in events]
         self.assertEqual(sum("Timing out client" in text for text in texts), 5, texts)
+
+
+class ConsolePageOriginTests(HostileSiteTestCase):
+    def test_console_page_refuses_an_unusable_origin_itself(self):
+        """Behind a plain Site (no Host check first), a Host the token cannot
+        carry still gets a 400, not a 500, and leaves no user behind."""
+        from twisted.web.server import Site
+
+        self.site = Site(self.site.resource, reactor=self.clock)
+        with capturedLogs() as events:
+            response = self.exchange(b"GET /console/ HTTP/1.1\r\nHost: " + b"h" * 1500
+                                     + b"\r\n\r\n", settle=0)
+        self.assertEqual(self.assertClearAnswer(response, events), 400)
+        self.assertIn(b"The Host header cannot be used for a console.", response)
+        self.assertEqual(len(self.users), 0)
