@@ -100,8 +100,9 @@ def decode_payload(data: bytes, *, allow_single: bool = False) -> list[str]:
         raise BrokenPayload(PAYLOAD_EXPECTED)
     try:
         decoded = json.loads(data.decode("utf-8"))
-    except ValueError:
-        # UnicodeDecodeError and JSONDecodeError are both ValueErrors.
+    except (ValueError, RecursionError):
+        # UnicodeDecodeError and JSONDecodeError are both ValueErrors; arrays
+        # nested thousands deep ("[[[[...") exhaust json's recursion instead.
         raise BrokenPayload(BROKEN_JSON) from None
     if isinstance(decoded, str) and allow_single:
         return [decoded]

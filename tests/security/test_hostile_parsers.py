@@ -160,3 +160,35 @@ def test_burst_of_hostile_input_keeps_the_log_bounded(server):
     assert added <= MAX_LOG_LINES_FOR_A_BURST, server.log().splitlines()[before:]
     status, _ = get(server, b"/status", source=source)
     assert status == 200
+
+
+DEEPLY_NESTED = b"[" * 50000
+
+
+def test_deeply_nested_json_on_xhr_send(server):
+    """An xhr_send body of 50,000 nested arrays is Broken JSON (500, the SockJS
+    text), not a crash with a traceback."""
+    session = f"/sockjs/000/{os.urandom(8).hex()}"
+    source = "127.0.0.6"
+    opened, _ = http_exchange(server, post_request(session + "/xhr", b""), source=source)
+    assert status_of(opened) == 200 and body_of(opened) == b"o\n", opened[:300]
+    response, _ = http_exchange(server, post_request(session + "/xhr_send", DEEPLY_NESTED),
+                                source=source)
+    assert status_of(response) == 500
+    assert body_of(response) == b"Broken JSON encoding."
+
+
+def test_deeply_nested_json_on_a_framed_websocket(server):
+    """50,000 nested arrays on a framed websocket close it with 3000 Broken framing."""
+    path = f"/sockjs/000/{os.urandom(8).hex()}/websocket"
+    with RawWebSocket(server, path, source="127.0.0.6") as ws:
+        assert ws.recv_frame() == (0x1, b"o")
+        ws.send_text(DEEPLY_NESTED)
+        assert ws.messages_until_close() == []
+    assert ws.closed == (3000, "Broken framing.")
+
+
+def post_request(path: str, body: bytes) -> bytes:
+    lines = [b"POST " + path.encode() + b" HTTP/1.1", b"Host: 127.0.0.1",
+             b"Connection: close", b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
