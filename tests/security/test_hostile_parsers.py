@@ -10,6 +10,7 @@ themselves with generated input.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -136,8 +137,8 @@ def pipelined_bad_hosts(server, count: int, source: str) -> list[int | None]:
 
 
 def test_burst_of_hostile_input_keeps_the_log_bounded(server):
-    """500 hostile requests and messages from one address add a bounded
-    number of log lines, and the server keeps serving."""
+    """550 hostile requests, messages and TLS handshakes from one address add a
+    bounded number of log lines, and the server keeps serving."""
     source = "127.0.0.5"
     before = settled_log_lines(server)
     started = time.monotonic()
@@ -155,6 +156,11 @@ def test_burst_of_hostile_input_keeps_the_log_bounded(server):
             ws.sock.sendall(ws_frame(0x1, b"x", masked=False))
             ws.messages_until_close(timeout=5)
             assert ws.closed[0] == 1002, ws.closed
+    for _ in range(50):  # plain HTTP or junk where TLS is expected
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                      source_address=(source, 0)) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\x16\x03\x01\x00\x05junk")
+            read_until_closed(raw, timeout=5)
     assert time.monotonic() - started < 120
     added = settled_log_lines(server) - before
     assert added <= MAX_LOG_LINES_FOR_A_BURST, server.log().splitlines()[before:]
