@@ -23,6 +23,7 @@ LIMITS = SandboxLimits(
     max_open_files=257,
     max_file_bytes=33 * MIB,
     max_processes=65,
+    max_ptys=9,
 )
 RUNTIME = "/var/lib/shellserver/runtime"
 ROOT = "/var/lib/shellserver/sandbox-root"
@@ -48,14 +49,14 @@ def spec(uid=200042, session="s0123456789abcdef", layout=LAYOUT, **kwargs):
 
 
 def launcher_keys():
-    """The keys launcher.py reads from the spec, a tmpfs entry and a cgroup.
+    """The keys launcher.py reads from the spec, a tmpfs entry, a cgroup and /dev.
 
     Collected from its source, so a key the launcher starts to read and
     to_json() does not write fails the test.
     """
     with open(LAUNCHER, encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    keys = {"spec": set(), "tmpfs": set(), "group": set()}
+    keys = {"spec": set(), "tmpfs": set(), "group": set(), "devices": set()}
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Subscript)
@@ -104,6 +105,19 @@ class BuildSpecTests(SynchronousTestCase):
              "inodes": max(1024, LIMITS.home_bytes // 8192), "owned": True},
         )
         self.assertEqual(spec().cwd, CONSOLE_HOME)
+
+    def test_dev_bounds_host_pools(self):
+        """/dev gets the configured PTY cap for its devpts, and a /dev/shm capped
+        in bytes (8 MiB) and inodes (one per 8 KiB, at least 1024)."""
+        self.assertEqual(spec().dev, {"pts_max": 9, "shm_bytes": 8 * MIB,
+                                      "shm_inodes": 1024})
+
+    def test_max_ptys_from_config(self):
+        """sandbox.max_ptys reaches the limits; its default is 8."""
+        from shellserver.config import SandboxConfig
+
+        self.assertEqual(SandboxLimits.from_config(SandboxConfig(max_ptys=3)).max_ptys, 3)
+        self.assertEqual(SandboxLimits.from_config(SandboxConfig()).max_ptys, 8)
 
     def test_rlimits(self):
         """NOFILE, FSIZE and NPROC come from the limits; no core files."""
@@ -207,6 +221,8 @@ class ToJsonTests(SynchronousTestCase):
         self.assertTrue(document["cgroups"])
         for group in document["cgroups"]:
             self.assertEqual(keys["group"] - set(group), set())
+        self.assertTrue(keys["devices"])
+        self.assertEqual(keys["devices"] - set(document["dev"]), set())
 
     def test_values_have_launcher_types(self):
         """rlimits are [soft, hard] pairs and cgroup limits are strings, as written."""
