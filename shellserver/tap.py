@@ -321,12 +321,26 @@ def plan_connections(config: Config) -> ConnectionPlan:
     starts with 1024).
     """
     open_files = raise_open_files_limit()
-    capacity = admission_capacity(config)
     try:
+        capacity, pool_notices = fit_host_pools_to(config, admission_capacity(config))
         cap, notices = connection_budget(config.server.max_connections, capacity, open_files)
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
-    return ConnectionPlan(capacity=capacity, max_connections=cap, notices=tuple(notices))
+    return ConnectionPlan(capacity=capacity, max_connections=cap,
+                          notices=(*pool_notices, *notices))
+
+
+def fit_host_pools_to(config: Config, capacity: int) -> tuple[int, list[str]]:
+    """Size the host-wide kernel pools (PTYs, pids, files) for ``capacity``
+    consoles, or lower it (shellserver.sandbox.hostpools)."""
+    from shellserver.sandbox import hostpools
+    from shellserver.sandbox.spec import SandboxLimits
+
+    with open("/proc/meminfo") as f:
+        memory_kib = hostpools.memory_kib(f.read())
+    pools = hostpools.host_pools(SandboxLimits.from_config(config.sandbox), memory_kib,
+                                 hostpools.read_proc_sysctl)
+    return hostpools.fit_host_pools(capacity, pools, hostpools.write_proc_sysctl)
 
 
 def raise_open_files_limit() -> int:

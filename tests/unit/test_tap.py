@@ -149,13 +149,24 @@ class ConnectionBudgetTests(SynchronousTestCase):
         """At start-up the error stops twistd as a usage error."""
         self.patch(tap, "raise_open_files_limit", lambda: 300)
         self.patch(tap, "admission_capacity", lambda config: 20)
+        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (capacity, []))
         with self.assertRaises(UsageError) as caught:
             tap.plan_connections(Config())
         self.assertIn("only 300 files", str(caught.exception))
 
+    def test_plan_takes_the_host_pools_capacity(self):
+        """A capacity lowered to fit the host's kernel pools is the plan's, with
+        the pools' notice first."""
+        self.patch(tap, "raise_open_files_limit", lambda: 100000)
+        self.patch(tap, "admission_capacity", lambda config: 10)
+        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (4, ["pty notice"]))
+        plan = tap.plan_connections(Config())
+        self.assertEqual((plan.capacity, plan.notices), (4, ("pty notice",)))
+
     def test_plan_uses_the_capacity(self):
         self.patch(tap, "raise_open_files_limit", lambda: 1000)
         self.patch(tap, "admission_capacity", lambda config: 10)
+        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (capacity, []))
         plan = tap.plan_connections(Config())
         self.assertEqual(plan.capacity, 10)
         self.assertEqual(plan.max_connections,
