@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import json
 import os
 import platform
 
 import pytest
-from conftest import start_server, wait_until
+from conftest import GENEROUS_ADMISSION, start_server, wait_until
 from escape_helpers import Sandbox, pids_of_uid, server_leftovers
 
 pytestmark = [
@@ -27,6 +28,8 @@ pytestmark = [
 ]
 
 UID_MIN, UID_MAX = 232000, 232099
+# The start-up tests' servers (one at a time).
+STARTUP_UID_MIN, STARTUP_UID_MAX = 232100, 232119
 RUNTIME = os.environ.get("SHELLSERVER_RUNTIME", "/var/lib/shellserver/runtime")
 # The server's defaults (shellserver.config.SandboxConfig, sandbox.spec).
 MAX_PTYS = 8
@@ -215,3 +218,91 @@ def test_per_uid_and_per_namespace_counters(pools_server, drainer):
                 and libc.mq_open(b"/mine", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0)
                and 6*7)
     """) == 42
+
+
+# -- start-up: the host's sysctls sized for the capacity ------------------------
+
+SIZED_SYSCTLS = ("kernel.pty.max", "kernel.pid_max", "fs.file-max")
+KERNEL_DEFAULTS = {"kernel.pty.max": 4096, "kernel.pid_max": 32768}
+# 500 * (8 + 1) PTYs do not fit in 4096 - 1024, nor 4096 + 500 * 64 pids in 32768.
+BIG_CAPACITY = 500
+
+
+def sysctl_path(name: str) -> str:
+    return "/proc/sys/" + name.replace(".", "/")
+
+
+def read_sysctl(name: str) -> int:
+    with open(sysctl_path(name)) as f:
+        return int(f.read())
+
+
+def write_sysctl(name: str, value: int) -> None:
+    with open(sysctl_path(name), "w") as f:
+        f.write(str(value))
+
+
+@pytest.fixture
+def kernel_defaults():
+    """The PTY and pid sysctls at the kernel's defaults for the test, and every
+    sized sysctl as it was afterwards (the server raises them for the host)."""
+    saved = {name: read_sysctl(name) for name in SIZED_SYSCTLS}
+    for name, value in KERNEL_DEFAULTS.items():
+        write_sysctl(name, value)
+    yield
+    for name, value in saved.items():
+        write_sysctl(name, value)
+
+
+def status_capacity(server) -> int:
+    return json.loads(server.get("/status").read())["capacity"]
+
+
+def test_start_up_raises_the_pty_and_pid_sysctls(tmp_path, kernel_defaults):
+    """A server whose capacity needs more PTYs and pids than the host's sysctls
+    allow raises them at start-up, logs it, keeps its capacity, and its
+    consoles work."""
+    server = start_server(tmp_path, uid_min=STARTUP_UID_MIN, uid_max=STARTUP_UID_MAX,
+                          admission=f"{GENEROUS_ADMISSION}capacity = {BIG_CAPACITY}\n")
+    try:
+        reserve = read_sysctl("kernel.pty.reserve")
+        assert read_sysctl("kernel.pty.max") - reserve >= BIG_CAPACITY * (MAX_PTYS + 1)
+        assert read_sysctl("kernel.pid_max") >= 4096 + BIG_CAPACITY * 64
+        assert "kernel.pty.max raised from 4096" in server.log()
+        assert "kernel.pid_max raised from 32768" in server.log()
+        assert status_capacity(server) == BIG_CAPACITY
+        assert second_console(server) == 42
+    finally:
+        server.stop()
+
+
+def read_only_proc_sys():
+    """In the server's process before exec: a mount namespace of its own in
+    which /proc/sys is read-only, as under systemd's ProtectKernelTunables."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                           ctypes.c_ulong, ctypes.c_char_p)
+    ms_rdonly, ms_remount, ms_bind, ms_rec, ms_private = 1, 32, 4096, 16384, 1 << 18
+    for result in (libc.unshare(0x00020000),
+                   libc.mount(b"none", b"/", None, ms_rec | ms_private, None),
+                   libc.mount(b"/proc/sys", b"/proc/sys", None, ms_bind, None),
+                   libc.mount(None, b"/proc/sys", None,
+                              ms_remount | ms_bind | ms_rdonly, None)):
+        if result != 0:
+            raise OSError(ctypes.get_errno(), "making /proc/sys read-only")
+
+
+def test_start_up_lowers_the_capacity_it_cannot_back(tmp_path, kernel_defaults):
+    """Where the sysctls cannot be raised, the server lowers its capacity to
+    what the host's PTY pool holds, says so in its log, and serves consoles."""
+    server = start_server(tmp_path, uid_min=STARTUP_UID_MIN, uid_max=STARTUP_UID_MAX,
+                          admission=f"{GENEROUS_ADMISSION}capacity = {BIG_CAPACITY}\n",
+                          preexec_fn=read_only_proc_sys)
+    try:
+        fits = (4096 - read_sysctl("kernel.pty.reserve")) // (MAX_PTYS + 1)
+        assert read_sysctl("kernel.pty.max") == 4096
+        assert f"admission capacity lowered from {BIG_CAPACITY} to {fits}" in server.log()
+        assert status_capacity(server) <= fits
+        assert second_console(server) == 42
+    finally:
+        server.stop()
