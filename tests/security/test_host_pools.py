@@ -220,6 +220,55 @@ def test_per_uid_and_per_namespace_counters(pools_server, drainer):
     """) == 42
 
 
+def test_sysv_ipc_stops_at_the_namespace_limit(pools_server, drainer):
+    """SysV shared memory segments made until refused stop at the console's
+    own IPC namespace's shmmni; another console still makes one."""
+    made, error = drainer.run("""
+        libc.shmget.restype = ctypes.c_int
+        made, error = 0, None
+        for _ in range(5000):  # bounded, past shmmni (4096 in a new namespace)
+            if libc.shmget(0, 4096, 0o1600) < 0:  # IPC_PRIVATE, IPC_CREAT | 0600
+                error = name_of(ctypes.get_errno())
+                break
+            made += 1
+        report((made, error))
+    """)
+    assert (made, error) == (4096, "ENOSPC")
+    assert second_console(pools_server, """
+        libc.shmget.restype = ctypes.c_int
+        report(libc.shmget(0, 4096, 0o1600) >= 0 and 6*7)
+    """) == 42
+
+
+# Many memfds of 30 MB (one file may not pass RLIMIT_FSIZE, 32 MB), 420 MB
+# in all: past the console's 256 MB memory limit.
+MEMFD_FILLER = """
+import os
+chunk = b"x" * (1 << 20)
+held = []
+for n in range(14):
+    held.append(os.memfd_create(f"drain{n}"))
+    for _ in range(30):
+        os.write(held[-1], chunk)
+print("wrote all")
+"""
+
+
+def test_memfd_is_charged_to_the_console(pools_server, drainer):
+    """A child filling memfds past the console's memory limit never gets there:
+    the memory cgroup's OOM killer ends the console (memfd pages count in no
+    process's RSS, so IPython is the biggest), nothing outside it; another
+    console still starts."""
+    drainer.send(f"""
+        done = subprocess.run([sys.executable, "-c", {MEMFD_FILLER!r}],
+                              capture_output=True, text=True, timeout=60)
+        report((done.returncode, done.stdout.strip(), done.stderr[-200:]))
+    """)
+    assert drainer.client.wait_closed(timeout=60), drainer.client.display()
+    assert "wrote all" not in drainer.output()
+    assert wait_until(lambda: not pids_of_uid(drainer.uid), timeout=15)
+    assert second_console(pools_server) == 42
+
 # -- start-up: the host's sysctls sized for the capacity ------------------------
 
 SIZED_SYSCTLS = ("kernel.pty.max", "kernel.pid_max", "fs.file-max")
