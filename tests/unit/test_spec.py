@@ -232,3 +232,25 @@ class ToJsonTests(SynchronousTestCase):
             self.assertTrue(all(isinstance(v, int) for v in pair))
         for group in document["cgroups"]:
             self.assertTrue(all(isinstance(v, str) for v in group["limits"].values()))
+
+
+class SharedTreeTests(SynchronousTestCase):
+    def test_overlay_refuses_special_paths_before_mounting(self):
+        """A shared tree whose path overlayfs would misread (``:``, ``,``, ``\\``)
+        is refused with a message naming it, before any mount is tried."""
+        import importlib.util
+
+        module_spec = importlib.util.spec_from_file_location("launcher_under_test", LAUNCHER)
+        launcher = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(launcher)
+        mounts = []
+        self.patch(launcher, "mount", lambda *args: mounts.append(args))
+        for path in ("/srv/run:time", "/srv/run,time", "/srv/run\\time"):
+            with self.assertRaises(launcher.SetupError) as caught:
+                launcher.mount_shared_tree(path, "/root" + path)
+            self.assertIn(repr(path), str(caught.exception))
+        self.assertEqual(mounts, [])
+        launcher.mount_shared_tree("/usr", "/root/usr")
+        self.assertEqual(mounts, [("overlay", "/root/usr", "overlay",
+                                   launcher.MS_RDONLY | launcher.MS_NOSUID | launcher.MS_NODEV,
+                                   "lowerdir=/usr:/root/usr")])
