@@ -142,13 +142,23 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
     from shellserver.auth import SecretFileError, load_or_create_secret
     from shellserver.sandbox.cgroups import CgroupError, prepare_parents, read_layout, sweep
     from shellserver.sandbox.output import prepare_directory as prepare_pipes
-    from shellserver.sandbox.runtime import RuntimeProblem, check_prebuilt, runtime_is_ready
+    from shellserver.sandbox.runtime import (
+        RuntimeProblem,
+        check_overlay_path,
+        check_prebuilt,
+        runtime_is_ready,
+    )
     from shellserver.sandbox.uids import uids_in_use
     from shellserver.tls import ensure_self_signed
 
     state_dir = config.server.state_dir
     notices = []
     # Checked first: a start that fails here leaves nothing behind.
+    try:
+        check_overlay_path("sandbox.runtime", config.sandbox.runtime or config.runtime_dir)
+        check_overlay_path("server.state_dir", state_dir)  # holds the sandbox root
+    except RuntimeProblem as e:
+        raise usage.UsageError(str(e)) from e
     if config.sandbox.runtime:
         runtime, build = config.sandbox.runtime, False
         try:

@@ -254,3 +254,23 @@ class SharedTreeTests(SynchronousTestCase):
         self.assertEqual(mounts, [("overlay", "/root/usr", "overlay",
                                    launcher.MS_RDONLY | launcher.MS_NOSUID | launcher.MS_NODEV,
                                    "lowerdir=/usr:/root/usr")])
+
+    def test_start_up_knows_the_same_characters(self):
+        """The server's start-up check refuses the characters the launcher does,
+        naming the setting and the path."""
+        import importlib.util
+
+        from shellserver.sandbox.runtime import (
+            OVERLAY_SPECIAL,
+            RuntimeProblem,
+            check_overlay_path,
+        )
+
+        module_spec = importlib.util.spec_from_file_location("launcher_chars", LAUNCHER)
+        launcher = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(launcher)
+        self.assertEqual(OVERLAY_SPECIAL, launcher.OVERLAY_SPECIAL)
+        with self.assertRaises(RuntimeProblem) as caught:
+            check_overlay_path("sandbox.runtime", "/srv/a:b")
+        self.assertIn("sandbox.runtime '/srv/a:b' cannot be mounted", str(caught.exception))
+        check_overlay_path("sandbox.runtime", "/var/lib/shellserver/runtime")

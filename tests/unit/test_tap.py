@@ -255,3 +255,15 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(len(makers), 1)
         self.assertIs(makers[0].options, Options)
         self.assertIs(makers[0].makeService, tap.makeService)
+
+
+class OverlayPathTests(SynchronousTestCase):
+    def test_state_dir_overlayfs_cannot_take(self):
+        """A state directory with a ':' (the sandbox root is in it) stops start-up
+        with a usage error naming it, before anything is made."""
+        config = Config().with_state_dir("/nonexistent/state:dir")
+        with self.assertRaises(UsageError) as caught:
+            tap.prepare_state(config, need_tls=False)
+        self.assertIn("'/nonexistent/state:dir", str(caught.exception))
+        self.assertIn("cannot be mounted in sandboxes", str(caught.exception))
+        self.assertFalse(os.path.exists("/nonexistent"))
