@@ -350,6 +350,9 @@ class SandboxConfig:
     cpu_budget: float = field(default=300.0, validator=_seconds(zero_means_never=True))
     tarpit_quota: float = field(default=0.05)
     tarpit_seconds: float = field(default=60.0, validator=_seconds(zero_means_never=True))
+    # PTYs one console may have (its devpts max=); all consoles draw on the
+    # host's kernel.pty.max less kernel.pty.reserve (shellserver.sandbox.hostpools).
+    max_ptys: int = field(default=8, validator=_integer(minimum=1, maximum=1024))
 
     @tarpit_quota.validator
     def _check_tarpit_quota(self, attribute: attrs.Attribute, value: Any) -> None:

@@ -142,13 +142,23 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
     from shellserver.auth import SecretFileError, load_or_create_secret
     from shellserver.sandbox.cgroups import CgroupError, prepare_parents, read_layout, sweep
     from shellserver.sandbox.output import prepare_directory as prepare_pipes
-    from shellserver.sandbox.runtime import RuntimeProblem, check_prebuilt, runtime_is_ready
+    from shellserver.sandbox.runtime import (
+        RuntimeProblem,
+        check_overlay_path,
+        check_prebuilt,
+        runtime_is_ready,
+    )
     from shellserver.sandbox.uids import uids_in_use
     from shellserver.tls import ensure_self_signed
 
     state_dir = config.server.state_dir
     notices = []
     # Checked first: a start that fails here leaves nothing behind.
+    try:
+        check_overlay_path("sandbox.runtime", config.sandbox.runtime or config.runtime_dir)
+        check_overlay_path("server.state_dir", state_dir)  # holds the sandbox root
+    except RuntimeProblem as e:
+        raise usage.UsageError(str(e)) from e
     if config.sandbox.runtime:
         runtime, build = config.sandbox.runtime, False
         try:
@@ -321,12 +331,26 @@ def plan_connections(config: Config) -> ConnectionPlan:
     starts with 1024).
     """
     open_files = raise_open_files_limit()
-    capacity = admission_capacity(config)
     try:
+        capacity, pool_notices = fit_host_pools_to(config, admission_capacity(config))
         cap, notices = connection_budget(config.server.max_connections, capacity, open_files)
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
-    return ConnectionPlan(capacity=capacity, max_connections=cap, notices=tuple(notices))
+    return ConnectionPlan(capacity=capacity, max_connections=cap,
+                          notices=(*pool_notices, *notices))
+
+
+def fit_host_pools_to(config: Config, capacity: int) -> tuple[int, list[str]]:
+    """Size the host-wide kernel pools (PTYs, pids, files) for ``capacity``
+    consoles, or lower it (shellserver.sandbox.hostpools)."""
+    from shellserver.sandbox import hostpools
+    from shellserver.sandbox.spec import SandboxLimits
+
+    with open("/proc/meminfo") as f:
+        memory_kib = hostpools.memory_kib(f.read())
+    pools = hostpools.host_pools(SandboxLimits.from_config(config.sandbox), memory_kib,
+                                 hostpools.read_proc_sysctl)
+    return hostpools.fit_host_pools(capacity, pools, hostpools.write_proc_sysctl)
 
 
 def raise_open_files_limit() -> int:

@@ -196,20 +196,21 @@ def build_root(spec):
         mount("tmpfs", target, "tmpfs", rw_flags | MS_NOEXEC * tmpfs.get("noexec", 0),
               options)
 
-    # Binds after the tmpfs mounts, so one under /tmp (a runtime in a
+    # Shared trees after the tmpfs mounts, so one under /tmp (a runtime in a
     # temporary state directory) is not hidden by the console's /tmp.
     for path in spec["read_only_binds"]:
         target = inside(path)
         if os.path.isdir(path):
             os.makedirs(target, 0o755, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-            open(target, "w").close()
+            mount_shared_tree(path, target)
+            continue
+        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+        open(target, "w").close()
         mount(path, target, None, MS_BIND | MS_REC)
         mount(None, target, None,
               MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
-    build_dev(inside("/dev"))
+    build_dev(inside("/dev"), spec["dev"])
 
     os.makedirs(inside("/proc"), 0o555, exist_ok=True)
     mount("proc", inside("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
@@ -228,13 +229,44 @@ def build_root(spec):
     mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
+# Characters overlayfs's mount options give a meaning to (layer and option
+# separators, escapes); a shared tree's path must not contain them.
+OVERLAY_SPECIAL = ":,\\"
+
+
+def mount_shared_tree(path, target):
+    """``path`` read-only at ``target``, as an overlay of this sandbox's own.
+
+    Not a bind mount: through a bind, a console's flock(LOCK_EX) or fcntl
+    read lock is on the host's inode, so it blocks every other console and
+    the host on that file (one console locking the runtime's pyvenv.cfg
+    made every other console's lock attempt fail with EAGAIN). An overlay
+    has its own inodes, so locks taken through it stay in this sandbox;
+    reads and mmaps go to the host's files, so the page cache is shared.
+    Without an upper layer overlayfs wants two lower layers: the second is
+    ``target`` itself, an empty directory until this mount covers it.
+    """
+    if any(c in OVERLAY_SPECIAL for c in path + target):
+        raise SetupError(f"cannot present {path!r} read-only: overlayfs does not "
+                         f"take paths with any of {OVERLAY_SPECIAL!r}")
+    mount("overlay", target, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV,
+          f"lowerdir={path}:{target}")
+
+
 DEVICES = {
     "null": (1, 3), "zero": (1, 5), "full": (1, 7),
     "random": (1, 8), "urandom": (1, 9), "tty": (5, 0),
 }
 
 
-def build_dev(dev):
+def build_dev(dev, devices):
+    """A read-only /dev: a few devices, a devpts and a /dev/shm of its own.
+
+    devpts instances share the kernel's PTY pool (kernel.pty.max less
+    kernel.pty.reserve for all of them): ``max=`` bounds this sandbox's
+    share, or one console could take every PTY on the host. /dev/shm is
+    capped in inodes as well as bytes: empty files cost kernel memory too.
+    """
     os.makedirs(dev, 0o755, exist_ok=True)
     mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
     for name, (major, minor) in DEVICES.items():
@@ -243,11 +275,12 @@ def build_dev(dev):
         os.chmod(path, 0o666)
     os.mkdir(os.path.join(dev, "pts"), 0o755)
     mount("devpts", os.path.join(dev, "pts"), "devpts", MS_NOSUID | MS_NOEXEC,
-          "newinstance,ptmxmode=0666,mode=0620")
+          f"newinstance,ptmxmode=0666,mode=0620,max={devices['pts_max']}")
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     os.mkdir(os.path.join(dev, "shm"), 0o755)
     mount("tmpfs", os.path.join(dev, "shm"), "tmpfs",
-          MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=8m,mode=1777")
+          MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          f"size={devices['shm_bytes']},nr_inodes={devices['shm_inodes']},mode=1777")
     for name, target in (("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2"), ("fd", "/proc/self/fd")):
         os.symlink(target, os.path.join(dev, name))

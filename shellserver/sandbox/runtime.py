@@ -24,6 +24,20 @@ class RuntimeProblem(Exception):
     """The console runtime is missing or could not be built."""
 
 
+# Characters overlayfs reads in its mount options (the launcher's
+# OVERLAY_SPECIAL): the runtime is mounted in each sandbox as an overlay
+# layer, under the sandbox root, so neither path may contain them.
+OVERLAY_SPECIAL = ":,\\"
+
+
+def check_overlay_path(what: str, path: str) -> None:
+    """RuntimeProblem when ``path`` cannot be part of an overlay mount."""
+    if any(c in OVERLAY_SPECIAL for c in path):
+        raise RuntimeProblem(
+            f"{what} {path!r} cannot be mounted in sandboxes: overlayfs does not take "
+            f"paths with any of {OVERLAY_SPECIAL!r}")
+
+
 def runtime_is_ready(path: str) -> bool:
     return os.path.exists(os.path.join(path, READY_MARKER)) and os.access(
         os.path.join(path, "bin", "python"), os.X_OK

@@ -90,6 +90,15 @@ RULES = (
     # ordinary syscalls as on a kernel without io_uring.
     *_deny("io_uring_setup io_uring_enter io_uring_register", errno.ENOSYS,
            "io_uring runs operations past seccomp; ENOSYS makes libraries fall back"),
+    # Kernel AIO contexts come from one pool for the whole host
+    # (fs.aio-max-nr, 65536 events, counted neither per uid nor per cgroup):
+    # one console held all of them and io_setup failed with EAGAIN for
+    # everyone. ENOSYS, as on a kernel built without AIO: libaio users fall
+    # back to ordinary I/O, and glibc's POSIX aio_* uses threads, not these.
+    # With io_setup gone the others have no context to act on; they go too.
+    *_deny("io_setup io_destroy io_submit io_cancel io_getevents io_pgetevents",
+           errno.ENOSYS, "kernel AIO draws on a host-wide pool (fs.aio-max-nr); "
+           "ENOSYS makes libraries fall back"),
     # Mounting needs CAP_SYS_ADMIN, which the console only could get in a
     # user namespace (denied below); closed here as well, old and new API.
     *_deny("mount umount2 pivot_root open_tree move_mount fsopen fsconfig fsmount "

@@ -29,6 +29,14 @@ MERGED_USR_LINKS = {
 # Host files copied (not bound) into the sandbox's /etc.
 HOST_ETC_COPIES = ("/etc/ld.so.cache", "/etc/localtime")
 
+# PTYs one console's devpts may hand out (devpts ``max=``): its own terminal
+# and a few for programs that run others on a terminal (pty.spawn, pexpect,
+# script). Every devpts draws on one host-wide pool (kernel.pty.max less
+# kernel.pty.reserve); see shellserver.sandbox.hostpools.
+DEFAULT_MAX_PTYS = 8
+# The console's /dev/shm (a tmpfs): bytes, and inodes as for /tmp and home.
+SHM_BYTES = 8 * 1024 * 1024
+
 
 @frozen
 class SandboxLimits:
@@ -43,6 +51,7 @@ class SandboxLimits:
     max_open_files: int
     max_file_bytes: int
     max_processes: int
+    max_ptys: int = DEFAULT_MAX_PTYS
 
     @classmethod
     def from_config(cls, sandbox) -> SandboxLimits:
@@ -57,6 +66,7 @@ class SandboxLimits:
             max_open_files=sandbox.max_open_files,
             max_file_bytes=sandbox.max_file_mb * mib,
             max_processes=sandbox.max_processes,
+            max_ptys=sandbox.max_ptys,
         )
 
 
@@ -83,6 +93,8 @@ class SandboxSpec:
     # The FIFO the console's output goes to (see launcher.relay); the server
     # made it and reads it.
     output: str = ""
+    # The sandbox's /dev: PTYs of its devpts, bytes and inodes of /dev/shm.
+    dev: Mapping[str, int] = field(factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -105,6 +117,7 @@ class SandboxSpec:
                     {"path": g.path, "limits": dict(g.limits)} for g in self.cgroups
                 ],
                 "output": self.output,
+                "dev": dict(self.dev),
             },
             separators=(",", ":"),
         )
@@ -214,4 +227,6 @@ def build_spec(
         },
         cgroups=tuple(cgroups),
         output=output,
+        dev={"pts_max": limits.max_ptys, "shm_bytes": SHM_BYTES,
+             "shm_inodes": inodes_for(SHM_BYTES)},
     )

@@ -25,6 +25,8 @@ REQUIRED_DENIED = (
     "kexec_load kexec_file_load init_module finit_module delete_module reboot "
     "clock_settime clock_adjtime settimeofday adjtimex"
 ).split()
+# Kernel AIO (issue 11): its contexts come from a host-wide pool.
+AIO_SYSCALLS = "io_setup io_destroy io_submit io_cancel io_getevents io_pgetevents".split()
 
 
 def rules_for(syscall):
@@ -51,6 +53,13 @@ class RuleTableTests(SynchronousTestCase):
         for name in REQUIRED_DENIED:
             self.assertTrue([r for r in rules_for(name) if not r.args], name)
 
+    def test_kernel_aio_denied_with_enosys(self):
+        """Every kernel AIO syscall is denied outright with ENOSYS, as on a kernel
+        without AIO (io_setup's contexts are a host-wide pool)."""
+        for name in AIO_SYSCALLS:
+            self.assertEqual([(r.errno, r.args) for r in rules_for(name)],
+                             [(errno.ENOSYS, ())], name)
+
     def test_every_rule_says_why(self):
         """Each rule carries its reason."""
         for rule in RULES:
@@ -60,7 +69,8 @@ class RuleTableTests(SynchronousTestCase):
         """clone3 and io_uring fail with ENOSYS (callers fall back); others EPERM or
         an address-family error."""
         for rule in RULES:
-            if rule.syscall == "clone3" or rule.syscall.startswith("io_uring"):
+            if (rule.syscall == "clone3" or rule.syscall.startswith("io_uring")
+                    or rule.syscall in AIO_SYSCALLS):
                 self.assertEqual(rule.errno, errno.ENOSYS)
             else:
                 self.assertIn(rule.errno, (errno.EPERM, errno.EAFNOSUPPORT,

@@ -23,6 +23,7 @@ LIMITS = SandboxLimits(
     max_open_files=257,
     max_file_bytes=33 * MIB,
     max_processes=65,
+    max_ptys=9,
 )
 RUNTIME = "/var/lib/shellserver/runtime"
 ROOT = "/var/lib/shellserver/sandbox-root"
@@ -48,14 +49,14 @@ def spec(uid=200042, session="s0123456789abcdef", layout=LAYOUT, **kwargs):
 
 
 def launcher_keys():
-    """The keys launcher.py reads from the spec, a tmpfs entry and a cgroup.
+    """The keys launcher.py reads from the spec, a tmpfs entry, a cgroup and /dev.
 
     Collected from its source, so a key the launcher starts to read and
     to_json() does not write fails the test.
     """
     with open(LAUNCHER, encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    keys = {"spec": set(), "tmpfs": set(), "group": set()}
+    keys = {"spec": set(), "tmpfs": set(), "group": set(), "devices": set()}
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Subscript)
@@ -104,6 +105,19 @@ class BuildSpecTests(SynchronousTestCase):
              "inodes": max(1024, LIMITS.home_bytes // 8192), "owned": True},
         )
         self.assertEqual(spec().cwd, CONSOLE_HOME)
+
+    def test_dev_bounds_host_pools(self):
+        """/dev gets the configured PTY cap for its devpts, and a /dev/shm capped
+        in bytes (8 MiB) and inodes (one per 8 KiB, at least 1024)."""
+        self.assertEqual(spec().dev, {"pts_max": 9, "shm_bytes": 8 * MIB,
+                                      "shm_inodes": 1024})
+
+    def test_max_ptys_from_config(self):
+        """sandbox.max_ptys reaches the limits; its default is 8."""
+        from shellserver.config import SandboxConfig
+
+        self.assertEqual(SandboxLimits.from_config(SandboxConfig(max_ptys=3)).max_ptys, 3)
+        self.assertEqual(SandboxLimits.from_config(SandboxConfig()).max_ptys, 8)
 
     def test_rlimits(self):
         """NOFILE, FSIZE and NPROC come from the limits; no core files."""
@@ -207,6 +221,8 @@ class ToJsonTests(SynchronousTestCase):
         self.assertTrue(document["cgroups"])
         for group in document["cgroups"]:
             self.assertEqual(keys["group"] - set(group), set())
+        self.assertTrue(keys["devices"])
+        self.assertEqual(keys["devices"] - set(document["dev"]), set())
 
     def test_values_have_launcher_types(self):
         """rlimits are [soft, hard] pairs and cgroup limits are strings, as written."""
@@ -216,3 +232,45 @@ class ToJsonTests(SynchronousTestCase):
             self.assertTrue(all(isinstance(v, int) for v in pair))
         for group in document["cgroups"]:
             self.assertTrue(all(isinstance(v, str) for v in group["limits"].values()))
+
+
+class SharedTreeTests(SynchronousTestCase):
+    def test_overlay_refuses_special_paths_before_mounting(self):
+        """A shared tree whose path overlayfs would misread (``:``, ``,``, ``\\``)
+        is refused with a message naming it, before any mount is tried."""
+        import importlib.util
+
+        module_spec = importlib.util.spec_from_file_location("launcher_under_test", LAUNCHER)
+        launcher = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(launcher)
+        mounts = []
+        self.patch(launcher, "mount", lambda *args: mounts.append(args))
+        for path in ("/srv/run:time", "/srv/run,time", "/srv/run\\time"):
+            with self.assertRaises(launcher.SetupError) as caught:
+                launcher.mount_shared_tree(path, "/root" + path)
+            self.assertIn(repr(path), str(caught.exception))
+        self.assertEqual(mounts, [])
+        launcher.mount_shared_tree("/usr", "/root/usr")
+        self.assertEqual(mounts, [("overlay", "/root/usr", "overlay",
+                                   launcher.MS_RDONLY | launcher.MS_NOSUID | launcher.MS_NODEV,
+                                   "lowerdir=/usr:/root/usr")])
+
+    def test_start_up_knows_the_same_characters(self):
+        """The server's start-up check refuses the characters the launcher does,
+        naming the setting and the path."""
+        import importlib.util
+
+        from shellserver.sandbox.runtime import (
+            OVERLAY_SPECIAL,
+            RuntimeProblem,
+            check_overlay_path,
+        )
+
+        module_spec = importlib.util.spec_from_file_location("launcher_chars", LAUNCHER)
+        launcher = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(launcher)
+        self.assertEqual(OVERLAY_SPECIAL, launcher.OVERLAY_SPECIAL)
+        with self.assertRaises(RuntimeProblem) as caught:
+            check_overlay_path("sandbox.runtime", "/srv/a:b")
+        self.assertIn("sandbox.runtime '/srv/a:b' cannot be mounted", str(caught.exception))
+        check_overlay_path("sandbox.runtime", "/var/lib/shellserver/runtime")

@@ -149,13 +149,24 @@ class ConnectionBudgetTests(SynchronousTestCase):
         """At start-up the error stops twistd as a usage error."""
         self.patch(tap, "raise_open_files_limit", lambda: 300)
         self.patch(tap, "admission_capacity", lambda config: 20)
+        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (capacity, []))
         with self.assertRaises(UsageError) as caught:
             tap.plan_connections(Config())
         self.assertIn("only 300 files", str(caught.exception))
 
+    def test_plan_takes_the_host_pools_capacity(self):
+        """A capacity lowered to fit the host's kernel pools is the plan's, with
+        the pools' notice first."""
+        self.patch(tap, "raise_open_files_limit", lambda: 100000)
+        self.patch(tap, "admission_capacity", lambda config: 10)
+        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (4, ["pty notice"]))
+        plan = tap.plan_connections(Config())
+        self.assertEqual((plan.capacity, plan.notices), (4, ("pty notice",)))
+
     def test_plan_uses_the_capacity(self):
         self.patch(tap, "raise_open_files_limit", lambda: 1000)
         self.patch(tap, "admission_capacity", lambda config: 10)
+        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (capacity, []))
         plan = tap.plan_connections(Config())
         self.assertEqual(plan.capacity, 10)
         self.assertEqual(plan.max_connections,
@@ -244,3 +255,15 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(len(makers), 1)
         self.assertIs(makers[0].options, Options)
         self.assertIs(makers[0].makeService, tap.makeService)
+
+
+class OverlayPathTests(SynchronousTestCase):
+    def test_state_dir_overlayfs_cannot_take(self):
+        """A state directory with a ':' (the sandbox root is in it) stops start-up
+        with a usage error naming it, before anything is made."""
+        config = Config().with_state_dir("/nonexistent/state:dir")
+        with self.assertRaises(UsageError) as caught:
+            tap.prepare_state(config, need_tls=False)
+        self.assertIn("'/nonexistent/state:dir", str(caught.exception))
+        self.assertIn("cannot be mounted in sandboxes", str(caught.exception))
+        self.assertFalse(os.path.exists("/nonexistent"))
