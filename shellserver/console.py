@@ -272,7 +272,8 @@ class ConsoleSession:
                        f"came from your address. Try again in {wait} seconds.")
             return
         try:
-            claims = self._tokens.redeem(token, origin=self._connection.origin)
+            claims = self._tokens.redeem(token, origin=self._connection.origin,
+                                          client_address=peer)
         except TokenError as e:
             log.info("console refused for {peer}: {reason}", peer=peer, reason=e.reason)
             if self._admission is not None:
