@@ -18,9 +18,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
-from shellserver.admission import Admission, AdmissionStatus
+from shellserver.admission import RATE_LIMITED, Admission, AdmissionStatus
 from shellserver.auth import TokenAuthority, new_unregistered_user
 from shellserver.limits import ConnectionLimits, LimitedHTTPChannel, LimitedRequest
+from shellserver.sockjs.headers import client_address
 from shellserver.users import UnregisteredUsers
 
 log = Logger()
@@ -103,7 +104,10 @@ class ConsolePage(Resource):
     """``GET /console/``: a new unregistered user and a page holding its token.
 
     When no console would be admitted now, a friendly page says why and when
-    to try again (429 or 503 with Retry-After), and no token is issued.
+    to try again (429 or 503 with Retry-After), and no token is issued. So
+    does an address past C{admission.pages_per_address_per_minute}, at the
+    cost of a few dictionary lookups: no token, no user, no log line (the
+    refusals are logged once a minute per address by admission).
     """
 
     isLeaf = True
@@ -134,15 +138,22 @@ class ConsolePage(Resource):
             return b""
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        address = request.getClientAddress().host
+        address = client_address(request)
         if self._admission is not None:
+            wait = self._admission.take_page(address)
+            if wait is not None:
+                request.access_log_skipped = True
+                return self._refuse(request, AdmissionStatus(
+                    accepting=False, reason=RATE_LIMITED, active=self._admission.active,
+                    capacity=self._admission.capacity, retry_after=wait), logged=False)
             status = self._admission.status(address)
             if not status.accepting:
                 return self._refuse(request, status)
         user = new_unregistered_user(self._clock, address, self._host_origin(request))
         if self._users is not None:
             self._users.add(user)
-        token = self._tokens.mint(user_id=user.user_id, origin=request_origin(request))
+        token = self._tokens.mint(user_id=user.user_id, origin=request_origin(request),
+                                  client_address=address)
         log.info("unregistered user {user} from {address} (host {host})",
                  user=user.user_id, address=address, host=user.host_origin or "-")
         page = (
@@ -159,8 +170,9 @@ class ConsolePage(Resource):
         host = values[0].decode("utf-8", "replace") if values else ""
         return host if host in self._host_origins else ""
 
-    def _refuse(self, request, status: AdmissionStatus) -> bytes:
-        log.info("console page refused: {reason}", reason=status.reason)
+    def _refuse(self, request, status: AdmissionStatus, *, logged: bool = True) -> bytes:
+        if logged:
+            log.info("console page refused: {reason}", reason=status.reason)
         request.setResponseCode(status.http_status)
         if status.retry_after:
             request.setHeader(b"retry-after", str(status.retry_after).encode())
@@ -326,12 +338,13 @@ class ShellSite(Site):
     displayTracebacks = False
 
     def __init__(self, resource, *, limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008
-                 reactor: IReactorTime | None = None) -> None:
+                 reactor: IReactorTime | None = None, hsts_max_age: int = 0) -> None:
         # No resource reads form bodies through request.args (jsonp_send
         # parses its own, with a field cap): parsing them is work for nothing.
         super().__init__(resource, timeout=limits.idle_connection_timeout, reactor=reactor,
                          parsePOSTFormSubmission=False)
         self.limits = limits
+        self._hsts = f"max-age={hsts_max_age}".encode() if hsts_max_age else None
 
     def buildProtocol(self, addr):
         channel = super().buildProtocol(addr)
@@ -346,4 +359,21 @@ class ShellSite(Site):
         request.responseHeaders.removeHeader(b"server")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"no-referrer")
+        if self._hsts is not None and request.isSecure() and hsts_applies(request):
+            request.setHeader(b"strict-transport-security", self._hsts)
         return super().getResourceFor(request)
+
+    def log(self, request) -> None:
+        # Refused floods are logged once a minute (admission), not per request.
+        if getattr(request, "access_log_skipped", False):
+            return
+        super().log(request)
+
+
+def hsts_applies(request) -> bool:
+    """Whether a TLS response to ``request`` should carry HSTS: not for
+    localhost names, where a remembered policy would force https on every
+    other development server of the machine for max-age (browsers ignore it
+    for IP addresses and untrusted certificates anyway)."""
+    host = request.getRequestHostname().lower().rstrip(b".")
+    return host != b"localhost" and not host.endswith(b".localhost")
