@@ -779,7 +779,8 @@ def main() -> int:
             config=f"pool_size = {POOL_SIZE}\n",
             console=f"auth_timeout = {AUTH_TIMEOUT}\n",
             admission=(f"capacity = {4 * args.concurrency + POOL_SIZE + 8}\n"
-                       "per_address = 1000\nper_address_per_minute = 1000000\n"),
+                       "per_address = 1000\nper_address_per_minute = 1000000\n"
+                       "pages_per_address_per_minute = 0\n"),
         )
         print(f"soak: server pid {server.process.pid} on port {server.port}", flush=True)
         probe = Probe(server)
