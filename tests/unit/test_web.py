@@ -138,6 +138,14 @@ class ConsolePageTests(SynchronousTestCase):
         self.assertEqual(csp, CONSOLE_CSP.encode())
         self.assertIn(b"frame-ancestors 'self'", csp)
 
+    def test_referrer_policy_same_origin(self):
+        """The console page's policy is same-origin, so its form POSTs (jsonp_send)
+        carry its Origin instead of null; other pages keep no-referrer."""
+        request, _ = get(self.site, b"/console/")
+        self.assertEqual(header(request, b"referrer-policy"), b"same-origin")
+        request, _ = get(self.site, b"/")
+        self.assertEqual(header(request, b"referrer-policy"), b"no-referrer")
+
     def test_new_user_per_load(self):
         """Each load mints a token for a new unregistered user."""
         _, first = get(self.site, b"/console/")
