@@ -292,7 +292,7 @@ class RedeemTests(TokenTestCase):
             self.assertRefused(sign(payload), MALFORMED)
 
     def test_check_order(self) -> None:
-        """Refusals follow the order: malformed, forged, node, expiry, origin, reuse."""
+        """Refusals follow the order: malformed, forged, node, expiry, origin, address, reuse."""
         other_node = self.make_authority(node="node-b")
         # Forged beats wrong node.
         token = other_node.mint(user_id="u1", origin=ORIGIN, client_address=CLIENT)
@@ -310,6 +310,12 @@ class RedeemTests(TokenTestCase):
         self.authority.redeem(token, origin=ORIGIN, client_address=CLIENT)
         self.assertRefused(token, WRONG_ORIGIN, origin="https://evil.example")
         self.assertRefused(token, REPLAYED)
+        # No origin beats wrong address; wrong origin beats wrong address,
+        # which beats replayed.
+        self.assertRefused(token, NO_ORIGIN, origin=None, client="198.51.100.1")
+        self.assertRefused(token, WRONG_ORIGIN, origin="https://evil.example",
+                           client="198.51.100.1")
+        self.assertRefused(token, WRONG_CLIENT, client="198.51.100.1")
 
 
 class NonceMemoryTests(TokenTestCase):
