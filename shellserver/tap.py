@@ -6,6 +6,7 @@ import hashlib
 import os
 import resource
 import socket
+from typing import TYPE_CHECKING
 
 from attrs import evolve, frozen
 from twisted.application import strports
@@ -17,6 +18,9 @@ import shellserver
 from shellserver.config import Config, ConfigError, load_config, load_config_file
 from shellserver.console import describe_duration
 from shellserver.sandbox.cgroups import CgroupLayout
+
+if TYPE_CHECKING:
+    from shellserver.auth import UsedTokenFile
 
 log = Logger()
 
@@ -133,7 +137,7 @@ class PreparedState:
     tls: tuple[str, str] | None
     busy_uids: frozenset[int]
     notices: tuple[str, ...]
-    used_tokens: object = None  # auth.UsedTokenFile: single use across restarts
+    used_tokens: UsedTokenFile | None = None  # single use across restarts
 
 
 def instance_name(state_dir: str) -> str:
