@@ -105,9 +105,14 @@ class Admission:
     draining: bool = False  # the server is shutting down
     # Wrong console tokens an address may present per minute (0: no limit).
     auth_failures_per_minute: int = 0
+    # Console pages (each mints a token) an address may fetch per minute (0: no limit).
+    pages_per_address_per_minute: int = 0
     _active: dict[str, int] = field(factory=dict)
     _starts: dict[str, deque[float]] = field(factory=dict)
     _failures: dict[str, deque[float]] = field(factory=dict)
+    _pages: dict[str, deque[float]] = field(factory=dict)
+    # when each address's page refusals were last logged
+    _pages_refused_logged: dict[str, float] = field(factory=dict)
     _total: int = 0
     _last_sweep: float = 0.0
 
@@ -139,6 +144,11 @@ class Admission:
             self._recent_starts(address, now)
         for address in list(self._failures):
             self._recent_failures(address, now)
+        for address in list(self._pages):
+            self._recent_pages(address, now)
+        for address, logged in list(self._pages_refused_logged.items()):
+            if logged <= now - WINDOW:
+                del self._pages_refused_logged[address]
 
     def _recent_failures(self, address: str, now: float) -> deque[float]:
         failures = self._failures.get(address)
@@ -174,6 +184,40 @@ class Admission:
         if len(failures) < self.auth_failures_per_minute:
             return None
         return max(1, int(failures[0] + WINDOW - now + 0.999))
+
+    def _recent_pages(self, address: str, now: float) -> deque[float]:
+        pages = self._pages.get(address)
+        if pages is None:
+            return deque()
+        while pages and pages[0] <= now - WINDOW:
+            pages.popleft()
+        if not pages:
+            del self._pages[address]
+        return pages
+
+    def take_page(self, address: str) -> int | None:
+        """
+        Count one console page for ``address`` and return None, or, past
+        C{pages_per_address_per_minute}, count nothing and return the
+        seconds until it may have one again.  Refusals are logged once a
+        minute per address, so a flood costs no log line per request.
+        """
+        if not self.pages_per_address_per_minute or not address:
+            return None
+        now = self._clock.seconds()
+        self._sweep(now)
+        pages = self._recent_pages(address, now)
+        if len(pages) < self.pages_per_address_per_minute:
+            self._pages.setdefault(
+                address, deque(maxlen=self.pages_per_address_per_minute)).append(now)
+            return None
+        logged = self._pages_refused_logged.get(address)
+        if logged is None or logged <= now - WINDOW:
+            self._pages_refused_logged[address] = now
+            log.warn("{address} asked for more than {count} console pages within a "
+                     "minute: refusing them for a while (logged once a minute)",
+                     address=address, count=self.pages_per_address_per_minute)
+        return max(1, int(pages[0] + WINDOW - now + 0.999))
 
     def status(self, address: str) -> AdmissionStatus:
         """What ``admit(address)`` would decide now; changes nothing."""

@@ -4,7 +4,10 @@ console, minted when the console page is served and redeemed by the first
 message on the SockJS connection.
 
 A token is ``v1.<base64url(JSON claims)>.<base64url(HMAC-SHA256(secret,
-"v1." + payload))>`` (base64url without padding).
+"v1." + payload))>`` (base64url without padding). It is bound to the node,
+the page's origin and the client address that fetched the page (kept as a
+keyed hash, so the token does not show the address); redeemed tokens are
+remembered until they expire, on disk too, so single use survives a restart.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import os
 import re
 import secrets
 import stat
+import time
 from typing import Any
 
 import attrs
 from attrs import field, frozen
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
 
 MAX_TOKEN_LENGTH = 1024
 # scheme://host:port with a host of at most 255 characters (the site refuses
@@ -44,6 +51,8 @@ REPLAYED = "replayed"
 WRONG_NODE = "wrong node"
 MALFORMED = "malformed"
 WRONG_ORIGIN = "wrong origin"
+NO_ORIGIN = "no origin"
+WRONG_CLIENT = "wrong client"
 
 _MESSAGES = {
     FORGED: "console token has an invalid signature",
@@ -52,6 +61,9 @@ _MESSAGES = {
     WRONG_NODE: "console token is for another node",
     MALFORMED: "console token is malformed",
     WRONG_ORIGIN: "console token was issued for another origin",
+    NO_ORIGIN: "console token needs the Origin of its page, and this connection "
+    "sent none",
+    WRONG_CLIENT: "console token was issued to another address",
 }
 
 
@@ -70,11 +82,16 @@ class TokenError(Exception):
 
 @frozen(kw_only=True)
 class TokenClaims:
-    """What a console token says: who may open a console, where, until when."""
+    """What a console token says: who may open a console, where, until when.
+
+    ``client`` is a keyed hash of the address that fetched the page (see
+    L{TokenAuthority.client_digest}), not the address itself.
+    """
 
     user_id: str
     node: str
     origin: str
+    client: str
     issued_at: float
     expires_at: float
     nonce: str
@@ -91,7 +108,7 @@ class TokenClaims:
         names = [a.name for a in attrs.fields(cls)]
         if not isinstance(document, dict) or sorted(document) != sorted(names):
             raise ValueError("not the claims object")
-        for name in ("user_id", "node", "origin", "nonce"):
+        for name in ("user_id", "node", "origin", "client", "nonce"):
             if not isinstance(document[name], str):
                 raise ValueError(f"{name} is not a string")
         for name in ("issued_at", "expires_at"):
@@ -116,13 +133,20 @@ class TokenAuthority:
 
     Redeemed nonces are remembered until their token expires (after which the
     expiry check refuses the token anyway) and then forgotten, so memory is
-    bounded by the tokens redeemed within one C{ttl}.
+    bounded by the tokens redeemed within one C{ttl}. With C{used}, they are
+    also written to a file and read back at start-up, so a token used before
+    a restart stays used.
+
+    @ivar allow_originless: whether a token may be redeemed on a connection
+        that showed no Origin at all (C{console.allow_originless}).
     """
 
     _secret: bytes = field(repr=False)
     _node: str = field(kw_only=True)
     _clock: IReactorTime = field(kw_only=True, repr=False)
     _ttl: float = field(kw_only=True)
+    allow_originless: bool = field(kw_only=True, default=False)
+    _used: UsedTokenFile | None = field(kw_only=True, default=None, repr=False)
     _redeemed: dict[str, float] = field(init=False, factory=dict, repr=False)
     _expiries: list[tuple[float, str]] = field(init=False, factory=list, repr=False)
 
@@ -138,17 +162,39 @@ class TokenAuthority:
         if not value > 0:
             raise ValueError(f"the token ttl must be positive, got {value!r}")
 
+    def __attrs_post_init__(self) -> None:
+        if self._used is not None:
+            for nonce, expires_at in self._used.loaded.items():
+                self._remember(nonce, expires_at)
+
     def _signature(self, payload: str) -> str:
         message = f"{_VERSION}.{payload}".encode("ascii")
         return _encode(hmac.new(self._secret, message, hashlib.sha256).digest())
+
+    def client_digest(self, client_address: str) -> str:
+        """
+        What a token holds of the client's address: keyed, so that neither
+        the token's holder nor a log that shows it learns the address, and
+        nobody can find it by hashing every IPv4 address.
+        """
+        message = b"client address\0" + client_address.encode("utf-8", "replace")
+        return _encode(hmac.new(self._secret, message, hashlib.sha256).digest()[:16])
+
+    def _remember(self, nonce: str, expires_at: float) -> None:
+        self._redeemed[nonce] = expires_at
+        heapq.heappush(self._expiries, (expires_at, nonce))
 
     def _forget_expired(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
             _, nonce = heapq.heappop(self._expiries)
             del self._redeemed[nonce]
+        if self._used is not None:
+            self._used.compact(self._redeemed)
 
-    def mint(self, *, user_id: str, origin: str) -> str:
-        """A token letting ``user_id`` open one console from a page on ``origin``.
+    def mint(self, *, user_id: str, origin: str, client_address: str) -> str:
+        """
+        A token letting ``user_id`` open one console from a page on
+        ``origin``, from ``client_address`` (the address that fetched it).
 
         @raise ValueError: ``origin`` is empty, not printable ASCII, or longer
             than L{MAX_ORIGIN_LENGTH}.
@@ -164,6 +210,7 @@ class TokenAuthority:
             user_id=user_id,
             node=self._node,
             origin=origin,
+            client=self.client_digest(client_address),
             issued_at=now,
             expires_at=now + self._ttl,
             nonce=secrets.token_urlsafe(16),
@@ -177,15 +224,18 @@ class TokenAuthority:
             )
         return token
 
-    def redeem(self, token: str, *, origin: str | None) -> TokenClaims:
+    def redeem(self, token: str, *, origin: str | None, client_address: str) -> TokenClaims:
         """
         Check ``token`` and use it up.
 
-        @param origin: the Origin of the connection presenting it, checked
-            against the page's origin in the token; None skips that check
-            (for transports that carry no Origin).
+        @param origin: the Origin the connection presenting it showed,
+            compared with the page's origin in the token; None (no Origin
+            at all) is refused unless C{allow_originless}.
+        @param client_address: the address of the connection presenting
+            it, which must be the one that fetched the page.
         @raise TokenError: in this order of checks: L{MALFORMED}, L{FORGED},
-            L{WRONG_NODE}, L{EXPIRED}, L{WRONG_ORIGIN}, L{REPLAYED}.
+            L{WRONG_NODE}, L{EXPIRED}, L{NO_ORIGIN}, L{WRONG_ORIGIN},
+            L{WRONG_CLIENT}, L{REPLAYED}.
         """
         now = self._clock.seconds()
         self._forget_expired(now)
@@ -213,18 +263,157 @@ class TokenAuthority:
             raise TokenError(WRONG_NODE)
         if now >= claims.expires_at:
             raise TokenError(EXPIRED)
-        if origin is not None and origin != claims.origin:
+        if origin is None:
+            if not self.allow_originless:
+                raise TokenError(NO_ORIGIN)
+        elif origin != claims.origin:
             raise TokenError(WRONG_ORIGIN)
+        if not hmac.compare_digest(self.client_digest(client_address), claims.client):
+            raise TokenError(WRONG_CLIENT)
         if claims.nonce in self._redeemed:
             raise TokenError(REPLAYED)
-        self._redeemed[claims.nonce] = claims.expires_at
-        heapq.heappush(self._expiries, (claims.expires_at, claims.nonce))
+        self._remember(claims.nonce, claims.expires_at)
+        if self._used is not None:
+            self._used.record(claims.nonce, claims.expires_at)
         return claims
 
     @property
     def remembered(self) -> int:
         """How many redeemed nonces are held (for metrics and tests)."""
         return len(self._redeemed)
+
+
+@attrs.define(auto_exc=True, kw_only=True)
+class UsedTokenFileError(Exception):
+    """The file of used console tokens cannot be used."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"used console tokens file {self.path}: {self.message}"
+
+
+_NONCE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Rewrite the used-token file once it holds this many lines more than the
+# tokens still valid: it stays within a few ttl's worth of console starts.
+COMPACT_SLACK = 1024
+
+
+@attrs.define
+class UsedTokenFile:
+    """
+    The nonces of redeemed tokens, appended to a file as ``<nonce>
+    <expires_at>`` lines, so that single use survives a restart.
+
+    Each redemption is one small unbuffered append (a write into the page
+    cache, microseconds): it survives the server's restart and even SIGKILL,
+    though not a crash of the machine itself within C{token_ttl}, since it is
+    not fsync'd (that would stall the reactor on the disk for every console).
+    The file is compacted to the tokens still valid at start-up and whenever
+    it holds C{COMPACT_SLACK} expired lines.
+
+    @ivar loaded: the nonces still valid when the file was opened, with
+        their expiry.
+    """
+
+    path: str
+    loaded: dict[str, float]
+    _descriptor: int = field(repr=False)
+    _lines: int
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], now: float | None = None) -> UsedTokenFile:
+        """
+        Read ``path`` (mode 0600, created if missing), keep the entries not
+        expired at ``now`` (default: the time now) and rewrite it with them.
+        Unparsable lines (one cut short by a crash) are skipped.
+
+        @raise UsedTokenFileError: it cannot be read or written.
+        """
+        name = os.fspath(path)
+        now = time.time() if now is None else now
+        loaded: dict[str, float] = {}
+        try:
+            try:
+                descriptor = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass
+            else:
+                with os.fdopen(descriptor, "rb") as file:
+                    for line in file:
+                        entry = _parse_used(line)
+                        if entry is not None and entry[1] > now:
+                            loaded[entry[0]] = entry[1]
+            used = cls(path=name, loaded=loaded, descriptor=-1, lines=0)
+            used.rewrite(loaded)
+        except OSError as error:
+            raise UsedTokenFileError(path=name, message=error.strerror or str(error)) from None
+        return used
+
+    def compact(self, valid: dict[str, float]) -> None:
+        """Rewrite the file with the ``valid`` entries once it holds
+        C{COMPACT_SLACK} lines more; a failure is logged and tried again
+        C{COMPACT_SLACK} lines later (appending to the old file stays correct)."""
+        if self._lines <= len(valid) + COMPACT_SLACK:
+            return
+        try:
+            self.rewrite(valid)
+        except OSError as error:
+            log.error("used console tokens {path}: cannot compact ({error})",
+                      path=self.path, error=error)
+            self._lines = len(valid)
+
+    def record(self, nonce: str, expires_at: float) -> None:
+        """Append one redeemed nonce; a failure is logged, not raised (the
+        nonce is still remembered in memory)."""
+        try:
+            os.write(self._descriptor, f"{nonce} {expires_at!r}\n".encode("ascii"))
+        except OSError as error:
+            log.error("used console tokens {path}: cannot record one ({error}); it "
+                      "could be used again after a restart", path=self.path, error=error)
+            return
+        self._lines += 1
+
+    def rewrite(self, entries: dict[str, float]) -> None:
+        """Replace the file with ``entries`` (atomically: a new file renamed
+        over the old) and append to the new one from now on."""
+        temporary = f"{self.path}.{secrets.token_hex(8)}.tmp"
+        descriptor = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        try:
+            data = "".join(f"{nonce} {expires!r}\n" for nonce, expires in entries.items())
+            os.write(descriptor, data.encode("ascii"))
+            os.replace(temporary, self.path)
+        except BaseException:
+            os.close(descriptor)
+            os.unlink(temporary)
+            raise
+        os.close(descriptor)
+        appending = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        if self._descriptor >= 0:
+            os.close(self._descriptor)
+        self._descriptor = appending
+        self._lines = len(entries)
+
+    def close(self) -> None:
+        if self._descriptor >= 0:
+            os.close(self._descriptor)
+            self._descriptor = -1
+
+
+def _parse_used(line: bytes) -> tuple[str, float] | None:
+    parts = line.split()
+    if len(parts) != 2 or not line.endswith(b"\n"):
+        return None
+    try:
+        nonce, expires_at = parts[0].decode("ascii"), float(parts[1])
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not _NONCE.fullmatch(nonce) or expires_at != expires_at:  # NaN
+        return None
+    return nonce, expires_at
 
 
 @attrs.define(auto_exc=True, kw_only=True)

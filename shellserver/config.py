@@ -129,6 +129,11 @@ def _path(*, optional: bool) -> Validator:
     return check
 
 
+def _check_boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _fail(instance, attribute, f"must be true or false, got {_describe(value)}")
+
+
 _NODE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})")
 
 
@@ -226,6 +231,8 @@ class ServerConfig:
     max_request_headers: int = field(default=100, validator=_integer(minimum=16))
     max_request_body_bytes: int = field(default=262144, validator=_integer(minimum=4096))
     auth_failures_per_minute: int = field(default=20, validator=_integer())
+    # Strict-Transport-Security max-age on TLS responses, in seconds (0: none).
+    hsts_max_age: int = field(default=31536000, validator=_integer(minimum=0))
 
     def node_name(self) -> str:
         """The node name put in tokens: ``node``, or else the host name."""
@@ -277,6 +284,8 @@ class ConsoleConfig:
     shutdown_grace: float = field(default=10.0, validator=_seconds(zero_means_never=True))
     output_high_water: int = field(default=262144, validator=_integer(minimum=1024))
     output_low_water: int = field(default=65536, validator=_integer(minimum=0))
+    # Whether a token may open a console on a connection that sent no Origin.
+    allow_originless: bool = field(default=False, validator=_check_boolean)
 
     @output_low_water.validator
     def _check_low_water(self, attribute: attrs.Attribute, value: int) -> None:
@@ -391,6 +400,7 @@ class AdmissionConfig:
     per_address: int = field(default=3, validator=_integer(minimum=1))
     per_address_per_minute: int = field(default=10, validator=_integer(minimum=1))
     kill_switch_file: str = field(default="", validator=_path(optional=True))
+    pages_per_address_per_minute: int = field(default=30, validator=_integer(minimum=0))
 
 
 _SECTIONS: Mapping[str, type] = {

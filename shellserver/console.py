@@ -291,7 +291,8 @@ class ConsoleSession:
                        f"came from your address. Try again in {wait} seconds.")
             return
         try:
-            claims = self._tokens.redeem(token, origin=self._connection.origin)
+            claims = self._tokens.redeem(token, origin=self._connection.origin,
+                                          client_address=peer)
         except TokenError as e:
             self._log_client_event("refused token", "console refused for {peer}: {reason}",
                                    peer=peer, reason=e.reason)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import resource
 import socket
+from typing import TYPE_CHECKING
 
 from attrs import evolve, frozen
 from twisted.application import strports
@@ -17,6 +18,9 @@ import shellserver
 from shellserver.config import Config, ConfigError, load_config, load_config_file
 from shellserver.console import describe_duration
 from shellserver.sandbox.cgroups import CgroupLayout
+
+if TYPE_CHECKING:
+    from shellserver.auth import UsedTokenFile
 
 log = Logger()
 
@@ -84,6 +88,14 @@ class Options(usage.Options):
                 endpoints.serverFromString(reactor, description)
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--listen {description!r}: {e}") from e
+            except OSError as e:
+                # ssl: reads its key and certificate here; without
+                # privateKey= it looks for server.pem in the current directory.
+                raise usage.UsageError(
+                    f"--listen {description!r}: cannot read {e.filename or 'a file'}: "
+                    f"{e.strerror or e}. An ssl: endpoint needs privateKey=KEY.pem and "
+                    "certKey=CERT.pem (absolute paths of PEM files)"
+                ) from e
 
 
 def check_host(config: Config) -> None:
@@ -125,6 +137,7 @@ class PreparedState:
     tls: tuple[str, str] | None
     busy_uids: frozenset[int]
     notices: tuple[str, ...]
+    used_tokens: UsedTokenFile | None = None  # single use across restarts
 
 
 def instance_name(state_dir: str) -> str:
@@ -139,7 +152,12 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
     session cgroups are killed and removed, and uids still owning processes
     are never handed out.
     """
-    from shellserver.auth import SecretFileError, load_or_create_secret
+    from shellserver.auth import (
+        SecretFileError,
+        UsedTokenFile,
+        UsedTokenFileError,
+        load_or_create_secret,
+    )
     from shellserver.sandbox.cgroups import CgroupError, prepare_parents, read_layout, sweep
     from shellserver.sandbox.output import prepare_directory as prepare_pipes
     from shellserver.sandbox.runtime import (
@@ -172,6 +190,7 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         os.chmod(state_dir, 0o700)
         secret = load_or_create_secret(config.secret_path)
+        used_tokens = UsedTokenFile.open(os.path.join(state_dir, "used-tokens"))
         sandbox_root = os.path.join(state_dir, "sandbox-root")
         os.makedirs(sandbox_root, mode=0o755, exist_ok=True)
         pipes = os.path.join(state_dir, "pipes")
@@ -184,7 +203,7 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
                 tls = ensure_self_signed(config.tls_dir)
         layout = read_layout().for_instance(instance_name(state_dir))
         prepare_parents(layout)
-    except SecretFileError as e:
+    except (SecretFileError, UsedTokenFileError) as e:
         raise usage.UsageError(str(e)) from e
     except CgroupError as e:
         raise usage.UsageError(f"cgroups: {e}") from e
@@ -211,7 +230,7 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
 
     return PreparedState(secret=secret, layout=layout, sandbox_root=sandbox_root, pipes=pipes,
                          runtime=runtime, build_runtime=build, tls=tls, busy_uids=busy,
-                         notices=tuple(notices))
+                         notices=tuple(notices), used_tokens=used_tokens)
 
 
 class SandboxService(Service):
@@ -424,6 +443,8 @@ def makeService(options: Options) -> MultiService:
         node=config.server.node or socket.gethostname(),
         clock=reactor,
         ttl=config.console.token_ttl,
+        allow_originless=config.console.allow_originless,
+        used=prepared.used_tokens,
     )
     uids = UidPool(config.sandbox.uid_min, config.sandbox.uid_max)
     uids.exclude(prepared.busy_uids)
@@ -445,6 +466,7 @@ def makeService(options: Options) -> MultiService:
         per_address=config.admission.per_address,
         per_address_per_minute=config.admission.per_address_per_minute,
         auth_failures_per_minute=config.server.auth_failures_per_minute,
+        pages_per_address_per_minute=config.admission.pages_per_address_per_minute,
     )
     users = UnregisteredUsers(reactor, config.console.token_ttl)
     pool = None
@@ -475,7 +497,7 @@ def makeService(options: Options) -> MultiService:
             host_origins=config.embed.host_origins + config.server.public_origins,
             selector=config.embed.selector, status_max_age=config.embed.status_max_age,
         ),
-        limits=limits, reactor=reactor,
+        limits=limits, reactor=reactor, hsts_max_age=config.server.hsts_max_age,
     )
     # Every listener serves the site through the per-connection limits.
     guarded = ConnectionGuard(site, limits, reactor)

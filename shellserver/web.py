@@ -19,10 +19,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
-from shellserver.admission import Admission, AdmissionStatus
+from shellserver.admission import RATE_LIMITED, Admission, AdmissionStatus
 from shellserver.auth import TokenAuthority, new_unregistered_user
 from shellserver.limits import ConnectionLimits, LimitedHTTPChannel, LimitedRequest
 from shellserver.logs import ClientEventLog
+from shellserver.sockjs.headers import client_address
 from shellserver.users import UnregisteredUsers
 
 log = Logger()
@@ -147,7 +148,10 @@ class ConsolePage(Resource):
     """``GET /console/``: a new unregistered user and a page holding its token.
 
     When no console would be admitted now, a friendly page says why and when
-    to try again (429 or 503 with Retry-After), and no token is issued.
+    to try again (429 or 503 with Retry-After), and no token is issued. So
+    does an address past C{admission.pages_per_address_per_minute}, at the
+    cost of a few dictionary lookups: no token, no user, no log line (the
+    refusals are logged once a minute per address by admission).
     """
 
     isLeaf = True
@@ -178,8 +182,14 @@ class ConsolePage(Resource):
             return b""
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        address = request.getClientAddress().host
+        address = client_address(request)
         if self._admission is not None:
+            wait = self._admission.take_page(address)
+            if wait is not None:
+                request.access_log_skipped = True
+                return self._refuse(request, AdmissionStatus(
+                    accepting=False, reason=RATE_LIMITED, active=self._admission.active,
+                    capacity=self._admission.capacity, retry_after=wait), logged=False)
             status = self._admission.status(address)
             if not status.accepting:
                 return self._refuse(request, status)
@@ -187,7 +197,8 @@ class ConsolePage(Resource):
         if self._users is not None:
             self._users.add(user)
         try:
-            token = self._tokens.mint(user_id=user.user_id, origin=request_origin(request))
+            token = self._tokens.mint(user_id=user.user_id, origin=request_origin(request),
+                                      client_address=address)
         except ValueError:
             # ShellSite refuses such Host headers first; this keeps a bad one
             # from ever being a 500 here.
@@ -203,6 +214,10 @@ class ConsolePage(Resource):
             .replace("{{sockjs_url}}", html.escape(self._sockjs_url, quote=True))
         )
         request.setHeader(b"content-security-policy", self._csp)
+        # Under no-referrer, browsers send "Origin: null" on the form POSTs
+        # of jsonp_send, and the token is bound to the page's origin; the
+        # referrer still goes to nobody but ourselves.
+        request.setHeader(b"referrer-policy", b"same-origin")
         return page.encode("utf-8")
 
     def _host_origin(self, request) -> str:
@@ -211,8 +226,9 @@ class ConsolePage(Resource):
         host = values[0].decode("utf-8", "replace") if values else ""
         return host if host in self._host_origins else ""
 
-    def _refuse(self, request, status: AdmissionStatus) -> bytes:
-        log.info("console page refused: {reason}", reason=status.reason)
+    def _refuse(self, request, status: AdmissionStatus, *, logged: bool = True) -> bytes:
+        if logged:
+            log.info("console page refused: {reason}", reason=status.reason)
         request.setResponseCode(status.http_status)
         if status.retry_after:
             request.setHeader(b"retry-after", str(status.retry_after).encode())
@@ -378,7 +394,7 @@ class ShellSite(Site):
     displayTracebacks = False
 
     def __init__(self, resource, *, limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008
-                 reactor: IReactorTime | None = None) -> None:
+                 reactor: IReactorTime | None = None, hsts_max_age: int = 0) -> None:
         # No resource reads form bodies through request.args (jsonp_send
         # parses its own, with a field cap): parsing them is work for nothing.
         super().__init__(resource, timeout=limits.idle_connection_timeout, reactor=reactor,
@@ -386,6 +402,7 @@ class ShellSite(Site):
         self.limits = limits
         # Refused requests, logged within a budget per client address.
         self.client_events = ClientEventLog(log, self.reactor)
+        self._hsts = f"max-age={hsts_max_age}".encode() if hsts_max_age else None
 
     def buildProtocol(self, addr):
         channel = super().buildProtocol(addr)
@@ -401,6 +418,8 @@ class ShellSite(Site):
         request.responseHeaders.removeHeader(b"server")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"no-referrer")
+        if self._hsts is not None and request.isSecure() and hsts_applies(request):
+            request.setHeader(b"strict-transport-security", self._hsts)
         # Checked before any resource: the Host becomes the origin in tokens
         # and redirects, for every path.
         problem = host_header_problem(request)
@@ -413,6 +432,9 @@ class ShellSite(Site):
         return super().getResourceFor(request)
 
     def log(self, request) -> None:
+        # Refused page floods are logged once a minute (admission), not per request.
+        if getattr(request, "access_log_skipped", False):
+            return
         # The access log line of a refused request (4xx, 5xx) is client-caused
         # too: within the same per-address budget, so a flood of bad requests
         # cannot flood the log.
@@ -421,3 +443,12 @@ class ShellSite(Site):
             if not self.client_events.allow(address, "refused request"):
                 return
         super().log(request)
+
+
+def hsts_applies(request) -> bool:
+    """Whether a TLS response to ``request`` should carry HSTS: not for
+    localhost names, where a remembered policy would force https on every
+    other development server of the machine for max-age (browsers ignore it
+    for IP addresses and untrusted certificates anyway)."""
+    host = request.getRequestHostname().lower().rstrip(b".")
+    return host != b"localhost" and not host.endswith(b".localhost")

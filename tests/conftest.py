@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 RUNTIME = os.environ.get("SHELLSERVER_RUNTIME", "/var/lib/shellserver/runtime")
 TWISTD = str(Path(sys.executable).parent / "twistd")
 # Tests open many consoles from 127.0.0.1 in a row.
-GENEROUS_ADMISSION = "per_address = 100\nper_address_per_minute = 10000\n"
+GENEROUS_ADMISSION = ("per_address = 100\nper_address_per_minute = 10000\n"
+                      "pages_per_address_per_minute = 0\n")
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ pyte screen so tests can assert on what a user would see.
 
 from __future__ import annotations
 
+import http.client
 import re
 import ssl
 import time
@@ -17,8 +18,20 @@ import websocket
 TOKEN = re.compile(r'<meta name="shellserver-token" content="([^"]*)"')
 
 
-def fetch_token(server) -> str:
-    page = server.get("/console/").read().decode()
+def fetch_token(server, source: str | None = None) -> str:
+    """A token from the console page, fetched from ``source`` (default
+    127.0.0.1): the token is bound to that address."""
+    if source is None:
+        page = server.get("/console/").read().decode()
+    else:
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", server.port, timeout=10, context=server.ssl_context(),
+            source_address=(source, 0))
+        try:
+            connection.request("GET", "/console/")
+            page = connection.getresponse().read().decode()
+        finally:
+            connection.close()
     match = TOKEN.search(page)
     assert match, "the console page carries no token"
     return match.group(1)

@@ -109,6 +109,15 @@ def peer_host(address: IAddress) -> str:
     return ""
 
 
+def client_address(request: IRequest) -> str:
+    """
+    The address of the client that sent C{request}, as text (C{""} for
+    non-IP peers): what sessions and console tokens are bound to.  The one
+    place that would learn to look through trusted proxies.
+    """
+    return peer_host(request.getClientAddress())
+
+
 def request_origin(request: IRequest) -> str | None:
     """
     The C{Origin} header of C{request}, if any.

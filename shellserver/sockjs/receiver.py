@@ -26,8 +26,8 @@ from .framing import (
 )
 from .headers import (
     TEXT_PLAIN,
+    client_address,
     disable_nagle,
-    peer_host,
     render_not_found,
     render_text,
     request_origin,
@@ -150,12 +150,14 @@ def find_session(
     """
     The live session C{request} names, if any.
 
-    @raise ForeignSession: if another client opened it.
+    @raise ForeignSession: if another client opened it, or it shows
+        another origin than C{request}'s.
     """
     return endpoint.registry.find(
         session_id,
-        peer_host=peer_host(request.getClientAddress()),
+        peer_host=client_address(request),
         jsessionid=request_jsessionid(endpoint, request),
+        origin=request_origin(request),
     )
 
 
@@ -244,7 +246,7 @@ def serve_receiver(
         limit=endpoint.options.response_limit if streaming else None,
     )
     if session is None:
-        peer = peer_host(request.getClientAddress())
+        peer = client_address(request)
         if not endpoint.registry.has_room_for(peer):
             receiver.write_close(*TOO_MANY_SESSIONS)
             return NOT_DONE_YET

@@ -90,8 +90,12 @@ class SockJSConnection:
 
     @ivar peer_host: the client's IP address as text (empty if the
         connection has no IP address, e.g. a UNIX socket).
-    @ivar origin: the C{Origin} header of the request that opened the
-        session, if any.  Checking it is the application's job.
+    @ivar origin: the origin the session shows: the C{Origin} header of
+        the first of its requests that carried one (the opening request, or
+        for sessions opened without, such as JSONP's script tags, a later
+        send), or None while none has.  Every later request that carries an
+        C{Origin} must carry the same (L{SessionRegistry.find}).  Checking
+        it is the application's job.
     @ivar transport_name: the transport attached last: C{"websocket"},
         C{"websocket-raw"}, C{"xhr-streaming"}, C{"xhr-polling"},
         C{"eventsource"}, C{"htmlfile"} or C{"jsonp-polling"}.
@@ -457,17 +461,27 @@ class SessionRegistry:
         return self._sessions.get(session_id)
 
     def find(
-        self, session_id: str, *, peer_host: str, jsessionid: bytes | None
+        self,
+        session_id: str,
+        *,
+        peer_host: str,
+        jsessionid: bytes | None,
+        origin: str | None = None,
     ) -> SockJSConnection | None:
         """
         The live session with this id, if any, for a request from
-        C{peer_host} carrying C{jsessionid}.
+        C{peer_host} carrying C{jsessionid} and the C{Origin} C{origin}.
 
         A session id is chosen by the client and travels in URLs, so it is
         no secret: a session answers only the address that opened it (and,
-        if that request carried a JSESSIONID cookie, only that cookie).
+        if that request carried a JSESSIONID cookie, only that cookie).  It
+        also answers only requests whose C{Origin}, if they carry one, is
+        the origin it shows; the first such request of a session opened
+        without one sets it (a JSONP session opened by a script tag, whose
+        sends come from a form with the page's Origin).
 
-        @raise ForeignSession: if the session belongs to another client.
+        @raise ForeignSession: if the session belongs to another client, or
+            shows another origin.
         """
         session = self._sessions.get(session_id)
         if session is None:
@@ -484,6 +498,19 @@ class SessionRegistry:
                 owner=session.peer_host,
             )
             raise ForeignSession(session_id, peer_host)
+        if origin is not None:
+            if session.origin is None:
+                session.origin = origin
+            elif session.origin != origin:
+                log.warn(
+                    "refused {peer} access to SockJS session {session}: Origin "
+                    "{origin!r}, not the session's {shown!r}",
+                    peer=peer_host,
+                    session=session_id,
+                    origin=origin[:100],
+                    shown=session.origin[:100],
+                )
+                raise ForeignSession(session_id, peer_host)
         return session
 
     def has_room_for(self, peer_host: str) -> bool:

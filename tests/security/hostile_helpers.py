@@ -156,10 +156,12 @@ def body_of(response: bytes) -> bytes:
     return decoded
 
 
-def console_token(server: RunningServer, *, host: bytes | None = None) -> str:
-    """A fresh console token, as the console page gives it (to ``Host: host``)."""
+def console_token(server: RunningServer, *, host: bytes | None = None,
+                  source: str = "127.0.0.1") -> str:
+    """A fresh console token, as the console page gives it (to ``Host: host``),
+    fetched from ``source`` (the address the token is bound to)."""
     request = get_request(b"/console/", host=host or f"127.0.0.1:{server.port}".encode())
-    response, _ = http_exchange(server, request)
+    response, _ = http_exchange(server, request, source=source)
     match = TOKEN.search(response.decode("utf-8", "replace"))
     assert match, response[:300]
     return match.group(1)

@@ -193,6 +193,12 @@ def _connect(server: RunningServer) -> SoakClient:
     return SoakClient(server, getattr(_worker, "source", "127.0.0.1"))
 
 
+def _fetch_token(server: RunningServer) -> str:
+    """A token for this worker's address (tokens are bound to the address
+    that fetched them)."""
+    return fetch_token(server, getattr(_worker, "source", "127.0.0.1"))
+
+
 def _open(server: RunningServer, registry: set, token: str | None = None) -> SoakClient:
     try:
         client = _connect(server)
@@ -229,7 +235,7 @@ def _forty_two(client: SoakClient, prompt_after: int) -> None:
 
 
 def scenario_print(server, rng, registry, timing, tokens):
-    token = fetch_token(server)
+    token = _fetch_token(server)
     tokens[:] = [token]  # redeemed below: the replayed-token scenario reuses it
     client = _open(server, registry, token)
     _ready(client, timing)
@@ -322,7 +328,7 @@ def scenario_no_token(server, rng, registry, timing, tokens):
 
 
 def scenario_bad_token(server, rng, registry, timing, tokens):
-    good = fetch_token(server)
+    good = _fetch_token(server)
     token, reason = rng.choice([
         (good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB"), "invalid signature"),
         ("not-a-token", "malformed"),
@@ -779,7 +785,8 @@ def main() -> int:
             config=f"pool_size = {POOL_SIZE}\n",
             console=f"auth_timeout = {AUTH_TIMEOUT}\n",
             admission=(f"capacity = {4 * args.concurrency + POOL_SIZE + 8}\n"
-                       "per_address = 1000\nper_address_per_minute = 1000000\n"),
+                       "per_address = 1000\nper_address_per_minute = 1000000\n"
+                       "pages_per_address_per_minute = 0\n"),
         )
         print(f"soak: server pid {server.process.pid} on port {server.port}", flush=True)
         probe = Probe(server)

@@ -118,6 +118,68 @@ class DerivedCapacityTests(SynchronousTestCase):
         self.assertRaises(ValueError, derived_capacity, 256, "nothing\n")
 
 
+class PageRateTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.admission = Admission(self.clock, capacity=3, per_address=2,
+                                   per_address_per_minute=3, pages_per_address_per_minute=2)
+
+    def test_pages_per_minute(self):
+        """An address gets pages_per_address_per_minute pages in any 60 s, then a retry time."""
+        self.assertIsNone(self.admission.take_page(A))
+        self.clock.advance(20)
+        self.assertIsNone(self.admission.take_page(A))
+        self.assertEqual(self.admission.take_page(A), 40)
+        self.assertIsNone(self.admission.take_page(B))
+        self.clock.advance(40)
+        self.assertIsNone(self.admission.take_page(A))
+
+    def test_refusals_not_counted(self):
+        """Refused pages do not push the retry time back."""
+        self.admission.take_page(A)
+        self.admission.take_page(A)
+        for _ in range(100):
+            self.admission.take_page(A)
+        self.clock.advance(60)
+        self.assertIsNone(self.admission.take_page(A))
+
+    def test_refusals_logged_once_a_minute(self):
+        """A flood of refused pages is logged once per address per minute."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.admission.take_page(A)
+        self.admission.take_page(A)
+        for _ in range(1000):
+            self.admission.take_page(A)
+        self.assertEqual(len([e for e in events if e.get("address") == A]), 1)
+        self.clock.advance(61)
+        self.admission.take_page(A)
+        self.admission.take_page(A)
+        self.admission.take_page(A)
+        self.assertEqual(len([e for e in events if e.get("address") == A]), 2)
+
+    def test_no_limit(self):
+        """0 means no page limit; peers without an address are not limited."""
+        unlimited = admission(self.clock)
+        for _ in range(100):
+            self.assertIsNone(unlimited.take_page(A))
+            self.assertIsNone(self.admission.take_page(""))
+
+    def test_forgets_old_addresses(self):
+        """Addresses whose pages left the window are forgotten (memory stays bounded)."""
+        for i in range(50):
+            self.admission.take_page(f"198.51.100.{i}")
+            self.admission.take_page(f"198.51.100.{i}")
+            self.admission.take_page(f"198.51.100.{i}")
+        self.clock.advance(61)
+        self.admission.take_page(A)
+        self.assertEqual(list(self.admission._pages), [A])
+        self.assertEqual(self.admission._pages_refused_logged, {})
+
+
 class KillSwitchTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()

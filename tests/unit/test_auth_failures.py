@@ -98,7 +98,7 @@ class ConsoleFailureTests(SynchronousTestCase):
         """Past the limit even a good token gets 4004, starts nothing and is not used up."""
         self.present("x")
         self.present("y")
-        token = self.tokens.mint(user_id="u1", origin=ORIGIN)
+        token = self.tokens.mint(user_id="u1", origin=ORIGIN, client_address=A)
         connection = self.present(token)
         self.assertEqual(connection.close_code, CLOSE_NOT_ADMITTED)
         self.assertIn("too many wrong console tokens", connection.close_reason)
@@ -110,6 +110,6 @@ class ConsoleFailureTests(SynchronousTestCase):
         """One address's failures do not refuse another's good token."""
         self.present("x")
         self.present("y")
-        token = self.tokens.mint(user_id="u1", origin=ORIGIN)
+        token = self.tokens.mint(user_id="u1", origin=ORIGIN, client_address=B)
         self.assertIsNone(self.present(token, peer=B).close_code)
         self.assertEqual(len(self.starter.started), 1)

@@ -18,6 +18,7 @@ from shellserver.sandbox.service import SETUP_FAILED
 from shellserver.testing import FakeConnection, FakeSandboxStarter
 
 ORIGIN = "https://console.example"
+CLIENT = "192.0.2.7"  # FakeConnection's peer_host
 SETTINGS = ConsoleSettings(auth_timeout=5.0, idle_timeout=600.0, max_age=1800.0)
 
 
@@ -36,7 +37,7 @@ class ConsoleTestCase(SynchronousTestCase):
         return connection, session
 
     def token(self):
-        return self.tokens.mint(user_id="u1", origin=ORIGIN)
+        return self.tokens.mint(user_id="u1", origin=ORIGIN, client_address=CLIENT)
 
     def out(self, session, data):
         """PTY output, then time for it to leave the coalescing window."""
@@ -64,7 +65,8 @@ class AuthenticationTests(ConsoleTestCase):
         """A token signed with another secret closes with 4001 and starts nothing."""
         other = TokenAuthority(b"x" * 32, node="node-1", clock=self.clock, ttl=60.0)
         connection, session = self.open()
-        session.message_received("a" + other.mint(user_id="u", origin=ORIGIN))
+        session.message_received("a" + other.mint(user_id="u", origin=ORIGIN,
+                                                  client_address=CLIENT))
         self.assertEqual(self.starter.started, [])
         self.assertEqual(connection.close_code, CLOSE_AUTH_FAILED)
         self.assertIn("invalid signature", connection.sent[-1])

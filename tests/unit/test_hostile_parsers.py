@@ -47,6 +47,8 @@ from shellserver.web import MAX_HOST_LENGTH, ShellSite, build_resource, host_hea
 
 WEB_DIR = str(Path(__file__).resolve().parents[2] / "web")
 ORIGIN = "https://console.example"
+# FakeConnection's client address, which tokens are bound to.
+PEER = "192.0.2.7"
 
 # Reproducible in CI and quick: each property runs in well under 5 s.
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -335,7 +337,8 @@ class ConsoleMessageTests(SynchronousTestCase):
         connection.handler = session
         with capturedLogs() as events:
             if authenticate:
-                session.message_received("a" + self.tokens.mint(user_id="u", origin=ORIGIN))
+                session.message_received("a" + self.tokens.mint(user_id="u", origin=ORIGIN,
+                                                                 client_address=PEER))
                 session.output(b"In [1]: ")
                 self.clock.advance(0.01)
             session.message_received(kind + first)
@@ -354,7 +357,8 @@ class ConsoleMessageTests(SynchronousTestCase):
         connection = FakeConnection(origin=ORIGIN)
         session = self.factory(connection)
         connection.handler = session
-        session.message_received("a" + self.tokens.mint(user_id="u", origin=ORIGIN))
+        session.message_received("a" + self.tokens.mint(user_id="u", origin=ORIGIN,
+                                                                 client_address=PEER))
         session.output(b"x" * 100)
         self.clock.advance(0.01)
         session.message_received("k" + payload)
@@ -413,7 +417,7 @@ class TokenTextTests(SynchronousTestCase):
     def test_any_token_text(self, text, origin):
         """Redeeming any text gives claims or a TokenError with a reason, nothing else."""
         try:
-            claims = self.tokens.redeem(text, origin=origin)
+            claims = self.tokens.redeem(text, origin=origin, client_address=PEER)
         except TokenError as error:
             self.assertTrue(str(error))
         else:
@@ -424,11 +428,12 @@ class TokenTextTests(SynchronousTestCase):
     def test_minting_any_origin(self, origin):
         """Minting for any origin gives a redeemable token or a ValueError saying why."""
         try:
-            token = self.tokens.mint(user_id="u", origin=origin)
+            token = self.tokens.mint(user_id="u", origin=origin, client_address=PEER)
         except ValueError as error:
             self.assertIn("origin", str(error))
         else:
-            self.assertEqual(self.tokens.redeem(token, origin=origin).origin, origin)
+            self.assertEqual(
+                self.tokens.redeem(token, origin=origin, client_address=PEER).origin, origin)
 
 
 class HostProblemTests(SynchronousTestCase):
@@ -520,7 +525,8 @@ class WebSocketFrameTests(HostileSiteTestCase):
             websocket = transport.protocol
             framed = path != b"/sockjs/websocket"
             if authenticate:
-                token = self.tokens.mint(user_id="u", origin="https://console.example")
+                token = self.tokens.mint(user_id="u", origin="https://console.example",
+                                         client_address="198.51.100.9")
                 frames = [["a" + token]] + frames
             for frame in frames:
                 if transport.disconnecting:

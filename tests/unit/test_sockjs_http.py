@@ -906,6 +906,58 @@ class SessionOwnershipTests(HTTPTestsMixin, SynchronousTestCase):
         self.assertTrue(exchange.response().body.endswith(b'o\na["still"]\n'))
 
 
+@define
+class OriginRecordingHandler(RecordingHandler):
+    """Records the origin the session showed when each message arrived."""
+
+    origins: list[str | None] = field(factory=list)
+
+    def message_received(self, text: str) -> None:
+        self.origins.append(self.connection.origin)
+        super().message_received(text)
+
+
+class SessionOriginTests(HTTPTestsMixin, SynchronousTestCase):
+    def form(self, path: str, body: bytes, **headers: str) -> Response:
+        return self.fetch(
+            "POST", path, body, content_type="application/x-www-form-urlencoded", **headers
+        )
+
+    def open_session(self, connection: SockJSConnection) -> RecordingHandler:
+        handler = OriginRecordingHandler(connection)
+        self.handlers.append(handler)
+        return handler
+
+    def test_send_shows_origin_of_originless_session(self) -> None:
+        """A JSONP session opened without Origin shows the Origin of its first send."""
+        self.fetch("GET", "/sockjs/000/s1/jsonp?c=cb")
+        self.assertIsNone(self.handlers[0].connection.origin)
+        sent = self.form("/sockjs/000/s1/jsonp_send", b"d=%5B%22x%22%5D",
+                         origin="https://page.example")
+        self.assertEqual(sent.status, 200)
+        self.assertEqual(self.handlers[0].origins, ["https://page.example"])
+
+    def test_other_origin_refused(self) -> None:
+        """Once a session shows an origin, requests with another Origin are 404."""
+        self.fetch("POST", "/sockjs/000/s1/xhr", origin="https://page.example")
+        xhr = self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["a"]',
+                         origin="https://evil.example")
+        jsonp = self.form("/sockjs/000/s1/jsonp_send", b"d=%5B%22a%22%5D",
+                          origin="https://evil.example")
+        poll = self.fetch("POST", "/sockjs/000/s1/xhr", origin="https://evil.example")
+        self.assertEqual((xhr.status, jsonp.status, poll.status), (404, 404, 404))
+        self.assertEqual(self.handlers[0].messages, [])
+        self.assertEqual(self.handlers[0].connection.origin, "https://page.example")
+
+    def test_originless_send_to_session_with_origin(self) -> None:
+        """A request without Origin still reaches a session that shows one."""
+        self.fetch("POST", "/sockjs/000/s1/xhr", origin="https://page.example")
+        sent = self.fetch("POST", "/sockjs/000/s1/xhr_send", b'["a"]')
+        self.assertEqual(sent.status, 204)
+        self.assertEqual(self.handlers[0].messages, ["a"])
+        self.assertEqual(self.handlers[0].connection.origin, "https://page.example")
+
+
 class CookieOwnershipTests(HTTPTestsMixin, SynchronousTestCase):
     options = SockJSOptions(cookie_needed=True)
 

@@ -72,6 +72,19 @@ class OptionsTests(OptionsTestCase):
         self.assertIn("--listen 'nosuchthing:8443'", str(caught.exception))
         self.assertEqual(self.checked, [])
 
+    def test_ssl_listen_without_key_files(self):
+        """ssl: without its PEM files is a UsageError naming the file and the fix."""
+        missing = os.path.join(tempfile.gettempdir(), "shellserver-no-such-dir", "key.pem")
+        for description, name in [(f"ssl:8443:privateKey={missing}", missing),
+                                  ("ssl:8443", "server.pem")]:
+            with self.assertRaises(UsageError) as caught:
+                self.parse("--listen", description)
+            message = str(caught.exception)
+            self.assertIn(f"--listen {description!r}: cannot read ", message)
+            self.assertIn(name, message)
+            self.assertIn("privateKey=KEY.pem and certKey=CERT.pem", message)
+        self.assertEqual(self.checked, [])
+
     def test_bad_config(self):
         """An invalid configuration file is a UsageError naming the key."""
         path = self.config_file("[console]\nidle_timeout = -3\n")

@@ -1,5 +1,6 @@
 """Tests for shellserver.web: the console and host pages, headers, static files."""
 
+import io
 import json
 import os
 import shutil
@@ -44,18 +45,22 @@ class RecordingTokens:
         self.token = token
         self.minted = []
 
-    def mint(self, *, user_id, origin):
-        self.minted.append((user_id, origin))
+    def mint(self, *, user_id, origin, client_address):
+        self.minted.append((user_id, origin, client_address))
         return self.token
 
 
-def get(site, path, host=HOST, secure=True, origin=None):
+PEER = "198.51.100.9"
+
+
+def get(site, path, host=HOST, secure=True, origin=None, peer_host=PEER):
     """GET ``path`` from ``site`` over an in-memory channel: (request, body)."""
-    peer = IPv4Address("TCP", "198.51.100.9", 40000)
+    peer = IPv4Address("TCP", peer_host, 40000)
     channel = DummyChannel(peer)
     if secure:
         channel.transport = DummyChannel.SSL(peer)
     channel.site = site
+    channel.factory = site  # where a finished request is logged
     request = server.Request(channel)
     request.gotLength(0)
     if host is not None:
@@ -94,14 +99,15 @@ class ConsolePageTests(SynchronousTestCase):
         """The page's token is redeemable from the page's own https origin."""
         request, body = get(self.site, b"/console/")
         self.assertEqual(request.code, 200)
-        claims = self.tokens.redeem(self.token_in(body), origin=ORIGIN)
+        claims = self.tokens.redeem(self.token_in(body), origin=ORIGIN, client_address=PEER)
         self.assertEqual(claims.origin, ORIGIN)
 
     def test_token_bound_to_origin(self):
         """The token is refused when presented from another origin."""
         _, body = get(self.site, b"/console/")
         with self.assertRaises(TokenError) as caught:
-            self.tokens.redeem(self.token_in(body), origin="https://evil.example")
+            self.tokens.redeem(self.token_in(body), origin="https://evil.example",
+                               client_address=PEER)
         self.assertEqual(caught.exception.reason, WRONG_ORIGIN)
 
     def test_plain_http_origin(self):
@@ -132,13 +138,21 @@ class ConsolePageTests(SynchronousTestCase):
         self.assertEqual(csp, CONSOLE_CSP.encode())
         self.assertIn(b"frame-ancestors 'self'", csp)
 
+    def test_referrer_policy_same_origin(self):
+        """The console page's policy is same-origin, so its form POSTs (jsonp_send)
+        carry its Origin instead of null; other pages keep no-referrer."""
+        request, _ = get(self.site, b"/console/")
+        self.assertEqual(header(request, b"referrer-policy"), b"same-origin")
+        request, _ = get(self.site, b"/")
+        self.assertEqual(header(request, b"referrer-policy"), b"no-referrer")
+
     def test_new_user_per_load(self):
         """Each load mints a token for a new unregistered user."""
         _, first = get(self.site, b"/console/")
         _, second = get(self.site, b"/console/")
         self.assertNotEqual(self.token_in(first), self.token_in(second))
-        one = self.tokens.redeem(self.token_in(first), origin=ORIGIN)
-        two = self.tokens.redeem(self.token_in(second), origin=ORIGIN)
+        one = self.tokens.redeem(self.token_in(first), origin=ORIGIN, client_address=PEER)
+        two = self.tokens.redeem(self.token_in(second), origin=ORIGIN, client_address=PEER)
         self.assertNotEqual(one.user_id, two.user_id)
 
     def test_redirect_to_slash(self):
@@ -187,6 +201,38 @@ class ShellSiteTests(SynchronousTestCase):
             self.assertEqual(request.code, code)
             self.assertEqual(header(request, b"x-content-type-options"), b"nosniff")
             self.assertEqual(header(request, b"referrer-policy"), b"no-referrer")
+
+
+class HstsTests(SynchronousTestCase):
+    def site(self, max_age=31536000):
+        return ShellSite(Root(HostPage(HOST_PAGE)), reactor=Clock(), hsts_max_age=max_age)
+
+    def test_tls_responses_carry_hsts(self):
+        """Every response over TLS, found or not, carries Strict-Transport-Security."""
+        site = self.site()
+        for path in (b"/", b"/missing"):
+            request, _ = get(site, path)
+            self.assertEqual(header(request, b"strict-transport-security"),
+                             b"max-age=31536000")
+
+    def test_plain_http_has_none(self):
+        """Responses over plain HTTP carry no Strict-Transport-Security."""
+        request, _ = get(self.site(), b"/", secure=False)
+        self.assertIsNone(header(request, b"strict-transport-security"))
+
+    def test_zero_disables(self):
+        """hsts_max_age 0 sends no Strict-Transport-Security."""
+        request, _ = get(self.site(0), b"/")
+        self.assertIsNone(header(request, b"strict-transport-security"))
+
+    def test_not_for_localhost(self):
+        """localhost names get no HSTS (it would pin every local dev server to https)."""
+        site = self.site()
+        for host in (b"localhost:8443", b"LOCALHOST", b"app.localhost:8443", b"localhost."):
+            request, _ = get(site, b"/", host=host)
+            self.assertIsNone(header(request, b"strict-transport-security"), host)
+        request, _ = get(site, b"/", host=b"127.0.0.1:8443")
+        self.assertIsNotNone(header(request, b"strict-transport-security"))
 
 
 class WebDirTestCase(SynchronousTestCase):
@@ -356,6 +402,28 @@ class AdmissionPagesTests(SynchronousTestCase):
         request, body = get(self.site, b"/console/")
         self.assertEqual(request.code, 429)
         self.assertIn(b"too many consoles", body)
+
+    def test_page_flood_gives_429_without_tokens(self):
+        """Past pages_per_address_per_minute, /console/ answers 429 with Retry-After,
+        mints no token, registers no user and writes no access log line."""
+        self.admission.pages_per_address_per_minute = 3
+        access_log = io.StringIO()
+        self.site._logFile = access_log
+        for _ in range(3):
+            request, _ = get(self.site, b"/console/")
+            self.assertEqual(request.code, 200)
+        self.clock.advance(10)
+        for _ in range(50):
+            request, body = get(self.site, b"/console/")
+            self.assertEqual(request.code, 429)
+            self.assertEqual(header(request, b"retry-after"), b"50")
+            self.assertIn(b"too many consoles", body)
+            self.assertNotIn(b"shellserver-token", body)
+        self.assertEqual(len(self.users), 3)
+        self.assertEqual(access_log.getvalue().count('"GET /console/ HTTP/1.1" 200'), 3)
+        self.assertEqual(access_log.getvalue().count("\n"), 3)
+        request, _ = get(self.site, b"/console/", peer_host="198.51.100.10")
+        self.assertEqual(request.code, 200)
 
     def test_switched_off(self):
         """With the kill switch on, /console/ refuses with 503 and says it is paused."""
