@@ -96,6 +96,10 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         self._origin: str | None = None
         self._session_id = ""
         self._incoming_bytes = 0
+        # messages of this connection that wait for the session's input
+        # budget; while there are any, the socket is not read
+        self._held_inputs = 0
+        self._reading_paused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -146,6 +150,28 @@ class _SockJSWebSocket(WebSocketServerProtocol):
             # limit) fails the connection.
             self._session.close(*MESSAGE_TOO_BIG)
         super().onMessageFrameBegin(length)
+
+    def _receive(self, session: SockJSConnection, messages: list[str]) -> None:
+        """
+        Hand messages to the session.  Those over its input budget are held
+        there, and meanwhile this connection is not read: the kernel's
+        socket buffer and TCP flow control slow the client down, and the
+        reactor spends nothing on it.  What autobahn has read and buffered
+        already still arrives here, and is held in order behind them.
+        """
+        if session._receive(messages, self._held_input_done):
+            return
+        self._held_inputs += 1
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _held_input_done(self, delivered: bool) -> None:
+        self._held_inputs -= 1
+        if self._held_inputs == 0 and self._reading_paused:
+            self._reading_paused = False
+            # also when the session ended: the closing handshake needs reading
+            self.transport.resumeProducing()
 
     def onPing(self, payload: bytes) -> None:
         # Every ping costs a pong: a flood of them is closed, not answered.
@@ -231,7 +257,7 @@ class _FramedWebSocket(_SockJSWebSocket):
             self._close_websocket(*BROKEN_FRAMING)
             session._receiver_lost(self)
             return
-        session._deliver(messages)
+        self._receive(session, messages)
 
     def write_open(self) -> bool:
         return self._send_text(OPEN_FRAME)
@@ -264,7 +290,7 @@ class _RawWebSocket(_SockJSWebSocket):
             session.close(*BINARY_NOT_SUPPORTED)
             return
         # autobahn has validated the UTF-8 of text messages
-        session._deliver([payload.decode("utf-8")])
+        self._receive(session, [payload.decode("utf-8")])
 
     def write_open(self) -> bool:
         return self.state == self.STATE_OPEN
