@@ -2,10 +2,11 @@
 The input budget of one SockJS session: a token bucket of messages and of
 bytes, refilled on the injected clock.
 
-A message is let through while both buckets hold something, and then charged
-in full, so a single large message (a paste) may take a bucket below zero; the
-next one waits until it has refilled above zero.  Over time a session gets no
-more than the rates, plus one burst.
+A message is let through while the message bucket holds a whole message and
+the byte bucket holds anything, and is then charged in full: a single large
+message (a paste) may take the byte bucket below zero, and the next one waits
+until it has refilled above zero.  Over time a session gets no more than the
+rates, plus one burst.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class InputBudget:
         Whether one more message may go through now.
         """
         self._refill()
-        return self._messages > 0 and self._bytes > 0
+        return self._messages >= 1 and self._bytes > 0
 
     def charge(self, size: int) -> None:
         """
@@ -70,11 +71,12 @@ class InputBudget:
         """
         How long until L{allows} holds again (0 if it holds now).
         """
-        self._refill()
-        wait = 0.0
-        if self._messages <= 0:
-            wait = max(wait, -self._messages / self._messages_per_second)
-        if self._bytes <= 0:
-            wait = max(wait, -self._bytes / self._bytes_per_second)
-        # a hair more, so that the refill is above zero when the timer fires
-        return wait + 1e-3 if wait else 0.0
+        if self.allows():
+            return 0.0
+        wait = max(
+            (1 - self._messages) / self._messages_per_second,
+            -self._bytes / self._bytes_per_second,
+        )
+        # a hair more, so that the buckets are past the mark when the timer
+        # fires (never 0: a timer that finds nothing refilled would spin)
+        return max(wait, 0.0) + 1e-3

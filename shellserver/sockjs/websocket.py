@@ -97,9 +97,11 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         self._session_id = ""
         self._incoming_bytes = 0
         # messages of this connection that wait for the session's input
-        # budget; while there are any, the socket is not read
+        # budget; while there are any, autobahn parses no further frames
+        # and the socket is not read
         self._held_inputs = 0
-        self._reading_paused = False
+        self._input_held = False
+        self._socket_paused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -156,21 +158,44 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         Hand messages to the session.  Those over its input budget are held
         there, and meanwhile this connection is not read: the kernel's
         socket buffer and TCP flow control slow the client down, and the
-        reactor spends nothing on it.  What autobahn has read and buffered
-        already still arrives here, and is held in order behind them.
+        reactor spends nothing on it.  The frames autobahn has read already
+        stay in its buffer, unparsed, until the held messages are handed
+        over; then they are parsed, in order, and only once none is left
+        is the socket read again (so at most one read is buffered).
         """
         if session._receive(messages, self._held_input_done):
             return
         self._held_inputs += 1
-        if not self._reading_paused:
-            self._reading_paused = True
+        self._input_held = True
+        if not self._socket_paused:
+            self._socket_paused = True
             self.transport.pauseProducing()
+
+    def processData(self) -> bool:
+        if self._input_held and self.state == self.STATE_OPEN:
+            # over the input budget: the rest waits in autobahn's buffer
+            return False
+        return super().processData()
 
     def _held_input_done(self, delivered: bool) -> None:
         self._held_inputs -= 1
-        if self._held_inputs == 0 and self._reading_paused:
-            self._reading_paused = False
-            # also when the session ended: the closing handshake needs reading
+        if self._held_inputs == 0:
+            self._input_held = False
+            # on a turn of its own: this runs while the session hands over
+            # input, and parsing more would hand it more
+            self.factory.reactor.callLater(0, self._continue_reading)
+
+    def _continue_reading(self) -> None:
+        """
+        Parse what was read while input was held; read the socket again once
+        all of it is in (also when the session ended: the closing handshake
+        needs reading).
+        """
+        if self._input_held:
+            return
+        self.consumeData()
+        if not self._input_held and self._socket_paused and self.state != self.STATE_CLOSED:
+            self._socket_paused = False
             self.transport.resumeProducing()
 
     def onPing(self, payload: bytes) -> None:
