@@ -396,9 +396,10 @@ class SockJSConnection:
         self._slowed_since = self._clock.seconds()
         self._slowed_count += 1
         log.info(
-            "SockJS session {session} from {peer} is over its input budget: "
-            "its input is slowed",
+            "SockJS session {session} ({transport}) from {peer} is over its input "
+            "budget: its input is slowed",
             session=self.session_id,
+            transport=self.transport_name,
             peer=self.peer_host,
         )
 
