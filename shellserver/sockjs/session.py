@@ -157,6 +157,10 @@ class SockJSConnection:
     # when the current stretch over the input budget began, if one is on
     _slowed_since: float | None = field(default=None, init=False)
     _slowed_count: int = field(default=0, init=False)
+    # messages handed over in this reactor turn, and the call that starts
+    # the next turn's count
+    _turn_count: int = field(default=0, init=False)
+    _turn_call: IDelayedCall | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._budget = InputBudget(
@@ -364,11 +368,10 @@ class SockJSConnection:
         Hand held input to the application while the budget allows.
         """
         self._drain_call = None
-        handed_over = 0
         while self._held and self._state is _State.OPEN:
             item = self._held[0]
             while item.delivered < len(item.messages):
-                if handed_over >= DELIVER_PER_TURN:
+                if self._turn_count >= DELIVER_PER_TURN:
                     # let the reactor serve the others first
                     self._drain_call = self._clock.callLater(0, self._drain)
                     return
@@ -380,7 +383,7 @@ class SockJSConnection:
                     return
                 text = item.messages[item.delivered]
                 item.delivered += 1
-                handed_over += 1
+                self._count_in_turn()
                 self._budget.charge(_message_bytes(text))
                 self._deliver([text])
                 if self._state is not _State.OPEN:
@@ -389,6 +392,17 @@ class SockJSConnection:
             self._held.popleft()
             if item.done is not None:
                 item.done(True)
+
+    def _count_in_turn(self) -> None:
+        # a raw websocket hands over one message per frame, each in its own
+        # call: the count spans calls, until the reactor turns
+        if self._turn_count == 0:
+            self._turn_call = self._clock.callLater(0, self._next_turn)
+        self._turn_count += 1
+
+    def _next_turn(self) -> None:
+        self._turn_call = None
+        self._turn_count = 0
 
     def _note_slowed(self) -> None:
         if self._slowed_since is not None:
@@ -411,6 +425,11 @@ class SockJSConnection:
             if self._drain_call.active():
                 self._drain_call.cancel()
             self._drain_call = None
+        if self._turn_call is not None:
+            if self._turn_call.active():
+                self._turn_call.cancel()
+            self._turn_call = None
+            self._turn_count = 0
         held = list(self._held)
         self._held.clear()
         for item in held:

@@ -5,7 +5,7 @@ of sessions and their transports, on a Clock.
 
 from test_sockjs_http import HTTPTestsMixin
 from test_sockjs_session import SessionTestsMixin
-from test_sockjs_websocket import WebSocketTestsMixin
+from test_sockjs_websocket import WebSocketTestsMixin, client_frame
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -289,3 +289,23 @@ class XhrSendBudgetTests(HTTPTestsMixin, SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertEqual(len(self.handlers[0].messages), 6)
 
+
+
+class WebSocketTurnTests(WebSocketTestsMixin, SynchronousTestCase):
+    options = SockJSOptions()
+
+    def test_one_read_of_many_frames(self) -> None:
+        """
+        One read carrying many raw websocket frames, within the budget, is
+        handed over DELIVER_PER_TURN messages per reactor turn: the rest
+        wait unparsed, and the socket is paused until they are in.
+        """
+        client = self.connect("/sockjs/websocket")
+        count = DELIVER_PER_TURN + 44
+        client.protocol.dataReceived(
+            b"".join(client_frame(str(i).encode()) for i in range(count)))
+        self.assertEqual(len(self.handlers[0].messages), DELIVER_PER_TURN)
+        self.assertEqual(client.transport.producerState, "paused")
+        self.clock.advance(0)
+        self.assertEqual(self.handlers[0].messages, [str(i) for i in range(count)])
+        self.assertEqual(client.transport.producerState, "producing")
