@@ -561,6 +561,7 @@ class SockJSConnection:
                 peer=self.peer_host,
                 count=self._slowed_count,
             )
+            self._slowed_count = 0
         if self._opening:
             # _start calls the handler's closed() once open_session returns
             return
