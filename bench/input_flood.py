@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/input_flood.py [--seconds 10] [--only websocket,xhr_send]
 
-It starts two `twistd shellserver`s in turn (bench/server.py), one with the
-input budget switched off (rates of 10^9 a second: the behaviour before it)
-and one with the defaults. On each, one console sits at its IPython prompt
-(the neighbour) and a client in another process (bench/input_flooder.py)
-floods its own console with `ix` messages as fast as it can for --seconds,
-over the raw websocket and then over xhr_send. The neighbour types `x` and
+It starts three `twistd shellserver`s in turn (bench/server.py): the server
+as it was before the input budget (the parent of the commit that added
+shellserver/sockjs/budget.py, exported from git; --before names another),
+this one with the budget switched off (rates of 10^9 a second: what the
+fair hand-over alone does), and this one with the defaults. On each, one
+console sits at its IPython prompt (the neighbour) and a client in another
+process (bench/input_flooder.py) floods its own console with `ix` messages
+as fast as it can for --seconds, over the raw websocket and then over
+xhr_send. The neighbour types `x` and
 backspace all along and times each echo: before the flood (the baseline),
 during it, and in the 2 s after it. Needs root (real sandboxes).
 """
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +41,23 @@ BUDGET_OFF = {"input_messages_per_second": 10**9, "input_bytes_per_second": 10**
 TARGET_P99 = 0.050
 AFTER_SECONDS = 2.0
 MAX_SAMPLES = 20_000  # keystrokes timed per phase, whatever the time
+
+
+def export_before(revision: str, into: Path) -> Path | None:
+    """A copy of the repository at ``revision`` (git archive), or None."""
+    root = os.path.dirname(HERE)
+    if revision == "auto":
+        added = subprocess.run(
+            ["git", "-C", root, "log", "--format=%H", "--diff-filter=A", "-n1", "--",
+             "shellserver/sockjs/budget.py"], capture_output=True, text=True)
+        if added.returncode or not added.stdout.strip():
+            return None
+        revision = added.stdout.strip() + "^"
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", root, "archive", revision, "shellserver", "twisted"],
+                             capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
 
 
 def log(message: str) -> None:
@@ -154,9 +175,16 @@ async def main(args: argparse.Namespace) -> int:
     all_results: dict[str, dict] = {}
     problems: list[str] = []
     try:
-        for budget, console in (("off", BUDGET_OFF), ("on (defaults)", {})):
+        servers: list[tuple[str, dict, Path | None]] = []
+        before = export_before(args.before, tmp / "before-source") if args.before else None
+        if before is not None:
+            servers.append(("before (no budget)", {}, before))
+        else:
+            log("no before row: git could not export the code before the budget")
+        servers += [("off", BUDGET_OFF, None), ("on (defaults)", {}, None)]
+        for index, (budget, console, source) in enumerate(servers):
             log(f"server with the input budget {budget}")
-            server = bench_server.start(tmp / budget.split()[0], console=console)
+            server = bench_server.start(tmp / f"server{index}", console=console, source=source)
             try:
                 all_results[budget] = await measure(server, transports, args.seconds)
                 throttled = server.log().count("is over its input budget")
@@ -184,4 +212,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--only", default="websocket,xhr_send")
+    parser.add_argument("--before", default="auto",
+                        help="git revision of the 'before' row ('' for none; "
+                             "auto: the parent of the commit that added the budget)")
     sys.exit(asyncio.run(main(parser.parse_args())))

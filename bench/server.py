@@ -187,8 +187,13 @@ class BenchServer:
 
 
 def start(tmp: Path, *, pool: int | None = None, cpu_quota: float = 2.0,
-          console: dict[str, object] | None = None) -> BenchServer:
-    """Start a server in ``tmp`` with TCP and TLS listeners; wait until it answers."""
+          console: dict[str, object] | None = None,
+          source: Path | None = None) -> BenchServer:
+    """Start a server in ``tmp`` with TCP and TLS listeners; wait until it answers.
+
+    ``source``: a checkout of another version of the server to run instead
+    of this one (put first on its PYTHONPATH), for before/after rows.
+    """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
     state = tmp / "state"
@@ -209,6 +214,7 @@ def start(tmp: Path, *, pool: int | None = None, cpu_quota: float = 2.0,
          "--listen", endpoint_description(tls_port, cert, key, interface="127.0.0.1")],
         cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT, preexec_fn=lambda: _join_cgroups(cgroups),
+        env=dict(os.environ, PYTHONPATH=str(source)) if source else None,
     )
     server = BenchServer(process, tcp_port, tls_port, cert, state, log_path, notes, cgroups)
     deadline = time.monotonic() + 30
