@@ -211,7 +211,10 @@ def start(tmp: Path, *, pool: int | None = None, cpu_quota: float = 2.0,
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
          "shellserver", "--config", str(config_path),
          "--listen", f"tcp:{tcp_port}:interface=127.0.0.1",
-         "--listen", endpoint_description(tls_port, cert, key, interface="127.0.0.1")],
+         "--listen", endpoint_description(tls_port, cert, key, interface="127.0.0.1"),
+         # another version's own web/ is not exported: serve this checkout's
+         *(["--web-dir", str(Path(__file__).resolve().parent.parent / "web")]
+           if source else [])],
         cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT, preexec_fn=lambda: _join_cgroups(cgroups),
         env=dict(os.environ, PYTHONPATH=str(source)) if source else None,
