@@ -60,12 +60,13 @@ def pool_key(known: dict[str, dict]) -> tuple[str, str] | None:
     return None
 
 
-def bench_config(state: Path, *, pool: int | None, cpu_quota: float) -> tuple[str, list[str]]:
+def bench_config(state: Path, *, pool: int | None, cpu_quota: float,
+                 console: dict[str, object] | None = None) -> tuple[str, list[str]]:
     """The TOML for a bench server, and notes on what was set (for the report)."""
     known = example_keys()
     sections: dict[str, dict[str, object]] = {
         "server": {"state_dir": str(state)},
-        "console": {"idle_timeout": 0, "max_age": 0},
+        "console": {"idle_timeout": 0, "max_age": 0, **(console or {})},
         "sandbox": {"uid_min": UID_MIN, "uid_max": UID_MAX, "runtime": RUNTIME,
                     "cpu_quota": cpu_quota},
     }
@@ -76,7 +77,10 @@ def bench_config(state: Path, *, pool: int | None, cpu_quota: float) -> tuple[st
         for key, value in admission.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 continue
-            if key == "capacity" or "per_address" in key or key.startswith("max"):
+            if key == "capacity":
+                # start-up refuses a capacity the open-files limit cannot serve
+                raised[key] = 1000
+            elif "per_address" in key or key.startswith("max"):
                 raised[key] = 100_000
         sections["admission"] = raised
         notes.append("admission: " + ", ".join(f"{k} = {v}" for k, v in raised.items()))
@@ -182,15 +186,21 @@ class BenchServer:
         return remove_cgroups(self.cgroups)
 
 
-def start(tmp: Path, *, pool: int | None = None, cpu_quota: float = 2.0) -> BenchServer:
-    """Start a server in ``tmp`` with TCP and TLS listeners; wait until it answers."""
+def start(tmp: Path, *, pool: int | None = None, cpu_quota: float = 2.0,
+          console: dict[str, object] | None = None,
+          source: Path | None = None) -> BenchServer:
+    """Start a server in ``tmp`` with TCP and TLS listeners; wait until it answers.
+
+    ``source``: a checkout of another version of the server to run instead
+    of this one (put first on its PYTHONPATH), for before/after rows.
+    """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
     state = tmp / "state"
     state.mkdir(mode=0o700, parents=True)
     cert, key = ensure_self_signed(str(tmp / "tls"))
     tcp_port, tls_port = free_port(), free_port()
-    config, notes = bench_config(state, pool=pool, cpu_quota=cpu_quota)
+    config, notes = bench_config(state, pool=pool, cpu_quota=cpu_quota, console=console)
     config_path = tmp / "shellserver.toml"
     config_path.write_text(config)
     log_path = tmp / "twistd.log"
@@ -201,9 +211,13 @@ def start(tmp: Path, *, pool: int | None = None, cpu_quota: float = 2.0) -> Benc
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
          "shellserver", "--config", str(config_path),
          "--listen", f"tcp:{tcp_port}:interface=127.0.0.1",
-         "--listen", endpoint_description(tls_port, cert, key, interface="127.0.0.1")],
+         "--listen", endpoint_description(tls_port, cert, key, interface="127.0.0.1"),
+         # another version's own web/ is not exported: serve this checkout's
+         *(["--web-dir", str(Path(__file__).resolve().parent.parent / "web")]
+           if source else [])],
         cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT, preexec_fn=lambda: _join_cgroups(cgroups),
+        env=dict(os.environ, PYTHONPATH=str(source)) if source else None,
     )
     server = BenchServer(process, tcp_port, tls_port, cert, state, log_path, notes, cgroups)
     deadline = time.monotonic() + 30

@@ -293,6 +293,12 @@ class ConsoleConfig:
             raise _fail(self, attribute, "must be below console.output_high_water, got "
                         f"{value} >= {self.output_high_water}")
 
+    # The input budget of one connection (docs/protocol.md, "Input budget").
+    input_messages_per_second: int = field(default=5000, validator=_integer())
+    input_bytes_per_second: int = field(default=262144, validator=_integer(minimum=1024))
+    input_burst_messages: int = field(default=10000, validator=_integer())
+    input_burst_bytes: int = field(default=1048576, validator=_integer(minimum=1024))
+
 
 _NOBODY = 65534
 _UID_LIMIT = 2**31 - 1

@@ -489,7 +489,12 @@ def makeService(options: Options) -> MultiService:
     switch = KillSwitch(reactor, admission, config.kill_switch_path, consoles.end_all)
     limits = evolve(ConnectionLimits.from_config(config.server),
                     max_connections=connections.max_connections)
-    sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions())
+    sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions(
+        input_messages_per_second=config.console.input_messages_per_second,
+        input_bytes_per_second=config.console.input_bytes_per_second,
+        input_burst_messages=config.console.input_burst_messages,
+        input_burst_bytes=config.console.input_burst_bytes,
+    ))
     site = ShellSite(
         build_resource(
             web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,

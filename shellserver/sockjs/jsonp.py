@@ -82,12 +82,14 @@ def _read_payload(request: IRequest, limit: int) -> bytes:
     return payload
 
 
-def render_send(endpoint: Endpoint, request: IRequest, session_id: str) -> bytes:
+def _ok(request: IRequest) -> bytes:
+    return b"ok"
+
+
+def render_send(endpoint: Endpoint, request: IRequest, session_id: str) -> bytes | int:
     """
     C{POST .../jsonp_send}: messages from the client; answers "ok" (some
-    browsers mishandle 204 in an iframe).
+    browsers mishandle 204 in an iframe) once they are handed to the session
+    (later, past its input budget).
     """
-    error = receive_sent(endpoint, request, session_id, _read_payload)
-    if error is not None:
-        return error
-    return b"ok"
+    return receive_sent(endpoint, request, session_id, _read_payload, _ok)

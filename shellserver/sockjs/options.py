@@ -53,6 +53,16 @@ class SockJSOptions:
     @ivar max_client_pings_per_minute: websocket pings a client may send in
         a minute (browsers send none); past it the connection is closed
         with code 1008, so a ping flood costs the server little.
+    @ivar input_messages_per_second: messages a session hands to the
+        application per second, on average; past it (and past
+        C{input_burst_messages}) the session's input is slowed: the server
+        stops reading the client's socket, or holds its C{xhr_send}
+        answer, until the budget has refilled.  Nothing is dropped.
+    @ivar input_bytes_per_second: the same for the bytes of those messages.
+    @ivar input_burst_messages: messages a session may send at once after a
+        quiet spell.
+    @ivar input_burst_bytes: bytes a session may send at once after a quiet
+        spell (a paste).
     """
 
     heartbeat_interval: float = field(default=25.0, validator=_positive)
@@ -70,3 +80,7 @@ class SockJSOptions:
     websocket_ping_timeout: float = field(default=10.0, validator=_positive)
     max_sessions_per_address: int = field(default=50, validator=_positive)
     max_client_pings_per_minute: int = field(default=120, validator=_positive)
+    input_messages_per_second: float = field(default=5000.0, validator=_positive)
+    input_bytes_per_second: float = field(default=262144.0, validator=_positive)
+    input_burst_messages: float = field(default=10000.0, validator=_positive)
+    input_burst_bytes: float = field(default=1048576.0, validator=_positive)

@@ -165,22 +165,59 @@ class PayloadTooBig(Exception):
     """A send request carries more than C{max_message_bytes}."""
 
 
+# Send requests of one session that may wait for its input budget at once.
+# sockjs-client sends one at a time; more in flight is a client pipelining
+# or sending in parallel to get around the budget, and gets 429.
+MAX_HELD_SENDS = 4
+TOO_MANY_SENDS = "Too many sends waiting for the input budget."
+
+
+def _answer_when_delivered(
+    request: IRequest, answer: Callable[[IRequest], bytes]
+) -> Callable[[bool], None]:
+    """
+    What answers a send request once its messages, held for the session's
+    input budget, have been handed over (or the session ended first: 404,
+    as for a session that is gone).
+    """
+    lost = []
+    request.notifyFinish().addErrback(lost.append)
+
+    def done(delivered: bool) -> None:
+        if lost:
+            # the client gave up waiting; its messages were still handed over
+            return
+        body = answer(request) if delivered else render_not_found(request)
+        if body:
+            request.write(body)
+        request.finish()
+
+    return done
+
+
 def receive_sent(
     endpoint: Endpoint,
     request: IRequest,
     session_id: str,
     read_payload: Callable[[IRequest, int], bytes],
+    answer: Callable[[IRequest], bytes],
     *,
     cors: bool = False,
-) -> bytes | None:
+) -> bytes | int:
     """
     What the send transports (C{xhr_send}, C{jsonp_send}) share: find the
     session, read the messages with C{read_payload} (which raises
-    L{PayloadTooBig}) and deliver them.
+    L{PayloadTooBig}) and deliver them within the session's input budget.
 
-    @return: C{None} once delivered (the caller answers), or the body of
-        an error response: 404 for no session (or another client's), 413
-        for too much (the session is closed), 500 for a broken payload.
+    Past the budget the messages are held and the request is answered
+    (by C{answer}) only once they have been handed over; meanwhile its HTTP
+    channel reads no further requests (twisted.web stops reading a
+    connection whose request is unanswered), so the client is slowed.
+
+    @return: the body of C{answer} when delivered at once, C{NOT_DONE_YET}
+        when held, or the body of an error response: 404 for no session
+        (or another client's), 413 for too much (the session is closed),
+        429 for more than L{MAX_HELD_SENDS} held, 500 for a broken payload.
     """
     try:
         session = find_session(endpoint, request, session_id)
@@ -193,6 +230,8 @@ def receive_sent(
     set_session_cookie(request, endpoint.options)
     if session is None:
         return render_not_found(request)
+    if session._held_count >= MAX_HELD_SENDS:
+        return render_text(request, 429, TOO_MANY_SENDS)
     try:
         payload = read_payload(request, endpoint.options.max_message_bytes)
     except PayloadTooBig:
@@ -203,8 +242,9 @@ def receive_sent(
     except BrokenPayload as broken:
         return render_text(request, 500, broken.reason)
     request.setHeader(b"Content-Type", TEXT_PLAIN)
-    session._deliver(messages)
-    return None
+    if session._receive(messages, _answer_when_delivered(request, answer)):
+        return answer(request)
+    return NOT_DONE_YET
 
 
 def serve_receiver(

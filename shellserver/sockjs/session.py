@@ -12,6 +12,7 @@ underscore, used only inside this package).
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,9 +21,14 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger, LogLevel
 
 from ..logs import ClientEventLog
+from .budget import InputBudget
 from .options import SockJSOptions
 
 log = Logger()
+
+# Held input is handed to the application at most this many messages per
+# reactor turn, so that one session's backlog never keeps the others waiting.
+DELIVER_PER_TURN = 256
 
 GO_AWAY = (3000, "Go away!")
 ANOTHER_CONNECTION_OPEN = (2010, "Another connection still open")
@@ -83,6 +89,26 @@ def _nothing_to_forget(connection: SockJSConnection) -> None:
     pass
 
 
+def _message_bytes(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+@define(eq=False)
+class _HeldInput:
+    """
+    Messages the session has accepted from its transport but not yet handed
+    to the application (the session is over its input budget), and whom to
+    tell once they have been: C{done(True)}, or C{done(False)} if the
+    session ended first.
+    """
+
+    messages: list[str]
+    done: Callable[[bool], None] | None
+    delivered: int = 0
+
+
 @define(eq=False)
 class SockJSConnection:
     """
@@ -130,6 +156,25 @@ class SockJSConnection:
     _expiry_call: IDelayedCall | None = field(default=None, init=False)
     _producer: IPushProducer | None = field(default=None, init=False)
     _producer_paused: bool = field(default=False, init=False)
+    _budget: InputBudget = field(init=False)
+    _held: deque[_HeldInput] = field(factory=deque, init=False)
+    _drain_call: IDelayedCall | None = field(default=None, init=False)
+    # when the current stretch over the input budget began, if one is on
+    _slowed_since: float | None = field(default=None, init=False)
+    _slowed_count: int = field(default=0, init=False)
+    # messages handed over in this reactor turn, and the call that starts
+    # the next turn's count
+    _turn_count: int = field(default=0, init=False)
+    _turn_call: IDelayedCall | None = field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._budget = InputBudget(
+            clock=self._clock,
+            messages_per_second=self._options.input_messages_per_second,
+            bytes_per_second=self._options.input_bytes_per_second,
+            burst_messages=self._options.input_burst_messages,
+            burst_bytes=self._options.input_burst_bytes,
+        )
 
     # -- the application's side ---------------------------------------------
 
@@ -287,6 +332,115 @@ class SockJSConnection:
             self._flush()
             self._check_watermarks()
 
+    @property
+    def _held_count(self) -> int:
+        """
+        How many batches of input (websocket messages, send requests) wait
+        for the input budget.
+        """
+        return len(self._held)
+
+    def _receive(self, messages: list[str], done: Callable[[bool], None]) -> bool:
+        """
+        Messages from the client, within the session's input budget: handed
+        to the application now if the budget allows and nothing is held
+        before them; otherwise held, in order, and handed over as the budget
+        refills (at most L{DELIVER_PER_TURN} per reactor turn).
+
+        @param done: called once with C{True} when held messages have all
+            been handed over, or with C{False} if the session ended first;
+            not called when this returns C{True}.
+        @return: whether all of C{messages} were handed over now.  If not,
+            the transport should stop reading from the client until
+            C{done} is called: that is how a flood is slowed.
+        """
+        if self._state is not _State.OPEN:
+            return True
+        if not self._held and self._slowed_since is not None and self._budget.is_full():
+            self._slowed_since = None
+        item = _HeldInput(messages, None)
+        self._held.append(item)
+        if len(self._held) == 1 and self._drain_call is None:
+            self._drain()
+            if not self._held:
+                # all handed over (or the session ended meanwhile)
+                return True
+        item.done = done
+        return False
+
+    def _drain(self) -> None:
+        """
+        Hand held input to the application while the budget allows.
+        """
+        self._drain_call = None
+        while self._held and self._state is _State.OPEN:
+            item = self._held[0]
+            while item.delivered < len(item.messages):
+                if self._turn_count >= DELIVER_PER_TURN:
+                    # let the reactor serve the others first
+                    self._drain_call = self._clock.callLater(0, self._drain)
+                    return
+                if not self._budget.allows():
+                    self._note_slowed()
+                    self._drain_call = self._clock.callLater(
+                        self._budget.seconds_until_allowed(), self._drain
+                    )
+                    return
+                text = item.messages[item.delivered]
+                item.delivered += 1
+                self._count_in_turn()
+                self._budget.charge(_message_bytes(text))
+                self._deliver([text])
+                if self._state is not _State.OPEN:
+                    # ending the session dropped what was held
+                    return
+            self._held.popleft()
+            if item.done is not None:
+                item.done(True)
+
+    def _count_in_turn(self) -> None:
+        # a raw websocket hands over one message per frame, each in its own
+        # call: the count spans calls, until the reactor turns
+        if self._turn_count == 0:
+            self._turn_call = self._clock.callLater(0, self._next_turn)
+        self._turn_count += 1
+
+    def _next_turn(self) -> None:
+        self._turn_call = None
+        self._turn_count = 0
+
+    def _note_slowed(self) -> None:
+        if self._slowed_since is not None:
+            return
+        self._slowed_since = self._clock.seconds()
+        self._slowed_count += 1
+        log.info(
+            "SockJS session {session} ({transport}) from {peer} is over its input "
+            "budget: its input is slowed",
+            session=self.session_id,
+            transport=self.transport_name,
+            peer=self.peer_host,
+        )
+
+    def _drop_held(self) -> None:
+        """
+        The session ends: held input will never be handed over.
+        """
+        if self._drain_call is not None:
+            if self._drain_call.active():
+                self._drain_call.cancel()
+            self._drain_call = None
+        if self._turn_call is not None:
+            if self._turn_call.active():
+                self._turn_call.cancel()
+            self._turn_call = None
+            self._turn_count = 0
+        held = list(self._held)
+        self._held.clear()
+        for item in held:
+            if item.done is not None:
+                item.done(False)
+
     def _deliver(self, messages: list[str]) -> None:
         """
         Hand messages from the client to the application, in order.
@@ -403,6 +557,16 @@ class SockJSConnection:
         self._forget(self)
 
     def _notify_closed(self) -> None:
+        self._drop_held()
+        if self._slowed_count:
+            log.info(
+                "SockJS session {session} from {peer} went over its input budget "
+                "{count} times",
+                session=self.session_id,
+                peer=self.peer_host,
+                count=self._slowed_count,
+            )
+            self._slowed_count = 0
         if self._opening:
             # _start calls the handler's closed() once open_session returns
             return

@@ -100,6 +100,12 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         self._origin: str | None = None
         self._session_id = ""
         self._incoming_bytes = 0
+        # messages of this connection that wait for the session's input
+        # budget; while there are any, autobahn parses no further frames
+        # and the socket is not read
+        self._held_inputs = 0
+        self._input_held = False
+        self._socket_paused = False
 
     def connectionMade(self) -> None:
         # autobahn's messages about this connection (protocol violations, a
@@ -154,6 +160,51 @@ class _SockJSWebSocket(WebSocketServerProtocol):
             # limit) fails the connection.
             self._session.close(*MESSAGE_TOO_BIG)
         super().onMessageFrameBegin(length)
+
+    def _receive(self, session: SockJSConnection, messages: list[str]) -> None:
+        """
+        Hand messages to the session.  Those over its input budget are held
+        there, and meanwhile this connection is not read: the kernel's
+        socket buffer and TCP flow control slow the client down, and the
+        reactor spends nothing on it.  The frames autobahn has read already
+        stay in its buffer, unparsed, until the held messages are handed
+        over; then they are parsed, in order, and only once none is left
+        is the socket read again (so at most one read is buffered).
+        """
+        if session._receive(messages, self._held_input_done):
+            return
+        self._held_inputs += 1
+        self._input_held = True
+        if not self._socket_paused:
+            self._socket_paused = True
+            self.transport.pauseProducing()
+
+    def processData(self) -> bool:
+        if self._input_held and self.state == self.STATE_OPEN:
+            # over the input budget: the rest waits in autobahn's buffer
+            return False
+        return super().processData()
+
+    def _held_input_done(self, delivered: bool) -> None:
+        self._held_inputs -= 1
+        if self._held_inputs == 0:
+            self._input_held = False
+            # on a turn of its own: this runs while the session hands over
+            # input, and parsing more would hand it more
+            self.factory.reactor.callLater(0, self._continue_reading)
+
+    def _continue_reading(self) -> None:
+        """
+        Parse what was read while input was held; read the socket again once
+        all of it is in (also when the session ended: the closing handshake
+        needs reading).
+        """
+        if self._input_held:
+            return
+        self.consumeData()
+        if not self._input_held and self._socket_paused and self.state != self.STATE_CLOSED:
+            self._socket_paused = False
+            self.transport.resumeProducing()
 
     def onPing(self, payload: bytes) -> None:
         # Every ping costs a pong: a flood of them is closed, not answered.
@@ -239,7 +290,7 @@ class _FramedWebSocket(_SockJSWebSocket):
             self._close_websocket(*BROKEN_FRAMING)
             session._receiver_lost(self)
             return
-        session._deliver(messages)
+        self._receive(session, messages)
 
     def write_open(self) -> bool:
         return self._send_text(OPEN_FRAME)
@@ -272,7 +323,7 @@ class _RawWebSocket(_SockJSWebSocket):
             session.close(*BINARY_NOT_SUPPORTED)
             return
         # autobahn has validated the UTF-8 of text messages
-        session._deliver([payload.decode("utf-8")])
+        self._receive(session, [payload.decode("utf-8")])
 
     def write_open(self) -> bool:
         return self.state == self.STATE_OPEN

@@ -63,12 +63,15 @@ def _read_body(request: IRequest, limit: int) -> bytes:
     return body
 
 
-def render_send(endpoint: Endpoint, request: IRequest, session_id: str) -> bytes:
-    """
-    C{POST .../xhr_send}: messages from the client, a JSON array of strings.
-    """
-    error = receive_sent(endpoint, request, session_id, _read_body, cors=True)
-    if error is not None:
-        return error
+def _no_content(request: IRequest) -> bytes:
     request.setResponseCode(204)
     return b""
+
+
+def render_send(endpoint: Endpoint, request: IRequest, session_id: str) -> bytes | int:
+    """
+    C{POST .../xhr_send}: messages from the client, a JSON array of strings;
+    answered 204 once they are handed to the session (later, past its input
+    budget).
+    """
+    return receive_sent(endpoint, request, session_id, _read_body, _no_content, cors=True)
