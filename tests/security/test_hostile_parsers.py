@@ -86,7 +86,7 @@ def settled_log_lines(server) -> int:
 
 def test_superscript_acknowledgement_is_a_protocol_error(server):
     """``k²`` on a running console closes it with 4003 and a clear message, no traceback."""
-    token = console_token(server)
+    token = console_token(server, source="127.0.0.3")
     with RawWebSocket(server, source="127.0.0.3", timeout=30) as ws:
         ws.send_text("a" + token)
         ws.read_output_until("In [", timeout=30)
