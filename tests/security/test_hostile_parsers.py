@@ -3,7 +3,7 @@
 One `twistd shellserver` of its own (uids 234000-234099, used by no other
 test) with the hostile suite's short limits. Hostile clients connect from
 127.0.0.3 and up. docs/security.md lists the cases and outcomes; the
-property tests in tests/unit/test_hostile_parsers.py cover the parsers
+property tests in tests/unit/test_parser_properties.py cover the parsers
 themselves with generated input.
 """
 
