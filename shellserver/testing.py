@@ -187,6 +187,8 @@ class FakeCgroupTree:
     # Cgroups where a new process appears each time the last one is moved
     # out (a shell that keeps forking while the server starts).
     forking: set[str] = field(factory=set)
+    # Files whose writes fail with the given errno (a kernel refusal).
+    failing: dict[str, int] = field(factory=dict)
     writes: list[tuple[str, str]] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
@@ -224,6 +226,8 @@ class FakeCgroupTree:
         directory, name = os.path.split(path)
         if self.read_only:
             raise OSError(errno.EROFS, "Read-only file system", path)
+        if path in self.failing:
+            raise OSError(self.failing[path], os.strerror(self.failing[path]), path)
         if directory not in self.subtree:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
         if name == "cgroup.subtree_control":
@@ -249,10 +253,22 @@ class FakeCgroupTree:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
         self.writes.append((path, text))
 
-    def mkdir(self, path: str) -> None:
+    def mkdir(self, path: str) -> bool:
         if self.read_only:
             raise OSError(errno.EROFS, "Read-only file system", path)
         if os.path.dirname(path) not in self.subtree:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-        self.subtree.setdefault(path, set())
-        self.processes.setdefault(path, [])
+        if path in self.subtree:
+            return False
+        self.subtree[path] = set()
+        self.processes[path] = []
+        return True
+
+    def rmdir(self, path: str) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        children = [d for d in self.subtree if os.path.dirname(d) == path and d != path]
+        if self.processes.get(path) or children:
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        del self.subtree[path]
+        del self.processes[path]

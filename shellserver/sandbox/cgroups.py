@@ -59,8 +59,11 @@ class ICgroupFiles(Interface):
     def write(path: str, text: str) -> None:
         """Write ``text`` to a cgroup file (one write, as the kernel wants)."""
 
-    def mkdir(path: str) -> None:
-        """Create a cgroup directory; an existing one is fine."""
+    def mkdir(path: str) -> bool:
+        """Create a cgroup directory (an existing one is fine); True if made now."""
+
+    def rmdir(path: str) -> None:
+        """Remove an empty cgroup directory."""
 
 
 @implementer(ICgroupFiles)
@@ -74,8 +77,15 @@ class HostCgroupFiles:
     def write(self, path: str, text: str) -> None:
         _write(path, text)
 
-    def mkdir(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+    def mkdir(self, path: str) -> bool:
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            return False
+        return True
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
 
 
 @frozen
@@ -241,14 +251,32 @@ def prepare_parents(layout: CgroupLayout, files: ICgroupFiles | None = None) -> 
     Returns notices for the log (processes moved into the server's leaf).
     """
     files = files or HostCgroupFiles()
-    if not layout.v2_controllers:
-        for path in layout.parents():
-            _attempt(files.mkdir, path)
-        return []
-    return _prepare_unified(layout, files)
+    made: list[str] = []
+
+    def mkdir(path: str) -> None:
+        if _attempt(files.mkdir, path):
+            made.append(path)
+
+    try:
+        if not layout.v2_controllers:
+            for path in layout.parents():
+                for directory in (os.path.dirname(path), path):
+                    mkdir(directory)
+            return []
+        return _prepare_unified(layout, files, mkdir)
+    except CgroupError:
+        # A refused start leaves no directory behind (the server's leaf may
+        # hold processes by now: rmdir leaves it).
+        for path in reversed(made):
+            try:
+                files.rmdir(path)
+            except OSError:
+                pass
+        raise
 
 
-def _prepare_unified(layout: CgroupLayout, files: ICgroupFiles) -> list[str]:
+def _prepare_unified(layout: CgroupLayout, files: ICgroupFiles,
+                     mkdir: Callable[[str], None]) -> list[str]:
     own = layout.own or os.path.dirname(os.path.dirname(layout.unified))
     available = _attempt(files.read, os.path.join(own, "cgroup.controllers")).split()
     missing = [c for c in CONTROLLERS if c not in available]
@@ -273,7 +301,7 @@ def _prepare_unified(layout: CgroupLayout, files: ICgroupFiles) -> list[str]:
         # below it (the root cgroup excepted): move them all into a leaf, as
         # systemd asks of delegated subtrees. By hand from a root shell this
         # moves the shell too, within its own session scope.
-        _attempt(files.mkdir, leaf)
+        mkdir(leaf)
         pids = _attempt(files.read, os.path.join(own, "cgroup.procs")).split()
         for pid in pids:
             try:
@@ -287,7 +315,7 @@ def _prepare_unified(layout: CgroupLayout, files: ICgroupFiles) -> list[str]:
                            f"cgroup v2 lets only leaf cgroups hold processes")
     parent = os.path.dirname(layout.unified)
     for path in (parent, layout.unified):
-        _attempt(files.mkdir, path)
+        mkdir(path)
         _attempt(files.write, os.path.join(path, "cgroup.subtree_control"), enable)
     return notices
 

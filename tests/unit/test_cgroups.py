@@ -426,6 +426,21 @@ class PrepareUnifiedTests(SynchronousTestCase):
         class Directories:
             def mkdir(self, path):
                 made.append(path)
+                return True
 
         self.assertEqual(prepare_parents(layout, Directories()), [])
-        self.assertEqual(made, list(layout.parents()))
+        self.assertEqual(made[1::2], list(layout.parents()))
+        self.assertEqual(made[0::2], [os.path.dirname(p) for p in layout.parents()])
+
+    def test_refusal_removes_what_it_made(self):
+        """A refusal halfway (controllers not available in the parent) leaves no
+        directory it made, but the leaf holding the server stays."""
+        tree = delegated_tree(SERVICE, ["100"])
+        layout = unified_layout(SERVICE)
+        before = set(tree.subtree)
+        tree.failing[layout.unified + "/cgroup.subtree_control"] = errno.EINVAL
+        with self.assertRaises(CgroupError) as caught:
+            prepare_parents(layout, tree)
+        self.assertIn(layout.unified + "/cgroup.subtree_control: Invalid argument",
+                      str(caught.exception))
+        self.assertEqual(set(tree.subtree) - before, {SERVICE + "/server"})
