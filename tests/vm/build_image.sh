@@ -43,9 +43,12 @@ unmount_chroot() {
 }
 
 build_base() {
-  rm -rf "$base.partial"
-  mkdir -p "$cache" "$base.partial"
   root=$base.partial/rootfs
+  # A build killed halfway may have left the host's /dev bound inside: never
+  # let rm follow it.
+  unmount_chroot
+  rm -rf --one-file-system "$base.partial"
+  mkdir -p "$cache" "$base.partial"
   trap unmount_chroot EXIT
   say "debootstrap bookworm into $root (about 3 minutes)"
   debootstrap --variant=minbase --include="$packages" bookworm "$root" "$mirror" \
