@@ -47,7 +47,8 @@ def guest(tmp_path_factory):
         booted = vm.wait_for_ssh()
         print(f"\nvm: image {built - started:.0f} s, boot to ssh {booted:.0f} s")
         configure(vm)
-        vm.sh("systemctl start shellserver", timeout=300)
+        started = vm.run("systemctl start shellserver", check=False, timeout=300)
+        assert started.returncode == 0, vm.sh("journalctl -u shellserver --no-pager -o cat")
         vm.fetch_certificate(CERTIFICATE)
         yield vm
     finally:
@@ -254,6 +255,48 @@ def test_undelegated_unit_is_refused_once_not_in_a_loop(guest):
     finally:
         guest.sh("rm -r /run/systemd/system/shellserver.service.d && systemctl daemon-reload "
                  "&& systemctl reset-failed shellserver")
+        guest.sh("systemctl start shellserver", timeout=300)
+
+
+BY_HAND = ("/opt/shellserver/.venv/bin/twistd --nodaemon --pidfile= --logfile - shellserver "
+           "--config /etc/shellserver/shellserver.toml")
+
+
+def test_by_hand_in_a_scope(guest):
+    """Started by hand in a scope that was not delegated the cpu controller, the
+    server refuses with status 78 and the way out; in a scope with
+    Delegate=yes (that way out) it serves consoles and leaves nothing when
+    stopped."""
+    guest.sh("systemctl stop shellserver", timeout=120)
+    try:
+        refused = guest.run(f"systemd-run --scope --unit=byhand -- {BY_HAND}", check=False,
+                            timeout=300)
+        assert refused.returncode == 78, refused
+        assert "cgroup.controllers offers" in refused.stderr, refused.stderr
+        assert "systemd-run --scope -p Delegate=yes" in refused.stderr, refused.stderr
+        guest.sh(f"setsid -f systemd-run --scope -p Delegate=yes --unit=byhand-delegated "
+                 f"-- {BY_HAND} > /root/byhand.log 2>&1")
+        answers = ("python3 -c \"import ssl, urllib.request; urllib.request.urlopen("
+                   "'https://127.0.0.1:8443/status', context=ssl._create_unverified_context())\"")
+        assert wait_until(lambda: guest.run(answers, check=False).returncode == 0,
+                          timeout=120), guest.sh("cat /root/byhand.log")
+        scope = "/sys/fs/cgroup/system.slice/byhand-delegated.scope"
+        client = open_console(guest)
+        try:
+            assert "42" in client.run("print(6*7)", 2, timeout=60)
+            groups = guest.sh(f"ls -d {scope}/shellserver/i*/*/").split()
+            assert len(groups) == 1, groups
+            assert cgroup_file(guest, groups[0], "cpu.max") == "50000 100000"
+            # The server moved itself into the scope's leaf.
+            assert guest.sh(f"cat {scope}/server/cgroup.procs")
+            assert guest.sh(f"cat {scope}/cgroup.procs") == ""
+        finally:
+            client.close()
+        guest.sh("systemctl stop byhand-delegated.scope", timeout=120)
+        assert guest.sh(f"test -e {scope} && echo present || echo gone") == "gone"
+        assert console_uids(guest) == []
+    finally:
+        guest.run("systemctl stop byhand-delegated.scope", check=False, timeout=120)
         guest.sh("systemctl start shellserver", timeout=300)
 
 
