@@ -59,7 +59,10 @@ class Guest:
              "-kernel", kernel, "-initrd", initrd,
              "-append", "root=/dev/vda rw console=ttyS0 quiet",
              "-drive", f"file={disk},format=raw,if=virtio",
-             "-netdev", f"user,id=net0,{forwards}", "-device", "virtio-net-pci,netdev=net0"],
+             # restrict=on: the guest reaches nothing outside (the build
+             # installed everything); only the forwarded ports reach it.
+             "-netdev", f"user,id=net0,restrict=on,{forwards}",
+             "-device", "virtio-net-pci,netdev=net0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         self.cert = str(work / "certificate.pem")
