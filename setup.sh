@@ -32,6 +32,8 @@ packages=(python3 python3-venv python3-dev ca-certificates)
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 if [ "$mode" = test ]; then
   packages+=(chromium fonts-dejavu-core)
+  # tests/vm: build a Debian guest and boot it under emulation.
+  packages+=(debootstrap qemu-system-x86 e2fsprogs openssh-client rsync)
 fi
 missing=()
 for p in "${packages[@]}"; do

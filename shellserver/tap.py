@@ -6,11 +6,13 @@ import hashlib
 import os
 import resource
 import socket
+import sys
 from typing import TYPE_CHECKING
 
 from attrs import evolve, frozen
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -18,6 +20,7 @@ import shellserver
 from shellserver.config import Config, ConfigError, load_config, load_config_file
 from shellserver.console import describe_duration
 from shellserver.sandbox.cgroups import CgroupLayout
+from shellserver.startup import HostRefusal, exit_refused
 
 if TYPE_CHECKING:
     from shellserver.auth import UsedTokenFile
@@ -76,9 +79,12 @@ class Options(usage.Options):
             config = config.with_state_dir(self["state-dir"])
         self["configuration"] = config
         self._check_listen()
-        check_host(config)
-        self["connections"] = plan_connections(config)
-        self["prepared"] = prepare_state(config, need_tls=not self["listen"])
+        try:
+            check_host(config)
+            self["connections"] = plan_connections(config)
+            self["prepared"] = prepare_state(config, need_tls=not self["listen"])
+        except HostRefusal as refusal:
+            raise exit_refused(refusal, sys.stderr) from None
 
     def _check_listen(self) -> None:
         from twisted.internet import endpoints, reactor
@@ -116,7 +122,7 @@ def check_host(config: Config) -> None:
     try:
         read_layout()
     except (CgroupError, OSError) as e:
-        raise usage.UsageError(f"cgroups: {e}") from e
+        raise HostRefusal(f"cgroups: {e}") from e
     python = config.sandbox.system_python
     if not os.access(python, os.X_OK):
         raise usage.UsageError(
@@ -202,11 +208,11 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
             else:
                 tls = ensure_self_signed(config.tls_dir)
         layout = read_layout().for_instance(instance_name(state_dir))
-        prepare_parents(layout)
+        notices += prepare_parents(layout)
     except (SecretFileError, UsedTokenFileError) as e:
         raise usage.UsageError(str(e)) from e
     except CgroupError as e:
-        raise usage.UsageError(f"cgroups: {e}") from e
+        raise HostRefusal(f"cgroups: {e}") from e
     except OSError as e:
         where = e.filename or state_dir
         raise usage.UsageError(
@@ -248,6 +254,7 @@ class SandboxService(Service):
         self.starter = starter
         self._runtime = runtime
         self._build = build
+        self._runtime_waiters: list[Deferred] = []
         self.pool = pool
         self._consoles = consoles
         self._admission = admission
@@ -276,7 +283,20 @@ class SandboxService(Service):
 
             d.addErrback(failed)
 
+    def when_runtime_ready(self) -> Deferred:
+        """A Deferred that fires once the console runtime is ready (at once
+        when it was built before start)."""
+        if not self._build:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._runtime_waiters.append(d)
+        return d
+
     def _runtime_ready(self) -> None:
+        self._build = False
+        waiters, self._runtime_waiters = self._runtime_waiters, []
+        for d in waiters:
+            d.callback(None)
         self.starter.set_available()
         if self.pool is not None:
             self.pool.retry_now()
@@ -518,12 +538,34 @@ def makeService(options: Options) -> MultiService:
         tarpit_quota=config.sandbox.tarpit_quota, grace=config.sandbox.tarpit_seconds,
         interval=min(2.0, max(0.25, config.sandbox.cpu_budget / 4)),
     )
-    SandboxService(reactor, starter, runtime, build, pool=pool, consoles=consoles,
-                   admission=admission, grace=config.console.shutdown_grace, budget=budget,
-                   ).setServiceParent(top)
+    sandboxes = SandboxService(reactor, starter, runtime, build, pool=pool, consoles=consoles,
+                               admission=admission, grace=config.console.shutdown_grace,
+                               budget=budget)
+    sandboxes.setServiceParent(top)
     KillSwitchService(switch).setServiceParent(top)
     for index, description in enumerate(listen):
         listener = strports.service(description, guarded)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(top)
+    add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
     return top
+
+
+def add_systemd_services(top: MultiService, sandboxes: SandboxService, reactor,
+                         environ, pid: int) -> None:
+    """READY/STOPPING notifications and the watchdog, under systemd (after the
+    listeners: see ReadinessService)."""
+    from shellserver.systemd import (
+        ReadinessService,
+        notifier_from_environment,
+        watchdog_interval,
+        watchdog_service,
+    )
+
+    notifier = notifier_from_environment(environ)
+    interval = watchdog_interval(environ, pid)
+    if not notifier.active:
+        return
+    ReadinessService(notifier, sandboxes.when_runtime_ready).setServiceParent(top)
+    if interval is not None:
+        watchdog_service(notifier, interval, reactor).setServiceParent(top)

@@ -6,9 +6,13 @@ They implement the same interfaces as the real parts (checked with
 
 from __future__ import annotations
 
+import errno
+import os
+
 from attrs import define, field
 from zope.interface import implementer
 
+from shellserver.sandbox.cgroups import ICgroupFiles
 from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.service import (
     IConsoleProcessEvents,
@@ -164,3 +168,107 @@ class FakeOutputPipes:
         pipe = FakeOutputPipe(f"{self.directory}/{session}", deliver)
         self.opened[session] = pipe
         return pipe.path, pipe
+
+
+@implementer(ICgroupFiles)
+@define
+class FakeCgroupTree:
+    """A cgroup2 hierarchy in memory, with the kernel's rules that start-up
+    meets: a controller can be enabled below a cgroup only if its parent
+    enabled it (ENOENT otherwise), and only while the cgroup holds no
+    processes, the root excepted (EBUSY); a cgroup that enables controllers
+    takes no processes (EBUSY); a read-only mount refuses every change."""
+
+    root: str
+    root_controllers: tuple[str, ...]
+    processes: dict[str, list[str]] = field(factory=dict)  # cgroup -> pids
+    subtree: dict[str, set[str]] = field(factory=dict)  # cgroup -> enabled below
+    read_only: bool = False
+    # Cgroups where a new process appears each time the last one is moved
+    # out (a shell that keeps forking while the server starts).
+    forking: set[str] = field(factory=set)
+    # Files whose writes fail with the given errno (a kernel refusal).
+    failing: dict[str, int] = field(factory=dict)
+    writes: list[tuple[str, str]] = field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        for path in list(self.processes):
+            self._dirs_to(path)
+        self.subtree.setdefault(self.root, set())
+        self.processes.setdefault(self.root, [])
+
+    def _dirs_to(self, path: str) -> None:
+        while path.startswith(self.root):
+            self.subtree.setdefault(path, set())
+            self.processes.setdefault(path, [])
+            if path == self.root:
+                break
+            path = os.path.dirname(path)
+
+    def controllers(self, path: str) -> set[str]:
+        if path == self.root:
+            return set(self.root_controllers)
+        return set(self.subtree.get(os.path.dirname(path), ()))
+
+    def read(self, path: str) -> str:
+        directory, name = os.path.split(path)
+        if directory not in self.subtree:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        if name == "cgroup.controllers":
+            return " ".join(sorted(self.controllers(directory))) + "\n"
+        if name == "cgroup.subtree_control":
+            return " ".join(sorted(self.subtree[directory])) + "\n"
+        if name == "cgroup.procs":
+            return "".join(pid + "\n" for pid in self.processes[directory])
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+    def write(self, path: str, text: str) -> None:
+        directory, name = os.path.split(path)
+        if self.read_only:
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        if path in self.failing:
+            raise OSError(self.failing[path], os.strerror(self.failing[path]), path)
+        if directory not in self.subtree:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        if name == "cgroup.subtree_control":
+            wanted = {word[1:] for word in text.split() if word.startswith("+")}
+            if not wanted <= self.controllers(directory):
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+            if self.processes[directory] and directory != self.root:
+                raise OSError(errno.EBUSY, "Device or resource busy", path)
+            self.subtree[directory] |= wanted
+        elif name == "cgroup.procs":
+            pid = text.strip()
+            if self.subtree[directory] and directory != self.root:
+                raise OSError(errno.EBUSY, "Device or resource busy", path)
+            sources = [d for d, pids in self.processes.items() if pid in pids]
+            if not sources:
+                raise ProcessLookupError(errno.ESRCH, "No such process", path)
+            for source in sources:
+                self.processes[source].remove(pid)
+                if not self.processes[source] and source in self.forking:
+                    self.processes[source].append(str(10_000 + len(self.writes)))
+            self.processes[directory].append(pid)
+        else:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        self.writes.append((path, text))
+
+    def mkdir(self, path: str) -> bool:
+        if self.read_only:
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        if os.path.dirname(path) not in self.subtree:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        if path in self.subtree:
+            return False
+        self.subtree[path] = set()
+        self.processes[path] = []
+        return True
+
+    def rmdir(self, path: str) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        children = [d for d in self.subtree if os.path.dirname(d) == path and d != path]
+        if self.processes.get(path) or children:
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        del self.subtree[path]
+        del self.processes[path]

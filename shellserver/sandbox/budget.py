@@ -37,6 +37,33 @@ def read_usage_seconds(groups: tuple[CgroupGroup, ...]) -> float | None:
     return None
 
 
+# Where the kernel counts the processes it killed for memory: cgroup v2's
+# memory.events, v1's memory.oom_control (both have an ``oom_kill`` line).
+OOM_FILES = {"memory.max": "memory.events", "memory.limit_in_bytes": "memory.oom_control"}
+
+
+def oom_kill_count(text: str) -> int:
+    """The ``oom_kill`` count in a memory.events or memory.oom_control text (pure)."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill":
+            return int(value)
+    return 0
+
+
+def read_oom_kills(groups: tuple[CgroupGroup, ...]) -> int | None:
+    """How many of a session's processes the kernel killed for memory (None if gone)."""
+    for group in groups:
+        for limit, events in OOM_FILES.items():
+            if limit in group.limits:
+                try:
+                    with open(os.path.join(group.path, events)) as f:
+                        return oom_kill_count(f.read())
+                except FileNotFoundError:
+                    return None
+    return None
+
+
 def tarpit_writes(groups: tuple[CgroupGroup, ...], quota: float) -> list[tuple[str, str]]:
     """The (file, value) writes that cut a session's CPU quota (pure)."""
     quota_us = max(1000, int(quota * CPU_PERIOD_US))
@@ -66,7 +93,9 @@ class CpuBudgetWatcher:
     interval: float = 2.0
     _read: Callable = read_usage_seconds
     _write: Callable[[str, str], None] = _write
+    _read_oom: Callable = read_oom_kills
     _tarpitted: dict[str, float] = field(factory=dict)  # session -> when
+    _oom_kills: dict[str, int] = field(factory=dict)  # session -> count told
     _loop: LoopingCall | None = None
 
     def start(self) -> None:
@@ -85,6 +114,7 @@ class CpuBudgetWatcher:
         alive = set()
         for sandbox in self._running():
             alive.add(sandbox.session)
+            self._tell_oom_kills(sandbox)
             since = self._tarpitted.get(sandbox.session)
             if since is not None:
                 if now - since >= self.grace:
@@ -99,6 +129,23 @@ class CpuBudgetWatcher:
         for session in list(self._tarpitted):
             if session not in alive:
                 del self._tarpitted[session]
+        for session in list(self._oom_kills):
+            if session not in alive:
+                del self._oom_kills[session]
+
+    def _tell_oom_kills(self, sandbox) -> None:
+        """Tell the user when the kernel killed a process of theirs for memory:
+        the console lives on, and without a word the program just vanishes."""
+        kills = self._read_oom(sandbox.spec.cgroups)
+        told = self._oom_kills.get(sandbox.session, 0)
+        if kills is None or kills <= told:
+            return
+        self._oom_kills[sandbox.session] = kills
+        log.info("console {session}: {count} processes killed for memory",
+                 session=sandbox.session, count=kills - told)
+        sandbox.events.notice(
+            "A program in this console ran out of memory and was killed "
+            "(the console's memory limit).")
 
     def _tarpit(self, sandbox, used: float, now: float) -> None:
         for path, value in tarpit_writes(sandbox.spec.cgroups, self.tarpit_quota):

@@ -8,6 +8,10 @@ session. Two layouts are understood:
   directory each in the memory, pids and cpu hierarchies, and one in the
   cgroup2 hierarchy for ``cgroup.kill`` and ``cgroup.events``;
 * unified (cgroup v2 with the controllers enabled): a single directory.
+  cgroup v2 lets only leaves hold processes once controllers are enabled
+  below a cgroup, so at start-up the server moves the processes of its own
+  cgroup into a ``server`` leaf next to the ``shellserver`` parent, then
+  enables memory, pids and cpu below its own cgroup and the parents.
 
 The launcher creates and joins them; the server's ``CgroupReaper`` kills and
 removes what a launcher left behind (it was SIGKILLed, or crashed).
@@ -23,15 +27,65 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import Interface, implementer
 
 log = Logger()
 
 PARENT_NAME = "shellserver"
+SERVER_LEAF = "server"
 CPU_PERIOD_US = 100_000
+CONTROLLERS = ("memory", "pids", "cpu")
+# What an operator changes when the host does not hand the server the
+# controllers it needs (docs/sandbox.md, "cgroup layouts").
+DELEGATE_ADVICE = (
+    "run the server from etc/shellserver.service (it has Delegate=yes), or by hand with "
+    "`systemd-run --scope -p Delegate=yes twistd ...`"
+)
+# Writing subtree_control races with processes forked into the cgroup that
+# is being emptied; a few rounds of moving them are enough.
+MOVE_ROUNDS = 5
 
 
 class CgroupError(Exception):
     """The host lacks a cgroup hierarchy the sandbox needs."""
+
+
+class ICgroupFiles(Interface):
+    """The few file operations start-up does on a cgroup filesystem."""
+
+    def read(path: str) -> str:
+        """The text of a cgroup file."""
+
+    def write(path: str, text: str) -> None:
+        """Write ``text`` to a cgroup file (one write, as the kernel wants)."""
+
+    def mkdir(path: str) -> bool:
+        """Create a cgroup directory (an existing one is fine); True if made now."""
+
+    def rmdir(path: str) -> None:
+        """Remove an empty cgroup directory."""
+
+
+@implementer(ICgroupFiles)
+class HostCgroupFiles:
+    """The host's cgroup filesystem."""
+
+    def read(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def write(self, path: str, text: str) -> None:
+        _write(path, text)
+
+    def mkdir(self, path: str) -> bool:
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            return False
+        return True
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
 
 
 @frozen
@@ -51,6 +105,8 @@ class CgroupLayout:
     cpu: str | None
     unified: str
     v2_controllers: bool
+    # The server's own cgroup2 directory (where its processes start).
+    own: str | None = None
 
     def for_instance(self, name: str) -> CgroupLayout:
         """The layout one server uses: its own directory under each parent, so
@@ -59,7 +115,8 @@ class CgroupLayout:
             return None if path is None else os.path.join(path, name)
 
         return CgroupLayout(memory=sub(self.memory), pids=sub(self.pids), cpu=sub(self.cpu),
-                            unified=sub(self.unified), v2_controllers=self.v2_controllers)
+                            unified=sub(self.unified), v2_controllers=self.v2_controllers,
+                            own=self.own)
 
     def parents(self) -> tuple[str, ...]:
         return tuple(
@@ -141,6 +198,11 @@ def parse_layout(mountinfo: str, self_cgroup: str) -> CgroupLayout:
             if controller in ("memory", "pids", "cpu"):
                 own[controller] = path
 
+    # A server started by hand again from a shell that an earlier start moved
+    # into its ``server`` leaf keeps using the same cgroup, not one below.
+    if v1_mounts == {} and own.get("unified", "").endswith("/" + SERVER_LEAF):
+        own["unified"] = os.path.dirname(own["unified"])
+
     def parent(mount: tuple[str, str] | None, key: str) -> str | None:
         if mount is None or key not in own:
             return None
@@ -163,6 +225,7 @@ def parse_layout(mountinfo: str, self_cgroup: str) -> CgroupLayout:
         cpu=parent(v1_mounts.get("cpu"), "cpu"),
         unified=unified,
         v2_controllers=v2_controllers,
+        own=os.path.dirname(unified),
     )
     if not v2_controllers and not (layout.memory and layout.pids and layout.cpu):
         raise CgroupError(
@@ -180,14 +243,107 @@ def read_layout() -> CgroupLayout:
     return parse_layout(mountinfo, self_cgroup)
 
 
-def prepare_parents(layout: CgroupLayout) -> None:
-    """Create the parents (start-up only), enabling v2 controllers."""
-    for path in layout.parents():
-        os.makedirs(path, exist_ok=True)
-    if layout.v2_controllers:
-        for path in (os.path.dirname(layout.unified), layout.unified):
-            with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
-                f.write("+memory +pids +cpu")
+def prepare_parents(layout: CgroupLayout, files: ICgroupFiles | None = None) -> list[str]:
+    """Create the parents (start-up only); on cgroup v2, make the server's
+    cgroup tree able to hold limited session cgroups.
+
+    Raises CgroupError naming the file that refused and what to change.
+    Returns notices for the log (processes moved into the server's leaf).
+    """
+    files = files or HostCgroupFiles()
+    made: list[str] = []
+
+    def mkdir(path: str) -> None:
+        if _attempt(files.mkdir, path):
+            made.append(path)
+
+    try:
+        if not layout.v2_controllers:
+            for path in layout.parents():
+                for directory in (os.path.dirname(path), path):
+                    mkdir(directory)
+            return []
+        return _prepare_unified(layout, files, mkdir)
+    except CgroupError:
+        # A refused start leaves no directory behind (the server's leaf may
+        # hold processes by now: rmdir leaves it).
+        for path in reversed(made):
+            try:
+                files.rmdir(path)
+            except OSError:
+                pass
+        raise
+
+
+def _prepare_unified(layout: CgroupLayout, files: ICgroupFiles,
+                     mkdir: Callable[[str], None]) -> list[str]:
+    own = layout.own or os.path.dirname(os.path.dirname(layout.unified))
+    available = _attempt(files.read, os.path.join(own, "cgroup.controllers")).split()
+    missing = [c for c in CONTROLLERS if c not in available]
+    if missing:
+        raise CgroupError(
+            f"{os.path.join(own, 'cgroup.controllers')} offers "
+            f"{' '.join(available) or 'no controllers'}, without {', '.join(missing)}: "
+            f"the server's cgroup was not delegated the controllers consoles are limited "
+            f"with; {DELEGATE_ADVICE}"
+        )
+    notices = []
+    enable = " ".join("+" + c for c in CONTROLLERS)
+    leaf = os.path.join(own, SERVER_LEAF)
+    for attempt in range(MOVE_ROUNDS + 1):
+        try:
+            files.write(os.path.join(own, "cgroup.subtree_control"), enable)
+            break
+        except OSError as e:
+            if e.errno != errno.EBUSY or attempt == MOVE_ROUNDS:
+                raise _refusal(os.path.join(own, "cgroup.subtree_control"), e) from e
+        # cgroup v2 allows no processes in a cgroup that enables controllers
+        # below it (the root cgroup excepted): move them all into a leaf, as
+        # systemd asks of delegated subtrees. By hand from a root shell this
+        # moves the shell too, within its own session scope.
+        mkdir(leaf)
+        pids = _attempt(files.read, os.path.join(own, "cgroup.procs")).split()
+        for pid in pids:
+            try:
+                files.write(os.path.join(leaf, "cgroup.procs"), pid)
+            except ProcessLookupError:
+                continue  # exited meanwhile
+            except OSError as e:
+                raise _refusal(os.path.join(leaf, "cgroup.procs"), e) from e
+        if pids:
+            notices.append(f"moved processes {', '.join(pids)} from {own} into {leaf}: "
+                           f"cgroup v2 lets only leaf cgroups hold processes")
+    parent = os.path.dirname(layout.unified)
+    for path in (parent, layout.unified):
+        mkdir(path)
+        _attempt(files.write, os.path.join(path, "cgroup.subtree_control"), enable)
+    return notices
+
+
+def _attempt(operation, path: str, *args):
+    """Run one file operation, turning its failure into a CgroupError."""
+    try:
+        return operation(path, *args)
+    except OSError as e:
+        raise _refusal(path, e) from e
+
+
+def _refusal(path: str, error: OSError) -> CgroupError:
+    """A CgroupError naming ``path`` and what an operator can do about it."""
+    reason = error.strerror or str(error)
+    if error.errno == errno.EROFS:
+        advice = ("the cgroup filesystem is mounted read-only (a container without a "
+                  "writable cgroup2 mount?); the server needs it read-write")
+    elif error.errno in (errno.EACCES, errno.EPERM):
+        advice = f"the server may not change it; it must run as root, and {DELEGATE_ADVICE}"
+    elif error.errno in (errno.ENOENT, errno.EINVAL, errno.ENOTSUP):
+        advice = f"a controller is not available there; {DELEGATE_ADVICE}"
+    elif error.errno == errno.EBUSY:
+        advice = ("processes keep arriving in the server's cgroup; start the server in "
+                  f"a cgroup of its own: {DELEGATE_ADVICE}")
+    else:
+        advice = DELEGATE_ADVICE
+    return CgroupError(f"{path}: {reason}: {advice}")
 
 
 def remove_empty(paths: list[str], rmdir: Callable[[str], None]) -> list[str]:

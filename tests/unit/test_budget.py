@@ -4,7 +4,13 @@ from attrs import define, field
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from shellserver.sandbox.budget import CpuBudgetWatcher, read_usage_seconds, tarpit_writes
+from shellserver.sandbox.budget import (
+    CpuBudgetWatcher,
+    oom_kill_count,
+    read_oom_kills,
+    read_usage_seconds,
+    tarpit_writes,
+)
 from shellserver.sandbox.cgroups import CgroupGroup
 
 V1_GROUPS = (
@@ -40,19 +46,23 @@ class Sandbox:
     events: Events = field(factory=Events)
 
 
-class WatcherTests(SynchronousTestCase):
+class WatcherTestCase(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.usage = {}
+        self.oom_kills = {}
         self.writes = []
         self.sandboxes = [Sandbox("s1", Spec(V1_GROUPS)), Sandbox("s2", Spec(V2_GROUPS))]
         self.watcher = CpuBudgetWatcher(
             self.clock, lambda: self.sandboxes, budget=10.0, tarpit_quota=0.05, grace=30.0,
             interval=2.0, read=lambda groups: self.usage.get(groups[0].path),
             write=lambda path, value: self.writes.append((path, value)),
+            read_oom=lambda groups: self.oom_kills.get(groups[0].path, 0),
         )
         self.watcher.start()
 
+
+class WatcherTests(WatcherTestCase):
     def test_under_budget_untouched(self):
         """Consoles within their budget are neither slowed nor told anything."""
         self.usage = {"/cg/memory/s1": 9.9, "/cg/unified/s1": 3.0}
@@ -104,3 +114,31 @@ class CgroupFilesTests(SynchronousTestCase):
     def test_usage_of_missing_cgroup(self):
         """A cgroup that is gone has no usage (None), not an error."""
         self.assertIsNone(read_usage_seconds((CgroupGroup("/nonexistent/s1"),)))
+
+
+class OomKillTests(WatcherTestCase):
+    def test_oom_kill_told_once(self):
+        """A process killed for memory is told to its console once, and again only
+        when the kernel kills another."""
+        self.oom_kills["/cg/unified/s1"] = 1
+        self.clock.advance(2.0)
+        self.clock.advance(2.0)
+        self.assertEqual(len(self.sandboxes[1].events.notices), 1)
+        self.assertIn("ran out of memory", self.sandboxes[1].events.notices[0])
+        self.assertEqual(self.sandboxes[0].events.notices, [])
+        self.oom_kills["/cg/unified/s1"] = 3
+        self.clock.advance(2.0)
+        self.assertEqual(len(self.sandboxes[1].events.notices), 2)
+        self.assertEqual(self.sandboxes[1].events.endings, [])
+
+    def test_oom_kill_count_parsed(self):
+        """oom_kill is read from v2 memory.events and v1 memory.oom_control texts."""
+        self.assertEqual(oom_kill_count("low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\n"
+                                        "oom_group_kill 0\n"), 2)
+        self.assertEqual(oom_kill_count("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n"), 5)
+        self.assertEqual(oom_kill_count("oom_kill_disable 0\n"), 0)
+
+    def test_oom_of_missing_cgroup(self):
+        """A cgroup that is gone has no OOM count (None)."""
+        self.assertIsNone(read_oom_kills((CgroupGroup("/nonexistent/s1",
+                                                      {"memory.max": "1"}),)))

@@ -1,6 +1,7 @@
 """Tests for shellserver.sandbox.cgroups: layout parsing, session groups, the reaper."""
 
 import errno
+import os
 
 import attrs
 from twisted.internet.task import Clock
@@ -13,8 +14,10 @@ from shellserver.sandbox.cgroups import (
     CgroupLayout,
     CgroupReaper,
     parse_layout,
+    prepare_parents,
 )
 from shellserver.sandbox.spec import SandboxLimits
+from shellserver.testing import FakeCgroupTree
 
 # A hybrid host: cgroup v1 controllers plus a controller-less cgroup2 mount.
 HYBRID_MOUNTINFO = """\
@@ -97,6 +100,7 @@ class ParseLayoutTests(SynchronousTestCase):
                 cpu="/sys/fs/cgroup/cpu/shellserver",
                 unified="/sys/fs/cgroup/unified/shellserver",
                 v2_controllers=False,
+                own="/sys/fs/cgroup/unified",
             ),
         )
 
@@ -111,6 +115,7 @@ class ParseLayoutTests(SynchronousTestCase):
                 cpu=None,
                 unified="/sys/fs/cgroup/system.slice/shellserver.service/shellserver",
                 v2_controllers=True,
+                own="/sys/fs/cgroup/system.slice/shellserver.service",
             ),
         )
         self.assertEqual(layout.parents(), (layout.unified,))
@@ -305,3 +310,137 @@ class CgroupReaperTests(SynchronousTestCase):
         self.assertEqual(writes, [("/cg/cpu/s1/cpu.shares", "2"),
                                   ("/cg/gone/s1/cpu.weight", "1"),
                                   ("/cg/unified/s1/cpu.weight", "1")])
+
+
+SERVICE = "/sys/fs/cgroup/system.slice/shellserver.service"
+SCOPE = "/sys/fs/cgroup/user.slice/user-0.slice/session-3.scope"
+ALL_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "hugetlb", "pids", "rdma", "misc")
+
+
+def unified_layout(own: str) -> CgroupLayout:
+    """The layout of a server whose own cgroup2 directory is ``own``."""
+    relative = own[len("/sys/fs/cgroup"):] or "/"
+    return parse_layout(UNIFIED_MOUNTINFO, f"0::{relative}\n").for_instance("i1")
+
+
+def delegated_tree(own: str, pids: list[str], **kwargs) -> FakeCgroupTree:
+    """A cgroup2 tree where every ancestor of ``own`` enables every controller."""
+    tree = FakeCgroupTree("/sys/fs/cgroup", ALL_CONTROLLERS, processes={own: pids}, **kwargs)
+    path = own
+    while path != "/sys/fs/cgroup":
+        path = os.path.dirname(path)
+        tree.subtree[path] = set(ALL_CONTROLLERS)
+    return tree
+
+
+class PrepareUnifiedTests(SynchronousTestCase):
+    def assert_ready(self, tree: FakeCgroupTree, layout: CgroupLayout) -> None:
+        """Session cgroups made under the layout's parent get memory, pids and cpu."""
+        self.assertTrue({"memory", "pids", "cpu"} <= tree.controllers(layout.unified + "/s1"))
+
+    def test_delegated_service(self):
+        """Under Delegate=yes the server moves into a leaf and enables the controllers
+        below its cgroup and the parents."""
+        tree = delegated_tree(SERVICE, ["100"])
+        layout = unified_layout(SERVICE)
+        notices = prepare_parents(layout, tree)
+        self.assertEqual(tree.processes[SERVICE], [])
+        self.assertEqual(tree.processes[SERVICE + "/server"], ["100"])
+        self.assertEqual(tree.subtree[SERVICE], {"memory", "pids", "cpu"})
+        self.assertEqual(tree.subtree[SERVICE + "/shellserver"], {"memory", "pids", "cpu"})
+        self.assertEqual(tree.subtree[layout.unified], {"memory", "pids", "cpu"})
+        self.assert_ready(tree, layout)
+        self.assertEqual(len(notices), 1)
+        self.assertIn(SERVICE + "/server", notices[0])
+
+    def test_session_scope(self):
+        """Started by hand, the login shell and the server both move into the leaf."""
+        tree = delegated_tree(SCOPE, ["7", "100"])
+        layout = unified_layout(SCOPE)
+        notices = prepare_parents(layout, tree)
+        self.assertEqual(tree.processes[SCOPE + "/server"], ["7", "100"])
+        self.assert_ready(tree, layout)
+        self.assertIn("7, 100", notices[0])
+
+    def test_restart_from_the_leaf(self):
+        """A server started from a shell an earlier start moved keeps the same parents."""
+        layout = parse_layout(UNIFIED_MOUNTINFO,
+                              f"0::{SCOPE[len('/sys/fs/cgroup'):]}/server\n")
+        self.assertEqual(layout.own, SCOPE)
+        self.assertEqual(layout.unified, SCOPE + "/shellserver")
+
+    def test_root_cgroup(self):
+        """In the root cgroup nothing moves: the root may hold processes."""
+        tree = FakeCgroupTree("/sys/fs/cgroup", ALL_CONTROLLERS,
+                              processes={"/sys/fs/cgroup": ["1", "100"]})
+        layout = unified_layout("/sys/fs/cgroup")
+        self.assertEqual(prepare_parents(layout, tree), [])
+        self.assertEqual(tree.processes["/sys/fs/cgroup"], ["1", "100"])
+        self.assert_ready(tree, layout)
+
+    def test_already_prepared(self):
+        """A second start in the same delegated cgroup succeeds and moves nothing."""
+        tree = delegated_tree(SERVICE, ["100"])
+        layout = unified_layout(SERVICE)
+        prepare_parents(layout, tree)
+        self.assertEqual(prepare_parents(layout, tree), [])
+        self.assert_ready(tree, layout)
+
+    def test_not_delegated(self):
+        """Without the controllers the refusal names cgroup.controllers and Delegate=yes,
+        and changes nothing."""
+        tree = delegated_tree(SERVICE, ["100"])
+        tree.subtree[os.path.dirname(SERVICE)] = {"memory", "pids"}
+        with self.assertRaises(CgroupError) as caught:
+            prepare_parents(unified_layout(SERVICE), tree)
+        message = str(caught.exception)
+        self.assertIn(SERVICE + "/cgroup.controllers", message)
+        self.assertIn("without cpu", message)
+        self.assertIn("Delegate=yes", message)
+        self.assertEqual(tree.writes, [])
+
+    def test_read_only(self):
+        """A read-only cgroupfs is refused naming the file and saying read-only."""
+        tree = delegated_tree(SERVICE, ["100"], read_only=True)
+        with self.assertRaises(CgroupError) as caught:
+            prepare_parents(unified_layout(SERVICE), tree)
+        message = str(caught.exception)
+        self.assertIn(SERVICE + "/cgroup.subtree_control", message)
+        self.assertIn("read-only", message)
+
+    def test_processes_keep_arriving(self):
+        """A cgroup that never empties is refused with EBUSY named, not looped on."""
+        tree = delegated_tree(SERVICE, ["100"])
+        tree.forking.add(SERVICE)
+        with self.assertRaises(CgroupError) as caught:
+            prepare_parents(unified_layout(SERVICE), tree)
+        message = str(caught.exception)
+        self.assertIn(SERVICE + "/cgroup.subtree_control", message)
+        self.assertIn("Device or resource busy", message)
+
+    def test_hybrid_only_creates_directories(self):
+        """On a hybrid host the parents are created and no controller is enabled."""
+        layout = parse_layout(HYBRID_MOUNTINFO, HYBRID_SELF_CGROUP).for_instance("i1")
+        made = []
+
+        class Directories:
+            def mkdir(self, path):
+                made.append(path)
+                return True
+
+        self.assertEqual(prepare_parents(layout, Directories()), [])
+        self.assertEqual(made[1::2], list(layout.parents()))
+        self.assertEqual(made[0::2], [os.path.dirname(p) for p in layout.parents()])
+
+    def test_refusal_removes_what_it_made(self):
+        """A refusal halfway (controllers not available in the parent) leaves no
+        directory it made, but the leaf holding the server stays."""
+        tree = delegated_tree(SERVICE, ["100"])
+        layout = unified_layout(SERVICE)
+        before = set(tree.subtree)
+        tree.failing[layout.unified + "/cgroup.subtree_control"] = errno.EINVAL
+        with self.assertRaises(CgroupError) as caught:
+            prepare_parents(layout, tree)
+        self.assertIn(layout.unified + "/cgroup.subtree_control: Invalid argument",
+                      str(caught.exception))
+        self.assertEqual(set(tree.subtree) - before, {SERVICE + "/server"})

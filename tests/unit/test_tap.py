@@ -280,3 +280,33 @@ class OverlayPathTests(SynchronousTestCase):
         self.assertIn("'/nonexistent/state:dir", str(caught.exception))
         self.assertIn("cannot be mounted in sandboxes", str(caught.exception))
         self.assertFalse(os.path.exists("/nonexistent"))
+
+
+class HostRefusalTests(OptionsTestCase):
+    def test_refusal_exits_with_its_own_status(self):
+        """A host refusal at start-up exits with EXIT_HOST_REFUSED (which the unit does
+        not restart on) and one line naming the cause, not a usage text."""
+        from io import StringIO
+
+        from shellserver.startup import EXIT_HOST_REFUSED, HostRefusal
+
+        def refuse(config, need_tls):
+            raise HostRefusal("cgroups: /cg/cgroup.controllers offers no controllers")
+
+        self.patch(tap, "prepare_state", refuse)
+        stderr = StringIO()
+        self.patch(tap.sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as caught:
+            self.parse()
+        self.assertEqual(caught.exception.code, EXIT_HOST_REFUSED)
+        self.assertEqual(stderr.getvalue(), "shellserver: cannot start: cgroups: "
+                         "/cg/cgroup.controllers offers no controllers\n")
+
+    def test_unit_does_not_restart_on_refusal(self):
+        """etc/shellserver.service lists EXIT_HOST_REFUSED in RestartPreventExitStatus=."""
+        from shellserver.startup import EXIT_HOST_REFUSED
+
+        unit = os.path.join(os.path.dirname(tap.DEFAULT_WEB_DIR), "etc", "shellserver.service")
+        with open(unit) as f:
+            lines = [line.strip() for line in f]
+        self.assertIn(f"RestartPreventExitStatus={EXIT_HOST_REFUSED}", lines)

@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
+from shellserver.sandbox.cgroups import HostCgroupFiles, ICgroupFiles
 from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.service import (
     IConsoleProcessEvents,
@@ -20,6 +21,7 @@ from shellserver.sandbox.spec import SandboxLimits, build_spec
 from shellserver.sandbox.uids import UidPool
 from shellserver.sockjs import SockJSConnection
 from shellserver.testing import (
+    FakeCgroupTree,
     FakeConnection,
     FakeOutputPipe,
     FakeOutputPipes,
@@ -77,6 +79,11 @@ class SandboxFakesTests(SynchronousTestCase):
         """FakeSandboxStarter provides ISandboxStarter."""
         self.assertTrue(verifyClass(ISandboxStarter, FakeSandboxStarter))
         self.assertTrue(verifyObject(ISandboxStarter, FakeSandboxStarter()))
+
+    def test_fake_cgroup_tree(self):
+        """FakeCgroupTree and the host's cgroup files provide ICgroupFiles."""
+        self.assertTrue(verifyObject(ICgroupFiles, FakeCgroupTree("/cg", ("memory",))))
+        self.assertTrue(verifyObject(ICgroupFiles, HostCgroupFiles()))
 
     def test_fake_output_pipes(self):
         """FakeOutputPipes and FakeOutputPipe provide the output pipe interfaces."""
