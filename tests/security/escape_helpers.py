@@ -16,7 +16,8 @@ import re
 import textwrap
 import zlib
 
-from console_client import ConsoleClient  # tests/, on the path through conftest.py
+from conftest import wait_until  # tests/, on the path through conftest.py
+from console_client import ConsoleClient
 
 START = "<<OUTCOME "
 END = " OUTCOME>>"
@@ -112,6 +113,16 @@ class Sandbox:
 
 
 # -- host-side checks ---------------------------------------------------------
+
+def attack_console(server):
+    """A fresh console for one attack (a fixture body: ``yield from``); closing
+    it must leave no process of its uid behind."""
+    sandbox = Sandbox(server)
+    yield sandbox
+    sandbox.close()
+    assert wait_until(lambda: not pids_of_uid(sandbox.uid), timeout=15), \
+        f"processes of uid {sandbox.uid} outlived their console"
+
 
 def pids_of_uid(uid: int) -> list[int]:
     from conftest import processes_of_uids

@@ -25,6 +25,7 @@ import pytest
 from conftest import start_server, wait_until
 from escape_helpers import (
     Sandbox,
+    attack_console,
     cgroup_dir,
     escaped_processes,
     file_state,
@@ -81,11 +82,7 @@ def contained(hostile_server, witness):
 @pytest.fixture
 def console(hostile_server):
     """A fresh console for one attack; closing it must leave no process behind."""
-    sandbox = Sandbox(hostile_server)
-    yield sandbox
-    sandbox.close()
-    assert wait_until(lambda: not pids_of_uid(sandbox.uid), timeout=15), \
-        f"processes of uid {sandbox.uid} outlived their console"
+    yield from attack_console(hostile_server)
 
 
 def host_pid_of_ipython(uid: int) -> int:

@@ -19,7 +19,7 @@ import platform
 
 import pytest
 from conftest import GENEROUS_ADMISSION, start_server, wait_until
-from escape_helpers import Sandbox, pids_of_uid, server_leftovers
+from escape_helpers import Sandbox, attack_console, pids_of_uid, server_leftovers
 
 pytestmark = [
     pytest.mark.integration,
@@ -56,11 +56,7 @@ def pools_server(tmp_path_factory):
 @pytest.fixture
 def drainer(pools_server):
     """The console that drains a pool; closing it must leave nothing behind."""
-    sandbox = Sandbox(pools_server)
-    yield sandbox
-    sandbox.close()
-    assert wait_until(lambda: not pids_of_uid(sandbox.uid), timeout=15), \
-        f"processes of uid {sandbox.uid} outlived their console"
+    yield from attack_console(pools_server)
 
 
 def second_console(server, code: str = "report(6*7)"):
