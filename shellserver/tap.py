@@ -442,6 +442,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.auth import TokenAuthority
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.limits import ConnectionGuard, ConnectionLimits
+    from shellserver.proxies import TrustedProxies
     from shellserver.sandbox.budget import CpuBudgetWatcher
     from shellserver.sandbox.output import FifoPipes
     from shellserver.sandbox.pool import SandboxPool
@@ -523,6 +524,8 @@ def makeService(options: Options) -> MultiService:
             selector=config.embed.selector, status_max_age=config.embed.status_max_age,
         ),
         limits=limits, reactor=reactor, hsts_max_age=config.server.hsts_max_age,
+        trusted_proxies=TrustedProxies.from_strings(config.server.trusted_proxies,
+                                                    config.server.proxy_header),
     )
     # Every listener serves the site through the per-connection limits.
     guarded = ConnectionGuard(site, limits, reactor)
