@@ -122,7 +122,7 @@ def client_address(request: IRequest) -> str:
     trusted = getattr(getattr(request, "site", None), "trusted_proxies", None)
     if trusted is None or not trusted.networks:
         return peer
-    values = request.requestHeaders.getRawHeaders(trusted.header, [])
+    values = request.requestHeaders.getRawHeaders(trusted.header.encode("ascii"), [])
     return trusted.client_of(peer, [value.decode("latin-1") for value in values])
 
 
