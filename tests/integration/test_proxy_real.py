@@ -36,10 +36,11 @@ def proxy_v2(visitor: str) -> bytes:
 
 
 def proxied_socket(server, header: bytes) -> socket.socket:
-    """A TCP connection to ``server`` that has sent ``header`` first."""
+    """A connection to ``server`` that has sent ``header`` in the clear and
+    then starts TLS, as HAProxy's send-proxy with ssl does."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(header)
-    return sock
+    return server.ssl_context().wrap_socket(sock, server_hostname="127.0.0.1")
 
 
 def read_response(sock: socket.socket) -> bytes:
@@ -67,12 +68,10 @@ def proxied_token(server, header: bytes) -> str:
 
 
 class ProxiedConsole(ConsoleClient):
-    """A console client whose websocket starts with a PROXY header, over
-    plain TCP (TLS is the load balancer's, at the front)."""
+    """A console client whose connection starts with a PROXY header."""
 
     def __init__(self, server, header: bytes) -> None:
-        super().__init__(server, sock=proxied_socket(server, header),
-                         origin=f"http://127.0.0.1:{server.port}")
+        super().__init__(server, sock=proxied_socket(server, header))
 
 
 class ForwardedConsole(ConsoleClient):
@@ -112,9 +111,9 @@ def started(client: ConsoleClient, token: str) -> bool:
 
 @pytest.fixture(scope="module")
 def proxied_server(tmp_path_factory):
-    """A server whose one listener speaks the PROXY protocol, plain TCP."""
+    """A server whose one listener is haproxy:ssl: (PROXY header, then TLS)."""
     srv = start_server(tmp_path_factory.mktemp("proxied"), uid_min=237000, uid_max=237049,
-                       admission=ONE_PER_ADDRESS, listen_prefix="haproxy:", tls=False)
+                       admission=ONE_PER_ADDRESS, listen_prefix="haproxy:")
     yield srv
     srv.stop()
 
@@ -159,7 +158,8 @@ def test_missing_proxy_header_is_refused_quietly(proxied_server):
     """A connection without a PROXY header (or a garbled one) is closed with
     nothing answered and no traceback logged."""
     for opening in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PROXY garbage here\r\n\r\n"):
-        with proxied_socket(proxied_server, opening) as sock:
+        with socket.create_connection(("127.0.0.1", proxied_server.port), timeout=10) as sock:
+            sock.sendall(opening)
             assert read_response(sock) == b""
     assert "Traceback" not in proxied_server.log()
 
