@@ -12,8 +12,10 @@ import os
 import re
 from collections.abc import Sequence
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.http import combinedLogFormatter
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -386,6 +388,30 @@ def build_resource(*, web_dir: str, tokens: TokenAuthority, clock: IReactorTime,
     return root
 
 
+class _VisitorRequest:
+    """A request whose client address is its visitor's (L{client_address})."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str):
+        # the formatter reads attributes beyond IRequest (clientproto, sentLength)
+        return getattr(self._request, name)
+
+    def getClientAddress(self):
+        visitor = client_address(self._request)
+        if not visitor:
+            return self._request.getClientAddress()
+        kind = IPv6Address if ":" in visitor else IPv4Address
+        return kind("TCP", visitor, 0)
+
+
+def visitor_log_formatter(timestamp: str, request) -> str:
+    """The combined access log line, naming the visitor behind a trusted
+    proxy rather than the proxy."""
+    return combinedLogFormatter(timestamp, _VisitorRequest(request))
+
+
 class ShellSite(Site):
     """A Site that sets the headers every response carries, with bounded
     requests (shellserver.limits): wrap it in a ConnectionGuard to listen."""
@@ -400,7 +426,7 @@ class ShellSite(Site):
         # No resource reads form bodies through request.args (jsonp_send
         # parses its own, with a field cap): parsing them is work for nothing.
         super().__init__(resource, timeout=limits.idle_connection_timeout, reactor=reactor,
-                         parsePOSTFormSubmission=False)
+                         parsePOSTFormSubmission=False, logFormatter=visitor_log_formatter)
         self.limits = limits
         # Refused requests, logged within a budget per client address.
         self.client_events = ClientEventLog(log, self.reactor)

@@ -145,3 +145,18 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as raised:
             ServerConfig(proxy_header="X-Real-IP")
         self.assertIn("server.proxy_header", str(raised.exception))
+
+
+class AccessLogTests(SynchronousTestCase):
+    def test_access_log_names_the_visitor(self) -> None:
+        """The access log line shows the visitor behind a trusted proxy, not the proxy."""
+        from shellserver.web import visitor_log_formatter
+
+        request = ClientAddressTests.request(
+            None, IPv4Address("TCP", "127.0.0.1", 4000), "203.0.113.5", LOCAL)
+        request.uri = b"/"
+        request.clientproto = b"HTTP/1.1"
+        request.code = 200
+        request.sentLength = 0
+        line = visitor_log_formatter("[ts]", request)
+        self.assertTrue(line.startswith('"203.0.113.5" - - [ts] "GET / HTTP/1.1" 200'), line)
