@@ -9,17 +9,17 @@ the other way round: TCP, then the PROXY header, then TLS, then the site.
 """
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
 from twisted.application.strports import service as strports_service
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 PROXY_BEFORE_TLS = "haproxy:ssl:"
 
 
-def listener_service(reactor, description: str, factory: IProtocolFactory) -> IService:
+def listener_service(reactor, description: str, factory: Factory
+                     ) -> StreamServerEndpointService:
     """A service listening on C{description} with C{factory}, as
     C{strports.service}, but with the PROXY header before TLS on
     C{haproxy:ssl:} (see the module docstring)."""

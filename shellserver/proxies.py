@@ -91,7 +91,7 @@ class TrustedProxies:
         one made up, and the proxy would pass it on untouched.
     """
 
-    networks: tuple[Network, ...] = field(default=(), converter=tuple)
+    networks: tuple[Network, ...] = ()
     header: str = field(default=X_FORWARDED_FOR)
 
     @header.validator

@@ -134,7 +134,7 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         raise NotImplementedError
 
     def onOpen(self) -> None:
-        peer = self.client_host
+        peer = self.client_host or ""
         if not self._registry.has_room_for(peer):
             self.write_close(*TOO_MANY_SESSIONS)
             return
