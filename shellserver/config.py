@@ -206,6 +206,27 @@ def _check_origins(instance: Any, attribute: attrs.Attribute, value: Any) -> Non
             )
 
 
+def _check_trusted_proxies(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from shellserver.proxies import parse_networks
+
+    if not isinstance(value, tuple):
+        raise _fail(instance, attribute,
+                    f"must be an array of IP addresses or networks, got {_describe(value)}")
+    try:
+        parse_networks(value)
+    except ValueError as e:
+        raise _fail(instance, attribute, str(e)) from None
+
+
+def _check_proxy_header(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from shellserver.proxies import PROXY_HEADERS
+
+    if value not in PROXY_HEADERS:
+        raise _fail(instance, attribute,
+                    f"must be one of {', '.join(map(repr, PROXY_HEADERS))}, "
+                    f"got {_describe(value)}")
+
+
 @frozen(kw_only=True)
 class ServerConfig:
     """The ``[server]`` section."""
@@ -233,6 +254,11 @@ class ServerConfig:
     auth_failures_per_minute: int = field(default=20, validator=_integer())
     # Strict-Transport-Security max-age on TLS responses, in seconds (0: none).
     hsts_max_age: int = field(default=31536000, validator=_integer(minimum=0))
+    # Reverse proxies whose forwarding header names the visitor (shellserver.proxies).
+    trusted_proxies: tuple[str, ...] = field(
+        default=(), converter=_to_tuple, validator=_check_trusted_proxies
+    )
+    proxy_header: str = field(default="X-Forwarded-For", validator=_check_proxy_header)
 
     def node_name(self) -> str:
         """The node name put in tokens: ``node``, or else the host name."""

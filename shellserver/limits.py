@@ -37,6 +37,7 @@ from twisted.web.server import Request
 from zope.interface import directlyProvides, implementer, providedBy
 
 from shellserver.logs import ClientEventLog, PeerLogger
+from shellserver.sockjs.headers import client_address
 
 log = Logger()
 
@@ -383,7 +384,7 @@ class LimitedRequest(Request):
         events = getattr(self.channel, "client_events", None)
         if events is None:
             return logger
-        return PeerLogger(logger, events, _address_host(self.getClientAddress()), "request")
+        return PeerLogger(logger, events, client_address(self) or None, "request")
 
     def gotLength(self, length: int | None) -> None:
         # Bodies are small and bounded: no temporary files.

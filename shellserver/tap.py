@@ -10,7 +10,6 @@ import sys
 from typing import TYPE_CHECKING
 
 from attrs import evolve, frozen
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -442,6 +441,8 @@ def makeService(options: Options) -> MultiService:
     from shellserver.auth import TokenAuthority
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.limits import ConnectionGuard, ConnectionLimits
+    from shellserver.listeners import listener_service
+    from shellserver.proxies import TrustedProxies
     from shellserver.sandbox.budget import CpuBudgetWatcher
     from shellserver.sandbox.output import FifoPipes
     from shellserver.sandbox.pool import SandboxPool
@@ -523,6 +524,8 @@ def makeService(options: Options) -> MultiService:
             selector=config.embed.selector, status_max_age=config.embed.status_max_age,
         ),
         limits=limits, reactor=reactor, hsts_max_age=config.server.hsts_max_age,
+        trusted_proxies=TrustedProxies.from_strings(config.server.trusted_proxies,
+                                                    config.server.proxy_header),
     )
     # Every listener serves the site through the per-connection limits.
     guarded = ConnectionGuard(site, limits, reactor)
@@ -544,7 +547,7 @@ def makeService(options: Options) -> MultiService:
     sandboxes.setServiceParent(top)
     KillSwitchService(switch).setServiceParent(top)
     for index, description in enumerate(listen):
-        listener = strports.service(description, guarded)
+        listener = listener_service(reactor, description, guarded)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(top)
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())

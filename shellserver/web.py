@@ -12,8 +12,10 @@ import os
 import re
 from collections.abc import Sequence
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.http import combinedLogFormatter
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -23,6 +25,7 @@ from shellserver.admission import RATE_LIMITED, Admission, AdmissionStatus
 from shellserver.auth import TokenAuthority, new_unregistered_user
 from shellserver.limits import ConnectionLimits, LimitedHTTPChannel, LimitedRequest
 from shellserver.logs import ClientEventLog
+from shellserver.proxies import TrustedProxies
 from shellserver.sockjs.headers import client_address
 from shellserver.users import UnregisteredUsers
 
@@ -275,7 +278,7 @@ class StatusPage(Resource):
 
     def render_GET(self, request) -> bytes:
         self._cors(request)
-        status = self._admission.status(request.getClientAddress().host)
+        status = self._admission.status(client_address(request))
         body = dict(status.to_json(), selector=self._selector)
         request.setHeader(b"content-type", b"application/json")
         # Per client address (rate limits), so private; short-lived.
@@ -385,6 +388,30 @@ def build_resource(*, web_dir: str, tokens: TokenAuthority, clock: IReactorTime,
     return root
 
 
+class _VisitorRequest:
+    """A request whose client address is its visitor's (L{client_address})."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str):
+        # the formatter reads attributes beyond IRequest (clientproto, sentLength)
+        return getattr(self._request, name)
+
+    def getClientAddress(self):
+        visitor = client_address(self._request)
+        if not visitor:
+            return self._request.getClientAddress()
+        kind = IPv6Address if ":" in visitor else IPv4Address
+        return kind("TCP", visitor, 0)
+
+
+def visitor_log_formatter(timestamp: str, request) -> str:
+    """The combined access log line, naming the visitor behind a trusted
+    proxy rather than the proxy."""
+    return combinedLogFormatter(timestamp, _VisitorRequest(request))
+
+
 class ShellSite(Site):
     """A Site that sets the headers every response carries, with bounded
     requests (shellserver.limits): wrap it in a ConnectionGuard to listen."""
@@ -394,15 +421,18 @@ class ShellSite(Site):
     displayTracebacks = False
 
     def __init__(self, resource, *, limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008
-                 reactor: IReactorTime | None = None, hsts_max_age: int = 0) -> None:
+                 reactor: IReactorTime | None = None, hsts_max_age: int = 0,
+                 trusted_proxies: TrustedProxies = TrustedProxies()) -> None:  # noqa: B008
         # No resource reads form bodies through request.args (jsonp_send
         # parses its own, with a field cap): parsing them is work for nothing.
         super().__init__(resource, timeout=limits.idle_connection_timeout, reactor=reactor,
-                         parsePOSTFormSubmission=False)
+                         parsePOSTFormSubmission=False, logFormatter=visitor_log_formatter)
         self.limits = limits
         # Refused requests, logged within a budget per client address.
         self.client_events = ClientEventLog(log, self.reactor)
         self._hsts = f"max-age={hsts_max_age}".encode() if hsts_max_age else None
+        # Read by client_address(request) for every request of this site.
+        self.trusted_proxies = trusted_proxies
 
     def buildProtocol(self, addr):
         channel = super().buildProtocol(addr)
@@ -424,7 +454,7 @@ class ShellSite(Site):
         # and redirects, for every path.
         problem = host_header_problem(request)
         if problem is not None:
-            address = getattr(request.getClientAddress(), "host", None)
+            address = client_address(request) or None
             self.client_events.info(address, "bad host header",
                                     "refused a request from {address}: {problem}",
                                     address=address, problem=problem)
@@ -439,7 +469,7 @@ class ShellSite(Site):
         # too: within the same per-address budget, so a flood of bad requests
         # cannot flood the log.
         if request.code >= 400:
-            address = getattr(request.getClientAddress(), "host", None)
+            address = client_address(request) or None
             if not self.client_events.allow(address, "refused request"):
                 return
         super().log(request)

@@ -77,7 +77,7 @@ class RunningServer:
 def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                  console: str = "", admission: str = "", embed: str = "",
                  server: str = "", runtime: str | None = RUNTIME,
-                 preexec_fn=None) -> RunningServer:
+                 preexec_fn=None, listen_prefix: str = "") -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
     ``config``, ``console``, ``admission``, ``embed`` and ``server`` are TOML
@@ -85,7 +85,9 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     default admission allows many consoles from 127.0.0.1, and there is no
     warm pool unless ``config`` sets pool_size); ``runtime=None`` leaves the
     runtime to the server to build; ``preexec_fn`` runs in the server's
-    process before it starts (to set its limits, say).
+    process before it starts (to set its limits, say); ``listen_prefix``
+    (such as ``"haproxy:"``) wraps the listener (readiness is then a TCP
+    connect).
     """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
@@ -108,7 +110,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     log_path = tmp / "twistd.log"
     if log_path.exists():  # a restart: keep the previous run's log apart
         log_path.rename(tmp / f"twistd.{time.time_ns()}.log")
-    listen = endpoint_description(port, cert, key, interface="127.0.0.1")
+    listen = listen_prefix + endpoint_description(port, cert, key, interface="127.0.0.1")
     process = subprocess.Popen(
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
          "shellserver", "--config", str(config_path), "--listen", listen],
@@ -122,7 +124,10 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
             raise RuntimeError(f"server exited with {process.returncode}:\n"
                                + (running.log() if log_path.exists() else ""))
         try:
-            running.get("/").read()
+            if listen_prefix:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            else:
+                running.get("/").read()
             return running
         except OSError:
             if time.monotonic() > deadline:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import socket
 import ssl
 import time
 
@@ -39,18 +40,28 @@ def fetch_token(server, source: str | None = None) -> str:
 
 class ConsoleClient:
     def __init__(self, server, *, cols: int = 100, rows: int = 30,
-                 origin: str | None = None) -> None:
+                 origin: str | None = None, sock=None, source: str | None = None,
+                 headers: list[str] | None = None) -> None:
+        """``sock``: a connected TLS socket to use (it may have sent
+        something first); ``source``: the local address to connect from;
+        ``headers``: extra handshake headers."""
         self.server = server
         self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.Stream(self.screen)
         self.messages: list[str] = []
         self.raw_output: list[str] = []
         self.closed = False
+        if sock is None and source is not None:
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                           source_address=(source, 0))
+            sock = server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1")
         self.ws = websocket.create_connection(
             f"wss://127.0.0.1:{server.port}/sockjs/websocket",
             sslopt={"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": server.cert},
             origin=origin or server.origin,
             timeout=10,
+            socket=sock,
+            header=headers or [],
         )
         self.size = (cols, rows)
 

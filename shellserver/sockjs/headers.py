@@ -112,10 +112,18 @@ def peer_host(address: IAddress) -> str:
 def client_address(request: IRequest) -> str:
     """
     The address of the client that sent C{request}, as text (C{""} for
-    non-IP peers): what sessions and console tokens are bound to.  The one
-    place that would learn to look through trusted proxies.
+    non-IP peers): what sessions, console tokens and every per-address
+    limit are bound to.  The one place that looks through the trusted
+    proxies of the site (its C{trusted_proxies}, a
+    L{shellserver.proxies.TrustedProxies}): their forwarding header names
+    the visitor; anybody else's is ignored.
     """
-    return peer_host(request.getClientAddress())
+    peer = peer_host(request.getClientAddress())
+    trusted = getattr(getattr(request, "site", None), "trusted_proxies", None)
+    if trusted is None or not trusted.networks:
+        return peer
+    values = request.requestHeaders.getRawHeaders(trusted.header.encode("ascii"), [])
+    return trusted.client_of(peer, [value.decode("latin-1") for value in values])
 
 
 def request_origin(request: IRequest) -> str | None:

@@ -48,8 +48,9 @@ class SockJSOptions:
         websocket connection is dropped.
     @ivar max_sessions_per_address: sessions (of every transport, counted
         until they are forgotten) one client IP address may hold at once;
-        beyond it a new session is refused with close code 1013.  Behind a
-        reverse proxy every visitor shares the proxy's address.
+        beyond it a new session is refused with close code 1013.  The
+        address is C{client_address}'s: the visitor's behind a trusted
+        proxy or on a PROXY protocol listener.
     @ivar max_client_pings_per_minute: websocket pings a client may send in
         a minute (browsers send none); past it the connection is closed
         with code 1008, so a ping flood costs the server little.

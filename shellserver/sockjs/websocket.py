@@ -32,6 +32,7 @@ from .framing import (
     messages_frame,
 )
 from .headers import (
+    client_address,
     disable_nagle,
     peer_host,
     render_method_not_allowed,
@@ -86,6 +87,9 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     """
 
     transport_name = ""
+    # the client's address: of the upgrade request when the resource built
+    # this connection (trusted proxies looked through), else the socket's peer
+    client_host: str | None = None
     _encode: Callable[[str], bytes] = staticmethod(encode_message)
 
     def __init__(self, registry: SessionRegistry, max_message_bytes: int,
@@ -110,8 +114,10 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         # autobahn's messages about this connection (protocol violations, a
         # failed handshake, a dropped connection) are the peer's doing.
+        if self.client_host is None:
+            self.client_host = peer_host(self.transport.getPeer())
         self.log = PeerLogger(type(self).log, self.factory.client_events,
-                              peer_host(self.transport.getPeer()), "websocket")
+                              self.client_host, "websocket")
         super().connectionMade()
         disable_nagle(self.transport)
 
@@ -128,7 +134,7 @@ class _SockJSWebSocket(WebSocketServerProtocol):
         raise NotImplementedError
 
     def onOpen(self) -> None:
-        peer = peer_host(self.transport.getPeer())
+        peer = self.client_host or ""
         if not self._registry.has_room_for(peer):
             self.write_close(*TOO_MANY_SESSIONS)
             return
@@ -358,11 +364,15 @@ class _SockJSWebSocketFactory(WebSocketServerFactory):
         self._max_message_bytes = max_message_bytes
         self._max_pings_per_minute = max_pings_per_minute
         self.client_events = ClientEventLog(log, clock)
+        # set by the resource while it builds a protocol for an upgrade request
+        self.upgrading_client: str | None = None
 
     def buildProtocol(self, addr: object) -> _SockJSWebSocket:
         protocol = self._protocol_class(self._registry, self._max_message_bytes,
                                         self._max_pings_per_minute)
         protocol.factory = self
+        if self.upgrading_client is not None:
+            protocol.client_host = self.upgrading_client
         return protocol
 
 
@@ -416,7 +426,23 @@ def build_websocket_resource(
         trustXForwardedFor=0,
         serveFlashSocketPolicy=False,
     )
-    return WebSocketResource(factory)
+    return _ClientAddressWebSocketResource(factory)
+
+
+class _ClientAddressWebSocketResource(WebSocketResource):
+    """
+    Tells the connection it builds the client address of the upgrade
+    request (L{client_address}: through trusted proxies), which the
+    connection's own socket cannot know.
+    """
+
+    def render(self, request):
+        # autobahn builds the protocol inside render, at once.
+        self._factory.upgrading_client = client_address(request)
+        try:
+            return super().render(request)
+        finally:
+            self._factory.upgrading_client = None
 
 
 def render_upgrade(resource: IResource, request: IRequest) -> bytes | int:
