@@ -52,6 +52,10 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file (see etc/shellserver.toml)."],
         ["state-dir", None, None, "State directory (overrides server.state_dir)."],
         ["web-dir", None, DEFAULT_WEB_DIR, "Browser files (web/ with node_modules)."],
+        ["metrics", None, None,
+         "A Twisted endpoint serving Prometheus metrics at /metrics, e.g. "
+         "tcp:9100:interface=127.0.0.1 (off unless given; keep it on loopback or "
+         "an internal network: it has no authentication)."],
     ]
 
     def __init__(self) -> None:
@@ -79,12 +83,24 @@ class Options(usage.Options):
             config = config.with_state_dir(self["state-dir"])
         self["configuration"] = config
         self._check_listen()
+        self._check_metrics()
         try:
             check_host(config)
             self["connections"] = plan_connections(config)
             self["prepared"] = prepare_state(config, need_tls=not self["listen"])
         except HostRefusal as refusal:
             raise exit_refused(refusal, sys.stderr) from None
+
+    def _check_metrics(self) -> None:
+        from twisted.internet import endpoints, reactor
+
+        description = self["metrics"]
+        if description is None:
+            return
+        try:
+            endpoints.serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise usage.UsageError(f"--metrics {description!r}: {e}") from e
 
     def _check_listen(self) -> None:
         from twisted.internet import endpoints, reactor
@@ -442,6 +458,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.auth import TokenAuthority
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.limits import ConnectionGuard, ConnectionLimits
+    from shellserver.metrics import Metrics, metrics_site
     from shellserver.sandbox.budget import CpuBudgetWatcher
     from shellserver.sandbox.output import FifoPipes
     from shellserver.sandbox.pool import SandboxPool
@@ -489,9 +506,13 @@ def makeService(options: Options) -> MultiService:
         pages_per_address_per_minute=config.admission.pages_per_address_per_minute,
     )
     users = UnregisteredUsers(reactor, config.console.token_ttl)
+    metrics = Metrics()
+    metrics.capacity.set(connections.capacity)
+    metrics.watch_active(lambda: admission.active)
     pool = None
     if config.sandbox.pool_size:
-        pool = SandboxPool(starter, reactor, config.sandbox.pool_size, room=admission.room)
+        pool = SandboxPool(starter, reactor, config.sandbox.pool_size, room=admission.room,
+                           metrics=metrics)
     consoles = ConsoleFactory(
         reactor,
         tokens,
@@ -505,8 +526,10 @@ def makeService(options: Options) -> MultiService:
         ),
         admission,
         users,
+        metrics=metrics,
     )
-    switch = KillSwitch(reactor, admission, config.kill_switch_path, consoles.end_all)
+    switch = KillSwitch(reactor, admission, config.kill_switch_path,
+                        consoles.end_all_by_kill_switch)
     limits = evolve(ConnectionLimits.from_config(config.server),
                     max_connections=connections.max_connections)
     sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions(
@@ -514,7 +537,7 @@ def makeService(options: Options) -> MultiService:
         input_bytes_per_second=config.console.input_bytes_per_second,
         input_burst_messages=config.console.input_burst_messages,
         input_burst_bytes=config.console.input_burst_bytes,
-    ))
+    ), input_dropped=metrics.input_dropped.inc)
     site = ShellSite(
         build_resource(
             web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
@@ -524,8 +547,10 @@ def makeService(options: Options) -> MultiService:
         ),
         limits=limits, reactor=reactor, hsts_max_age=config.server.hsts_max_age,
     )
+    site.metrics = metrics  # LimitedHTTPChannel counts its refusals there
     # Every listener serves the site through the per-connection limits.
     guarded = ConnectionGuard(site, limits, reactor)
+    guarded.metrics = metrics
 
     listen = list(options["listen"])
     if not listen:
@@ -547,6 +572,12 @@ def makeService(options: Options) -> MultiService:
         listener = strports.service(description, guarded)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(top)
+    if options["metrics"]:
+        # Its own listener, outside the site's limits and origin checks: an
+        # operator's scraper, on loopback or an internal network.
+        scrape = strports.service(options["metrics"], metrics_site(metrics))
+        scrape.setName("metrics")
+        scrape.setServiceParent(top)
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
     return top
 

@@ -77,7 +77,7 @@ class RunningServer:
 def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                  console: str = "", admission: str = "", embed: str = "",
                  server: str = "", runtime: str | None = RUNTIME,
-                 preexec_fn=None) -> RunningServer:
+                 preexec_fn=None, extra_args: tuple[str, ...] = ()) -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
     ``config``, ``console``, ``admission``, ``embed`` and ``server`` are TOML
@@ -85,7 +85,8 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     default admission allows many consoles from 127.0.0.1, and there is no
     warm pool unless ``config`` sets pool_size); ``runtime=None`` leaves the
     runtime to the server to build; ``preexec_fn`` runs in the server's
-    process before it starts (to set its limits, say).
+    process before it starts (to set its limits, say); ``extra_args`` go
+    after the plugin's own (``--metrics ENDPOINT``, say).
     """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
@@ -111,7 +112,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     listen = endpoint_description(port, cert, key, interface="127.0.0.1")
     process = subprocess.Popen(
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
-         "shellserver", "--config", str(config_path), "--listen", listen],
+         "shellserver", "--config", str(config_path), "--listen", listen, *extra_args],
         cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
     )
