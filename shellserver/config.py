@@ -112,6 +112,20 @@ def _integer(*, minimum: int = 1, maximum: int | None = None) -> Validator:
     return check
 
 
+def _one_of(*choices: str) -> Validator:
+    """One of a few fixed words."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            raise _fail(
+                instance, attribute,
+                f"must be one of {', '.join(repr(c) for c in choices)}, "
+                f"got {_describe(value)}",
+            )
+
+    return check
+
+
 def _path(*, optional: bool) -> Validator:
     """An absolute path; "" too when ``optional`` (meaning "the default")."""
 
@@ -233,6 +247,8 @@ class ServerConfig:
     auth_failures_per_minute: int = field(default=20, validator=_integer())
     # Strict-Transport-Security max-age on TLS responses, in seconds (0: none).
     hsts_max_age: int = field(default=31536000, validator=_integer(minimum=0))
+    # "json": one JSON event per line (docs/operations.md), for log shippers.
+    log_format: str = field(default="text", validator=_one_of("text", "json"))
 
     def node_name(self) -> str:
         """The node name put in tokens: ``node``, or else the host name."""

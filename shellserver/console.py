@@ -132,6 +132,7 @@ class ConsoleSettings:
     max_age: float
     output_high_water: int = 262144
     output_low_water: int = 65536
+    node: str = ""  # this node's name, in the lifecycle log events
 
 
 @implementer(IConsoleProcessEvents)
@@ -289,6 +290,23 @@ class ConsoleSession:
     def _refused(self, reason: str | None) -> None:
         if self._metrics is not None:
             self._metrics.console_refused(reason)
+        # Refusals are the client's doing: within its address's log budget.
+        self._log_client_event(
+            "console refused", "console refused to {client}: {reason}",
+            **self._lifecycle_fields("console_refused", reason))
+
+    def _lifecycle_fields(self, event: str, reason: str | None = None) -> dict:
+        """The named fields of a console lifecycle log event (docs/operations.md);
+        never the token."""
+        return {
+            "console_event": event,
+            "console": self.sandbox.session if self.sandbox is not None else None,
+            "user": self.user_id,
+            "client": self._connection.peer_host,
+            "transport": self._connection.transport_name,
+            "node": self._settings.node,
+            "reason": reason,
+        }
 
     def _stop_sandbox(self) -> None:
         if self.sandbox is not None and not self._stopping:
@@ -365,6 +383,9 @@ class ConsoleSession:
         if self.state == "starting":
             self.state = "running"
             self._connection.send("sready")
+            log.info("console {console} started for {user} from {client} over {transport}",
+                     source=self._start_source,
+                     **self._lifecycle_fields("console_started"))
             if self._metrics is not None and self._start_time is not None:
                 self._metrics.console_started(self._start_source,
                                               self._clock.seconds() - self._start_time)
@@ -421,6 +442,9 @@ class ConsoleSession:
             if self._metrics is not None:
                 self._metrics.sandbox_failed("setup")
         self._ended_for("exit")
+        log.info("console {console} of {user} from {client} ended: {reason}",
+                 status=status, signal=signal,
+                 **self._lifecycle_fields("console_ended", self._end_reason))
         if self._metrics is not None:
             self._metrics.console_ended(self._end_reason)
         self._release()

@@ -82,6 +82,7 @@ class Options(usage.Options):
                 self["state-dir"] = os.path.abspath(self["state-dir"])
             config = config.with_state_dir(self["state-dir"])
         self["configuration"] = config
+        self._choose_log_format(config)
         self._check_listen()
         self._check_metrics()
         try:
@@ -90,6 +91,19 @@ class Options(usage.Options):
             self["prepared"] = prepare_state(config, need_tls=not self["listen"])
         except HostRefusal as refusal:
             raise exit_refused(refusal, sys.stderr) from None
+
+    def _choose_log_format(self, config: Config) -> None:
+        """server.log_format = "json": twistd's log becomes JSON lines, through
+        its own --logger hook (an explicit --logger or --syslog wins)."""
+        from shellserver.logs import json_log_to
+
+        twistd = getattr(self, "parent", None)
+        if config.server.log_format != "json" or twistd is None:
+            return
+        if twistd.get("logger") or twistd.get("syslog"):
+            return
+        twistd["logger"] = json_log_to(twistd.get("logfile"),
+                                       nodaemon=bool(twistd.get("nodaemon")))
 
     def _check_metrics(self) -> None:
         from twisted.internet import endpoints, reactor
@@ -523,6 +537,7 @@ def makeService(options: Options) -> MultiService:
             max_age=config.console.max_age,
             output_high_water=config.console.output_high_water,
             output_low_water=config.console.output_low_water,
+            node=config.server.node_name(),
         ),
         admission,
         users,

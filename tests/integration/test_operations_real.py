@@ -1,7 +1,10 @@
-"""Operating a real server: Prometheus metrics scraped from its own listener."""
+"""Operating a real server: Prometheus metrics scraped from its own listener,
+and the log as JSON lines."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import urllib.request
 
@@ -16,11 +19,13 @@ UIDS = 239000
 
 @pytest.fixture(scope="module")
 def operated(tmp_path_factory):
-    """A server admitting one console at a time, with metrics on loopback."""
+    """A server admitting one console at a time, with metrics on loopback and
+    a JSON log."""
     metrics_port = free_port()
     server = start_server(
         tmp_path_factory.mktemp("operated"), uid_min=UIDS, uid_max=UIDS + 9,
         admission=GENEROUS_ADMISSION + "capacity = 1\n",
+        server='log_format = "json"\nnode = "node-ops"',
         extra_args=("--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"))
     yield server, f"http://127.0.0.1:{metrics_port}/metrics"
     server.stop()
@@ -84,3 +89,49 @@ def test_metrics_count_real_consoles(operated):
     assert samples['shellserver_connections_total{transport="websocket_raw"}'] == 4
     assert samples["shellserver_output_bytes_total"] > 0
     assert samples['shellserver_consoles_ended_total{reason="idle"}'] == 0
+
+
+def token_user(token: str) -> str:
+    """The unregistered user a console token was minted for (its claims are
+    signed, not secret)."""
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["user_id"]
+
+
+def json_events(server) -> list[dict]:
+    """Every line of the server's log, parsed as JSON (each must parse)."""
+    return [json.loads(line) for line in server.log().splitlines() if line.strip()]
+
+
+def test_json_log_follows_one_console(operated):
+    """The log is one JSON event per line; one console's start and end carry
+    its id, user, client address, transport, node and reason, and its token
+    appears nowhere."""
+    server, _ = operated
+    token = fetch_token(server)
+    client = ConsoleClient(server)
+    client.login(token)
+    assert client.wait_for_prompt(1), client.display()
+    client.type("exit\r")
+    assert client.wait_closed()
+
+    def lifecycle():
+        return [e for e in json_events(server)
+                if e.get("console_event") in ("console_started", "console_ended")
+                and e.get("user") == user]
+
+    user = token_user(token)
+    assert wait_until(lambda: len(lifecycle()) == 2)
+    started, ended = lifecycle()
+    assert started["console_event"] == "console_started"
+    assert ended["console_event"] == "console_ended"
+    assert started["console"] == ended["console"]
+    assert started["console"].startswith("s")
+    for event in (started, ended):
+        assert event["client"] == "127.0.0.1"
+        assert event["transport"] == "websocket-raw"
+        assert event["node"] == "node-ops"
+        assert event["log_level"]["name"] == "info"
+    assert ended["reason"] == "exit"
+    assert token not in server.log()
+    assert token.split(".")[-1] not in server.log()
