@@ -20,7 +20,7 @@ import shellserver
 from shellserver.config import Config, ConfigError, load_config, load_config_file
 from shellserver.console import describe_duration
 from shellserver.sandbox.cgroups import CgroupLayout
-from shellserver.startup import HostRefusal, exit_refused
+from shellserver.startup import EXIT_HOST_REFUSED, HostRefusal, exit_refused
 
 if TYPE_CHECKING:
     from shellserver.auth import UsedTokenFile
@@ -39,6 +39,9 @@ FLUSH_DELAY = 0.5  # seconds for the goodbye messages to leave at shutdown
 FILES_PER_CONSOLE = 3
 FILES_RESERVED = 256
 FEWEST_CONNECTIONS = 16
+# --check-config's exit status for a file that cannot be used: EX_CONFIG, as
+# for the host's refusals (systemd's ExecStartPre= fails with it, unrestarted).
+EXIT_CONFIG_INVALID = EXIT_HOST_REFUSED
 
 
 class Options(usage.Options):
@@ -56,6 +59,9 @@ class Options(usage.Options):
          "A Twisted endpoint serving Prometheus metrics at /metrics, e.g. "
          "tcp:9100:interface=127.0.0.1 (off unless given; keep it on loopback or "
          "an internal network: it has no authentication)."],
+        ["check-config", None, None,
+         "Check this TOML configuration file and exit: 0 and \"ok\", or "
+         f"{EXIT_CONFIG_INVALID} and the key at fault. Starts nothing."],
     ]
 
     def __init__(self) -> None:
@@ -70,6 +76,8 @@ class Options(usage.Options):
     opt_l = opt_listen
 
     def postOptions(self) -> None:
+        if self["check-config"] is not None:
+            raise check_config(self["check-config"], sys.stdout, sys.stderr)
         try:
             if self["config"]:
                 config = load_config_file(self["config"])
@@ -132,6 +140,19 @@ class Options(usage.Options):
                     f"{e.strerror or e}. An ssl: endpoint needs privateKey=KEY.pem and "
                     "certKey=CERT.pem (absolute paths of PEM files)"
                 ) from e
+
+
+def check_config(path: str, out, err) -> SystemExit:
+    """``--check-config``: read and validate ``path`` only (no state
+    directory, cgroup, listener or sandbox is touched); say "ok" on ``out``
+    or the problem, naming the key, on ``err``; the SystemExit to raise."""
+    try:
+        load_config_file(path)
+    except ConfigError as e:
+        err.write(f"shellserver: {path}: {e}\n")
+        return SystemExit(EXIT_CONFIG_INVALID)
+    out.write(f"ok: {path}\n")
+    return SystemExit(0)
 
 
 def check_host(config: Config) -> None:

@@ -1,15 +1,16 @@
 """Operating a real server: Prometheus metrics scraped from its own listener,
-and the log as JSON lines."""
+the log as JSON lines, and --check-config."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import subprocess
 import urllib.request
 
 import pytest
-from conftest import GENEROUS_ADMISSION, free_port, start_server, wait_until
+from conftest import GENEROUS_ADMISSION, TWISTD, free_port, start_server, wait_until
 from console_client import ConsoleClient, fetch_token
 
 pytestmark = pytest.mark.integration
@@ -135,3 +136,23 @@ def test_json_log_follows_one_console(operated):
     assert ended["reason"] == "exit"
     assert token not in server.log()
     assert token.split(".")[-1] not in server.log()
+
+
+def test_check_config_real_run(tmp_path):
+    """`twistd shellserver --check-config` says ok for a good file, names the
+    key of a bad one, and starts nothing either way."""
+    state = tmp_path / "state"
+    good = tmp_path / "good.toml"
+    good.write_text(f'[server]\nstate_dir = "{state}"\nlog_format = "json"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[server]\nstate_dir = "{state}"\nmax_connections = 0\n')
+    ran = subprocess.run([TWISTD, "shellserver", "--check-config", str(good)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout) == (0, f"ok: {good}\n"), ran.stderr
+    ran = subprocess.run([TWISTD, "shellserver", "--check-config", str(bad)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 78
+    assert "server.max_connections" in ran.stderr
+    assert ran.stdout == ""
+    # Nothing started: no state directory, no pid file, no log.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "good.toml"]
