@@ -54,7 +54,7 @@ def test_metrics_count_real_consoles(operated):
     assert first.wait_for_prompt(1), first.display()
     first.type("exit\r")
     assert first.wait_closed()
-    wait_until(lambda: scrape(url).get(
+    assert wait_until(lambda: scrape(url).get(
         'shellserver_consoles_ended_total{reason="exit"}') == 1)
 
     # Tokens taken while there is room: a full node serves no console page.
@@ -63,7 +63,7 @@ def test_metrics_count_real_consoles(operated):
     second = ConsoleClient(operated)
     second.login()
     assert second.wait_for_prompt(1), second.display()
-    wait_until(lambda: scrape(url)["shellserver_consoles_active"] == 1)
+    assert wait_until(lambda: scrape(url)["shellserver_consoles_active"] == 1)
     # The node is full (capacity 1): the next console is refused.
     third = ConsoleClient(operated)
     third.login(spare_token)
@@ -74,7 +74,7 @@ def test_metrics_count_real_consoles(operated):
     wrong.login(foreign_token)
     assert wrong.wait_closed()
     second.close()
-    wait_until(lambda: scrape(url).get(
+    assert wait_until(lambda: scrape(url).get(
         'shellserver_consoles_ended_total{reason="client_left"}') == 1)
 
     samples = scrape(url)
@@ -89,6 +89,8 @@ def test_metrics_count_real_consoles(operated):
     assert samples['shellserver_token_failures_total{reason="wrong_client"}'] == 1
     assert samples['shellserver_connections_total{transport="websocket_raw"}'] == 4
     assert samples["shellserver_output_bytes_total"] > 0
+    assert samples['shellserver_consoles_ended_total{reason="exit"}'] == 1
+    assert samples['shellserver_consoles_ended_total{reason="client_left"}'] == 1
     assert samples['shellserver_consoles_ended_total{reason="idle"}'] == 0
 
 
@@ -156,3 +158,28 @@ def test_check_config_real_run(tmp_path):
     assert ran.stdout == ""
     # Nothing started: no state directory, no pid file, no log.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "good.toml"]
+
+
+def test_metrics_count_pool_starts(tmp_path):
+    """A console handed over from the warm pool counts as a pool start, and
+    the pool's size and refills show on /metrics."""
+    metrics_port = free_port()
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    server = start_server(tmp_path, uid_min=UIDS + 10, uid_max=UIDS + 19,
+                          config="pool_size = 1",
+                          extra_args=("--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"))
+    try:
+        assert wait_until(lambda: scrape(url)["shellserver_pool_waiting"] == 1, timeout=30)
+        client = ConsoleClient(server)
+        client.login()
+        assert client.wait_for_prompt(1), client.display()
+        # The pool refills behind the console it handed over.
+        assert wait_until(lambda: scrape(url)["shellserver_pool_refills_total"] == 2,
+                          timeout=30)
+        samples = scrape(url)
+        assert samples['shellserver_consoles_started_total{source="pool"}'] == 1
+        assert samples['shellserver_consoles_started_total{source="cold"}'] == 0
+        assert samples['shellserver_console_start_seconds_count{source="pool"}'] == 1
+        client.close()
+    finally:
+        server.stop()
