@@ -37,6 +37,7 @@ from twisted.web.server import Request
 from zope.interface import directlyProvides, implementer, providedBy
 
 from shellserver.logs import ClientEventLog, PeerLogger
+from shellserver.metrics import Metrics
 
 log = Logger()
 
@@ -172,8 +173,8 @@ class ConnectionGuard(WrappingFactory):
 
     protocol = _GuardedConnection
     noisy = False
-    # shellserver.metrics.Metrics, set by makeService: refusals are counted
-    metrics = None
+    # set by makeService: refusals are counted there
+    metrics: Metrics | None = None
 
     def __init__(self, wrapped: IProtocolFactory, limits: ConnectionLimits,
                  clock: IReactorTime) -> None:
