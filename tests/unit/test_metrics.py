@@ -2,6 +2,7 @@
 
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
@@ -15,6 +16,7 @@ from shellserver.sandbox.pool import SandboxPool
 from shellserver.sandbox.service import SETUP_FAILED
 from shellserver.sockjs.options import SockJSOptions
 from shellserver.sockjs.session import SessionRegistry
+from shellserver.tap import Options
 from shellserver.testing import FakeConnection, FakeSandboxStarter
 from shellserver.web import ShellSite
 from tests.unit.test_limits import LIMITS, AbortableTransport, Echo, Hello, peer
@@ -275,3 +277,19 @@ class LabelAndScrapeTests(SynchronousTestCase):
         self.assertIn(b"shellserver_capacity 7.0", body)
         self.assertTrue(request.responseHeaders.getRawHeaders(b"content-type")[0]
                         .startswith(b"text/plain"))
+
+
+class MetricsOptionTests(SynchronousTestCase):
+    def test_bad_endpoint_is_refused(self):
+        """--metrics with a description no endpoint parses is a usage error naming it."""
+        options = Options()
+        options["metrics"] = "nonsense:9100"
+        with self.assertRaises(usage.UsageError) as caught:
+            options._check_metrics()
+        self.assertIn("--metrics 'nonsense:9100'", str(caught.exception))
+
+    def test_metrics_off_unless_given(self):
+        """Without --metrics nothing is checked and no listener is planned."""
+        options = Options()
+        options._check_metrics()
+        self.assertIsNone(options["metrics"])
