@@ -287,13 +287,14 @@ class ConsoleSession:
         if self._end_reason is None:
             self._end_reason = reason
 
-    def _refused(self, reason: str | None) -> None:
+    def _refused(self, reason: str | None, event: str = "console refused",
+                 format: str = "console refused to {client}: {reason}",
+                 **detail: object) -> None:
         if self._metrics is not None:
             self._metrics.console_refused(reason)
         # Refusals are the client's doing: within its address's log budget.
-        self._log_client_event(
-            "console refused", "console refused to {client}: {reason}",
-            **self._lifecycle_fields("console_refused", reason))
+        self._log_client_event(event, format,
+                               **self._lifecycle_fields("console_refused", reason), **detail)
 
     def _lifecycle_fields(self, event: str, reason: str | None = None) -> dict:
         """The named fields of a console lifecycle log event (docs/operations.md);
@@ -336,11 +337,10 @@ class ConsoleSession:
             claims = self._tokens.redeem(token, origin=self._connection.origin,
                                           client_address=peer)
         except TokenError as e:
-            self._log_client_event("refused token", "console refused for {peer}: {reason}",
-                                   peer=peer, reason=e.reason)
             if self._metrics is not None:
                 self._metrics.token_failed(e.reason)
-            self._refused("token")
+            self._refused("token", "refused token", "console refused for {client}: {token_failure}",
+                          token_failure=e.reason)
             if self._admission is not None:
                 self._admission.auth_failed(peer)
             self._fail(CLOSE_AUTH_FAILED, f"Console refused: {e}.")
