@@ -112,6 +112,20 @@ def _integer(*, minimum: int = 1, maximum: int | None = None) -> Validator:
     return check
 
 
+def _one_of(*choices: str) -> Validator:
+    """One of a few fixed words."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            raise _fail(
+                instance, attribute,
+                f"must be one of {', '.join(repr(c) for c in choices)}, "
+                f"got {_describe(value)}",
+            )
+
+    return check
+
+
 def _path(*, optional: bool) -> Validator:
     """An absolute path; "" too when ``optional`` (meaning "the default")."""
 
@@ -259,6 +273,8 @@ class ServerConfig:
         default=(), converter=_to_tuple, validator=_check_trusted_proxies
     )
     proxy_header: str = field(default="X-Forwarded-For", validator=_check_proxy_header)
+    # "json": one JSON event per line (docs/operations.md), for log shippers.
+    log_format: str = field(default="text", validator=_one_of("text", "json"))
 
     def node_name(self) -> str:
         """The node name put in tokens: ``node``, or else the host name."""

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from shellserver.admission import Admission, Refused, Slot
 from shellserver.auth import TokenAuthority, TokenError
 from shellserver.logs import ClientEventLog
+from shellserver.metrics import Metrics
 from shellserver.sandbox.service import (
     SETUP_FAILED,
     IConsoleProcessEvents,
@@ -77,10 +78,13 @@ class OutputGate:
 
     _sandbox: IPushProducer
     reasons: set[str] = field(factory=set)
+    _metrics: Metrics | None = None
 
     def pause(self, reason: str) -> None:
         if not self.reasons:
             self._sandbox.pauseProducing()
+        if reason not in self.reasons and self._metrics is not None:
+            self._metrics.output_paused(reason)
         self.reasons.add(reason)
 
     def resume(self, reason: str) -> None:
@@ -128,6 +132,7 @@ class ConsoleSettings:
     max_age: float
     output_high_water: int = 262144
     output_low_water: int = 65536
+    node: str = ""  # this node's name, in the lifecycle log events
 
 
 @implementer(IConsoleProcessEvents)
@@ -146,6 +151,7 @@ class ConsoleSession:
     # What clients cause before they hold a console is logged within a
     # budget per address (shared by all sessions: the factory's).
     _client_events: ClientEventLog | None = None
+    _metrics: Metrics | None = None
     state: str = "authenticating"  # -> starting -> running -> ended
     sandbox: ISandbox | None = None
     _size: tuple[int, int] = (DEFAULT_COLS, DEFAULT_ROWS)
@@ -165,6 +171,11 @@ class ConsoleSession:
     _pending_units: int = 0
     _last_send: float = float("-inf")
     user_id: str | None = None
+    # For the metrics: when the token was redeemed, whether the sandbox came
+    # from the warm pool, and the first reason the console was ended for.
+    _start_time: float | None = None
+    _start_source: str = "cold"
+    _end_reason: str | None = None
 
     def __attrs_post_init__(self) -> None:
         self._start_timer("auth", self._settings.auth_timeout, self._auth_timed_out)
@@ -187,11 +198,13 @@ class ConsoleSession:
 
     def _idle_timed_out(self) -> None:
         self._timers.pop("idle", None)
+        self._ended_for("idle")
         self._end(f"Console ended after {describe_duration(self._settings.idle_timeout)}"
                   " without input.")
 
     def _max_age_reached(self) -> None:
         self._timers.pop("age", None)
+        self._ended_for("max_age")
         self._end(f"Console ended: the {describe_duration(self._settings.max_age)}"
                   " time limit was reached.")
 
@@ -229,6 +242,7 @@ class ConsoleSession:
     def closed(self) -> None:
         """The connection is gone: end the sandbox."""
         if self.state != "ended":
+            self._ended_for("client_left")
             if self.sandbox is not None:
                 log.info("console {session}: client went away", session=self.sandbox.session)
             else:
@@ -254,7 +268,7 @@ class ConsoleSession:
 
     def ending(self, message: str) -> None:
         """The server ends this console (a limit); IConsoleProcessEvents."""
-        self.end(message)
+        self.end(message, reason="budget")
 
     def notice(self, message: str) -> None:
         """A notice for the user; the console goes on (IConsoleProcessEvents)."""
@@ -262,10 +276,38 @@ class ConsoleSession:
             self._flush_output()
             self._connection.send("n" + message)
 
-    def end(self, message: str) -> None:
-        """End this console by the operator's or the server's decision."""
+    def end(self, message: str, reason: str = "shutdown") -> None:
+        """End this console by the operator's or the server's decision;
+        ``reason`` is counted in the metrics (kill_switch, shutdown, budget)."""
         if self.state != "ended":
+            self._ended_for(reason)
             self._end(message)
+
+    def _ended_for(self, reason: str) -> None:
+        if self._end_reason is None:
+            self._end_reason = reason
+
+    def _refused(self, reason: str | None, event: str = "console refused",
+                 format: str = "console refused to {client}: {reason}",
+                 **detail: object) -> None:
+        if self._metrics is not None:
+            self._metrics.console_refused(reason)
+        # Refusals are the client's doing: within its address's log budget.
+        self._log_client_event(event, format,
+                               **self._lifecycle_fields("console_refused", reason), **detail)
+
+    def _lifecycle_fields(self, event: str, reason: str | None = None) -> dict:
+        """The named fields of a console lifecycle log event (docs/operations.md);
+        never the token."""
+        return {
+            "console_event": event,
+            "console": self.sandbox.session if self.sandbox is not None else None,
+            "user": self.user_id,
+            "client": self._connection.peer_host,
+            "transport": self._connection.transport_name,
+            "node": self._settings.node,
+            "reason": reason,
+        }
 
     def _stop_sandbox(self) -> None:
         if self.sandbox is not None and not self._stopping:
@@ -287,6 +329,7 @@ class ConsoleSession:
         wait = self._admission.auth_retry_after(peer) if self._admission else None
         if wait is not None:
             # Checked before the token: guessing costs a guesser time, not us work.
+            self._refused("auth_rate_limited")
             self._fail(CLOSE_NOT_ADMITTED, "No console now: too many wrong console tokens "
                        f"came from your address. Try again in {wait} seconds.")
             return
@@ -294,8 +337,10 @@ class ConsoleSession:
             claims = self._tokens.redeem(token, origin=self._connection.origin,
                                           client_address=peer)
         except TokenError as e:
-            self._log_client_event("refused token", "console refused for {peer}: {reason}",
-                                   peer=peer, reason=e.reason)
+            if self._metrics is not None:
+                self._metrics.token_failed(e.reason)
+            self._refused("token", "refused token", "console refused for {client}: {token_failure}",
+                          token_failure=e.reason)
             if self._admission is not None:
                 self._admission.auth_failed(peer)
             self._fail(CLOSE_AUTH_FAILED, f"Console refused: {e}.")
@@ -304,6 +349,7 @@ class ConsoleSession:
             try:
                 self._slot = self._admission.admit(self._connection.peer_host)
             except Refused as e:
+                self._refused(e.status.reason)
                 self._fail(CLOSE_NOT_ADMITTED, f"No console now: {e.status.message}")
                 return
         self.user_id = claims.user_id
@@ -311,14 +357,20 @@ class ConsoleSession:
             self._users.claim(claims.user_id)
         self.state = "starting"
         self._connection.send("sstarting")
+        self._start_time = self._clock.seconds()
         try:
             self.sandbox = self._sandboxes.start(self, *self._size)
+            # The start was synchronous: the starter says where it came from.
+            self._start_source = getattr(self._sandboxes, "last_source", "cold")
         except SandboxUnavailable as e:
+            self._refused("unavailable")
+            if self._metrics is not None:
+                self._metrics.sandbox_failed("unavailable")
             self._fail(CLOSE_SANDBOX_FAILED, f"No console could be started: {e}")
             self._release()
             return
         # Stop reading the PTY while the client has too much output pending.
-        self._gate = OutputGate(self.sandbox)
+        self._gate = OutputGate(self.sandbox, metrics=self._metrics)
         self._connection.register_producer(self._gate)
         self._start_timer("idle", self._settings.idle_timeout, self._idle_timed_out)
         self._start_timer("age", self._settings.max_age, self._max_age_reached)
@@ -326,9 +378,17 @@ class ConsoleSession:
     # -- from the sandbox (IConsoleProcessEvents) ------------------------------
 
     def output(self, data: bytes) -> None:
+        if self._metrics is not None:
+            self._metrics.output_read(len(data))
         if self.state == "starting":
             self.state = "running"
             self._connection.send("sready")
+            log.info("console {console} started for {user} from {client} over {transport}",
+                     source=self._start_source,
+                     **self._lifecycle_fields("console_started"))
+            if self._metrics is not None and self._start_time is not None:
+                self._metrics.console_started(self._start_source,
+                                              self._clock.seconds() - self._start_time)
         text = self._decoder.decode(data)
         if text and self.state != "ended":
             self._queue_output(text)
@@ -377,6 +437,16 @@ class ConsoleSession:
             self._gate.resume("client")
 
     def exited(self, status: int | None, signal: int | None) -> None:
+        if status == SETUP_FAILED:
+            self._ended_for("error")
+            if self._metrics is not None:
+                self._metrics.sandbox_failed("setup")
+        self._ended_for("exit")
+        log.info("console {console} of {user} from {client} ended: {reason}",
+                 status=status, signal=signal,
+                 **self._lifecycle_fields("console_ended", self._end_reason))
+        if self._metrics is not None:
+            self._metrics.console_ended(self._end_reason)
         self._release()
         tail = self._decoder.decode(b"", final=True)
         if tail and self.state != "ended":
@@ -403,6 +473,7 @@ class ConsoleSession:
         self._stop_sandbox()
 
     def _fail(self, code: int, message: str) -> None:
+        self._ended_for("error")
         self._finish(code, "e", message)
         self._stop_sandbox()
 
@@ -428,15 +499,17 @@ class ConsoleFactory:
     _admission: Admission | None = None
     _users: UnregisteredUsers | None = None
     sessions: set[ConsoleSession] = field(factory=set)
+    metrics: Metrics = field(factory=Metrics)
     _client_events: ClientEventLog = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._client_events = ClientEventLog(log, self._clock)
 
     def __call__(self, connection) -> ConsoleSession:
+        self.metrics.connection_opened(connection.transport_name)
         session = ConsoleSession(connection, self._clock, self._tokens, self._sandboxes,
                                  self._settings, self._admission, self._users,
-                                 self.sessions.discard, self._client_events)
+                                 self.sessions.discard, self._client_events, self.metrics)
         self.sessions.add(session)
         return session
 
@@ -445,7 +518,11 @@ class ConsoleFactory:
         for session in list(self.sessions):
             session.notice(message)
 
-    def end_all(self, message: str) -> None:
+    def end_all(self, message: str, reason: str = "shutdown") -> None:
         """End every console (the kill switch's terminate, a shutdown)."""
         for session in list(self.sessions):
-            session.end(message)
+            session.end(message, reason)
+
+    def end_all_by_kill_switch(self, message: str) -> None:
+        """End every console: the kill switch's terminate."""
+        self.end_all(message, reason="kill_switch")

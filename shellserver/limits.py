@@ -37,6 +37,7 @@ from twisted.web.server import Request
 from zope.interface import directlyProvides, implementer, providedBy
 
 from shellserver.logs import ClientEventLog, PeerLogger
+from shellserver.metrics import Metrics
 from shellserver.sockjs.headers import client_address
 
 log = Logger()
@@ -173,6 +174,8 @@ class ConnectionGuard(WrappingFactory):
 
     protocol = _GuardedConnection
     noisy = False
+    # set by makeService: refusals are counted there
+    metrics: Metrics | None = None
 
     def __init__(self, wrapped: IProtocolFactory, limits: ConnectionLimits,
                  clock: IReactorTime) -> None:
@@ -207,6 +210,7 @@ class ConnectionGuard(WrappingFactory):
                 self._full = True
                 log.warn("{count} connections are open (server.max_connections): "
                          "refusing more", count=self._total)
+            self._count_refusal("max_connections")
             return _RefusedConnection()
         if host is not None and self.connections_from(host) >= \
                 self.limits.max_connections_per_address:
@@ -219,10 +223,15 @@ class ConnectionGuard(WrappingFactory):
                     host, "too many connections",
                     "{address} holds {count} connections: refusing more",
                     address=host, count=self.connections_from(host))
+            self._count_refusal("per_address")
             return _RefusedConnection()
         protocol = super().buildProtocol(addr)
         protocol.address = host
         return protocol
+
+    def _count_refusal(self, limit: str) -> None:
+        if self.metrics is not None:
+            self.metrics.request_rejected(limit)
 
     def registerProtocol(self, p: _GuardedConnection) -> None:
         super().registerProtocol(p)
@@ -243,6 +252,11 @@ class ConnectionGuard(WrappingFactory):
                 self._per_address.pop(p.address, None)
             if remaining < self.limits.max_connections_per_address:
                 self._refusing.discard(p.address)
+
+
+# The limit each refusal's status stands for (shellserver.metrics).
+_LIMIT_NAMES = {408: "slow_request", 413: "body_too_large", 414: "line_too_long",
+                431: "headers_too_large"}
 
 
 class LimitedHTTPChannel(HTTPChannel):
@@ -340,6 +354,10 @@ class LimitedHTTPChannel(HTTPChannel):
             return
         self.refused = True
         self._cancel_arrival()
+        # The site (ShellSite) carries the metrics, when makeService gave it some.
+        metrics = getattr(getattr(self, "site", None), "metrics", None)
+        if metrics is not None:
+            metrics.request_rejected(_LIMIT_NAMES.get(code, str(code)))
         body = message.encode("utf-8") + b"\n"
         self.transport.write(b"".join([
             b"HTTP/1.1 %d %s\r\n" % (code, _REASONS[code]),

@@ -9,11 +9,12 @@ window, counts the rest, and once the window is over logs one summary line
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, jsonFileLogObserver
 
 # Per (address, event) and window: how many messages are logged as they come.
 MESSAGES_PER_WINDOW = 5
@@ -153,3 +154,35 @@ class PeerLogger:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._logger, name)
+
+
+# twistd resolves its --logger option by name, after the plugin's options
+# are parsed: the plugin leaves here where the JSON lines go (json_log_to).
+_json_destination = "-"
+
+
+def json_log_to(logfile: str | None, *, nodaemon: bool) -> str:
+    """Send twistd's log as JSON lines where it would write its text log:
+    ``logfile``, or standard output when that is "-" or, in the foreground,
+    not given (the journal under systemd). Returns the name of the observer
+    factory, for twistd's ``logger`` option."""
+    global _json_destination
+    if logfile == "-" or (nodaemon and not logfile):
+        _json_destination = "-"
+    else:
+        _json_destination = logfile or "twistd.log"
+    return f"{__name__}.twistd_json_observer"
+
+
+def twistd_json_observer():
+    """A twistd log observer: one JSON object per line, each event's named
+    fields included (twisted.logger's eventAsJSON)."""
+    from twisted.python.logfile import LogFile
+
+    if _json_destination == "-":
+        out = sys.stdout
+    else:
+        out = LogFile.fromFullPath(_json_destination)  # rotated like twistd's own
+    # Lines, not the RFC 7464 record separator: what log shippers and
+    # journald expect.
+    return jsonFileLogObserver(out, recordSeparator="")

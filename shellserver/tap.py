@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from attrs import evolve, frozen
+from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -19,7 +20,7 @@ import shellserver
 from shellserver.config import Config, ConfigError, load_config, load_config_file
 from shellserver.console import describe_duration
 from shellserver.sandbox.cgroups import CgroupLayout
-from shellserver.startup import HostRefusal, exit_refused
+from shellserver.startup import EXIT_HOST_REFUSED, HostRefusal, exit_refused
 
 if TYPE_CHECKING:
     from shellserver.auth import UsedTokenFile
@@ -38,6 +39,9 @@ FLUSH_DELAY = 0.5  # seconds for the goodbye messages to leave at shutdown
 FILES_PER_CONSOLE = 3
 FILES_RESERVED = 256
 FEWEST_CONNECTIONS = 16
+# --check-config's exit status for a file that cannot be used: EX_CONFIG, as
+# for the host's refusals (systemd's ExecStartPre= fails with it, unrestarted).
+EXIT_CONFIG_INVALID = EXIT_HOST_REFUSED
 
 
 class Options(usage.Options):
@@ -51,6 +55,13 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file (see etc/shellserver.toml)."],
         ["state-dir", None, None, "State directory (overrides server.state_dir)."],
         ["web-dir", None, DEFAULT_WEB_DIR, "Browser files (web/ with node_modules)."],
+        ["metrics", None, None,
+         "A Twisted endpoint serving Prometheus metrics at /metrics, e.g. "
+         "tcp:9100:interface=127.0.0.1 (off unless given; keep it on loopback or "
+         "an internal network: it has no authentication)."],
+        ["check-config", None, None,
+         "Check this TOML configuration file and exit: 0 and \"ok\", or "
+         f"{EXIT_CONFIG_INVALID} and the key at fault. Starts nothing."],
     ]
 
     def __init__(self) -> None:
@@ -65,6 +76,8 @@ class Options(usage.Options):
     opt_l = opt_listen
 
     def postOptions(self) -> None:
+        if self["check-config"] is not None:
+            raise check_config(self["check-config"], sys.stdout, sys.stderr)
         try:
             if self["config"]:
                 config = load_config_file(self["config"])
@@ -77,13 +90,39 @@ class Options(usage.Options):
                 self["state-dir"] = os.path.abspath(self["state-dir"])
             config = config.with_state_dir(self["state-dir"])
         self["configuration"] = config
+        self._choose_log_format(config)
         self._check_listen()
+        self._check_metrics()
         try:
             check_host(config)
             self["connections"] = plan_connections(config)
             self["prepared"] = prepare_state(config, need_tls=not self["listen"])
         except HostRefusal as refusal:
             raise exit_refused(refusal, sys.stderr) from None
+
+    def _choose_log_format(self, config: Config) -> None:
+        """server.log_format = "json": twistd's log becomes JSON lines, through
+        its own --logger hook (an explicit --logger or --syslog wins)."""
+        from shellserver.logs import json_log_to
+
+        twistd = getattr(self, "parent", None)
+        if config.server.log_format != "json" or twistd is None:
+            return
+        if twistd.get("logger") or twistd.get("syslog"):
+            return
+        twistd["logger"] = json_log_to(twistd.get("logfile"),
+                                       nodaemon=bool(twistd.get("nodaemon")))
+
+    def _check_metrics(self) -> None:
+        from twisted.internet import endpoints, reactor
+
+        description = self["metrics"]
+        if description is None:
+            return
+        try:
+            endpoints.serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise usage.UsageError(f"--metrics {description!r}: {e}") from e
 
     def _check_listen(self) -> None:
         from twisted.internet import endpoints, reactor
@@ -101,6 +140,19 @@ class Options(usage.Options):
                     f"{e.strerror or e}. An ssl: endpoint needs privateKey=KEY.pem and "
                     "certKey=CERT.pem (absolute paths of PEM files)"
                 ) from e
+
+
+def check_config(path: str, out, err) -> SystemExit:
+    """``--check-config``: read and validate ``path`` only (no state
+    directory, cgroup, listener or sandbox is touched); say "ok" on ``out``
+    or the problem, naming the key, on ``err``; the SystemExit to raise."""
+    try:
+        load_config_file(path)
+    except ConfigError as e:
+        err.write(f"shellserver: {path}: {e}\n")
+        return SystemExit(EXIT_CONFIG_INVALID)
+    out.write(f"ok: {path}\n")
+    return SystemExit(0)
 
 
 def check_host(config: Config) -> None:
@@ -442,6 +494,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.limits import ConnectionGuard, ConnectionLimits
     from shellserver.listeners import listener_service
+    from shellserver.metrics import Metrics, metrics_site
     from shellserver.proxies import TrustedProxies
     from shellserver.sandbox.budget import CpuBudgetWatcher
     from shellserver.sandbox.output import FifoPipes
@@ -490,9 +543,13 @@ def makeService(options: Options) -> MultiService:
         pages_per_address_per_minute=config.admission.pages_per_address_per_minute,
     )
     users = UnregisteredUsers(reactor, config.console.token_ttl)
+    metrics = Metrics()
+    metrics.capacity.set(connections.capacity)
+    metrics.watch_active(lambda: admission.active)
     pool = None
     if config.sandbox.pool_size:
-        pool = SandboxPool(starter, reactor, config.sandbox.pool_size, room=admission.room)
+        pool = SandboxPool(starter, reactor, config.sandbox.pool_size, room=admission.room,
+                           metrics=metrics)
     consoles = ConsoleFactory(
         reactor,
         tokens,
@@ -503,11 +560,14 @@ def makeService(options: Options) -> MultiService:
             max_age=config.console.max_age,
             output_high_water=config.console.output_high_water,
             output_low_water=config.console.output_low_water,
+            node=config.server.node_name(),
         ),
         admission,
         users,
+        metrics=metrics,
     )
-    switch = KillSwitch(reactor, admission, config.kill_switch_path, consoles.end_all)
+    switch = KillSwitch(reactor, admission, config.kill_switch_path,
+                        consoles.end_all_by_kill_switch)
     limits = evolve(ConnectionLimits.from_config(config.server),
                     max_connections=connections.max_connections)
     sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions(
@@ -515,7 +575,7 @@ def makeService(options: Options) -> MultiService:
         input_bytes_per_second=config.console.input_bytes_per_second,
         input_burst_messages=config.console.input_burst_messages,
         input_burst_bytes=config.console.input_burst_bytes,
-    ))
+    ), input_dropped=metrics.input_dropped.inc)
     site = ShellSite(
         build_resource(
             web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
@@ -527,8 +587,10 @@ def makeService(options: Options) -> MultiService:
         trusted_proxies=TrustedProxies.from_strings(config.server.trusted_proxies,
                                                     config.server.proxy_header),
     )
+    site.metrics = metrics  # LimitedHTTPChannel counts its refusals there
     # Every listener serves the site through the per-connection limits.
     guarded = ConnectionGuard(site, limits, reactor)
+    guarded.metrics = metrics
 
     listen = list(options["listen"])
     if not listen:
@@ -550,6 +612,12 @@ def makeService(options: Options) -> MultiService:
         listener = listener_service(reactor, description, guarded)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(top)
+    if options["metrics"]:
+        # Its own listener, outside the site's limits and origin checks: an
+        # operator's scraper, on loopback or an internal network.
+        scrape = strports.service(options["metrics"], metrics_site(metrics))
+        scrape.setName("metrics")
+        scrape.setServiceParent(top)
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
     return top
 

@@ -25,6 +25,7 @@ from shellserver.admission import RATE_LIMITED, Admission, AdmissionStatus
 from shellserver.auth import TokenAuthority, new_unregistered_user
 from shellserver.limits import ConnectionLimits, LimitedHTTPChannel, LimitedRequest
 from shellserver.logs import ClientEventLog
+from shellserver.metrics import Metrics
 from shellserver.proxies import TrustedProxies
 from shellserver.sockjs.headers import client_address
 from shellserver.users import UnregisteredUsers
@@ -419,6 +420,9 @@ class ShellSite(Site):
     protocol = LimitedHTTPChannel
     requestFactory = LimitedRequest
     displayTracebacks = False
+    # shellserver.metrics.Metrics, set by makeService: LimitedHTTPChannel
+    # counts the requests it refuses there
+    metrics: Metrics | None = None
 
     def __init__(self, resource, *, limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008
                  reactor: IReactorTime | None = None, hsts_max_age: int = 0,

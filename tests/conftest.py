@@ -77,7 +77,8 @@ class RunningServer:
 def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                  console: str = "", admission: str = "", embed: str = "",
                  server: str = "", runtime: str | None = RUNTIME,
-                 preexec_fn=None, listen_prefix: str = "") -> RunningServer:
+                 preexec_fn=None, listen_prefix: str = "",
+                 extra_args: tuple[str, ...] = ()) -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
     ``config``, ``console``, ``admission``, ``embed`` and ``server`` are TOML
@@ -87,7 +88,8 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     runtime to the server to build; ``preexec_fn`` runs in the server's
     process before it starts (to set its limits, say); ``listen_prefix``
     (such as ``"haproxy:"``) wraps the listener (readiness is then a TCP
-    connect).
+    connect); ``extra_args`` go after the plugin's own (``--metrics
+    ENDPOINT``, say).
     """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
@@ -113,7 +115,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     listen = listen_prefix + endpoint_description(port, cert, key, interface="127.0.0.1")
     process = subprocess.Popen(
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(log_path),
-         "shellserver", "--config", str(config_path), "--listen", listen],
+         "shellserver", "--config", str(config_path), "--listen", listen, *extra_args],
         cwd=str(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
     )

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from shellserver.metrics import Metrics
 from shellserver.sandbox.service import (
     IConsoleProcessEvents,
     ISandbox,
@@ -100,13 +101,22 @@ class SandboxPool:
     _running: bool = False
     _retry: float = FIRST_RETRY
     _fill_call: IDelayedCall | None = None
+    _metrics: Metrics | None = None
+    # Where the last start() came from, for the start-latency metric.
+    last_source: str = "cold"
+
+    def __attrs_post_init__(self) -> None:
+        if self._metrics is not None:
+            self._metrics.watch_pool(lambda: len(self.waiting))
 
     def start(self, events: IConsoleProcessEvents, cols: int, rows: int) -> ISandbox:
         entry = self._take()
         if entry is None:
             self.cold_starts += 1
+            self.last_source = "cold"
             return self._starter.start(events, cols, rows)
         self.handed_out += 1
+        self.last_source = "pool"
         self._schedule_fill(0)
         log.info("console {session} handed out from the warm pool ({state})",
                  session=entry.sandbox.session, state="ready" if entry.ready else "starting")
@@ -163,6 +173,8 @@ class SandboxPool:
             self._back_off()
             return
         self.waiting.append(entry)
+        if self._metrics is not None:
+            self._metrics.pool_refills.inc()
 
     def retry_now(self) -> None:
         """Conditions changed (the runtime is built): try to fill at once."""
@@ -186,6 +198,8 @@ class SandboxPool:
             self.waiting.remove(entry)
             log.warn("a pooled console ended while waiting: status {status}, signal {signal}",
                      status=status, signal=signal)
+            if self._metrics is not None:
+                self._metrics.sandbox_failed("pool_died")
             self._back_off()
 
     def discard(self, entry: WaitingSandbox) -> None:

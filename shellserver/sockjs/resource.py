@@ -252,6 +252,8 @@ class SockJSResource(Resource):
         session (C{message_received(text)}, C{closed()}).
     @param clock: drives heartbeats and session expiry.
     @param options: the endpoint's settings.
+    @param input_dropped: told how many client messages, held over the
+        input budget, a session dropped when it ended (for the metrics).
     """
 
     def __init__(
@@ -260,9 +262,10 @@ class SockJSResource(Resource):
         *,
         clock: IReactorTime,
         options: SockJSOptions = SockJSOptions(),  # noqa: B008 (frozen value)
+        input_dropped: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
-        registry = SessionRegistry(open_session, clock, options)
+        registry = SessionRegistry(open_session, clock, options, input_dropped)
         self._endpoint = Endpoint(
             registry=registry,
             options=options,

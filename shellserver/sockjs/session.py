@@ -141,6 +141,8 @@ class SockJSConnection:
     # the JSESSIONID the opening request carried, when cookies are in use:
     # later requests for the session must carry the same
     _jsessionid: bytes | None = None
+    # told how many held messages were dropped when the session ended
+    _input_dropped: Callable[[int], None] | None = None
 
     _handler: SockJSHandler | None = field(default=None, init=False)
     _opening: bool = field(default=False, init=False)
@@ -437,6 +439,9 @@ class SockJSConnection:
             self._turn_count = 0
         held = list(self._held)
         self._held.clear()
+        dropped = sum(len(item.messages) - item.delivered for item in held)
+        if dropped and self._input_dropped is not None:
+            self._input_dropped(dropped)
         for item in held:
             if item.done is not None:
                 item.done(False)
@@ -610,6 +615,8 @@ class SessionRegistry:
     _open_session: Callable[[SockJSConnection], SockJSHandler]
     _clock: IReactorTime
     _options: SockJSOptions
+    # told how many messages held over the input budget a session dropped
+    input_dropped: Callable[[int], None] | None = None
     _sessions: dict[str, SockJSConnection] = field(factory=dict, init=False)
     _by_peer: dict[str, set[SockJSConnection]] = field(factory=dict, init=False)
     # refusals are the client's doing: logged within a budget per address
@@ -723,6 +730,7 @@ class SessionRegistry:
             bound=bound,
             forget=self._forget,
             jsessionid=jsessionid,
+            input_dropped=self.input_dropped,
         )
         if not bound:
             self._sessions[session_id] = connection
