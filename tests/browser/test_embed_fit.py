@@ -1,0 +1,192 @@
+"""The embedded console on real host pages, in chromium against a real server.
+
+Host pages (another origin) with a sticky header, a modal, a scrolling box,
+200% zoom and right-to-left text: the console must take the sample's place in
+the page's own flow and stacking, and give it back on Close. Keyboard-only use
+from launch to Close, and what a site owner or visitor sees while the service
+is paused, down or refuses the page's origin.
+Screenshots are kept under the test's tmp directory (printed on failure).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import free_port, start_server, wait_until
+from playwright.sync_api import expect
+from test_embed import LAUNCH, HostSite, box, own_problems
+
+pytestmark = pytest.mark.browser
+
+UIDS = 238000  # this module's range: 238000-238099
+
+
+def styled(host: HostSite, path: str, service: str, head: str, body: str,
+           html_attributes: str = "") -> str:
+    """A host page with its own inline stylesheet and the embed script."""
+    html = f"""<!doctype html>
+<html lang="en" {html_attributes}><head><meta charset="utf-8"><title>Docs</title>
+<style>body {{ margin: 0; font: 16px/1.5 sans-serif; }}
+pre {{ margin: 12px 24px; padding: 8px; background: #eee; }}
+{head}</style>
+<script src="{service}/embed.js" defer></script></head>
+<body>{body}</body></html>"""
+    csp = (f"default-src 'none'; script-src {service}; connect-src {service}; "
+           f"frame-src {service}; style-src 'unsafe-inline'")
+    host.pages[path] = (html, csp)
+    return host.origin + path
+
+
+FILLER = "<p>Text.</p>" * 12
+
+
+@pytest.fixture(scope="module")
+def host():
+    site = HostSite(free_port())
+    yield site
+    site.close()
+
+
+@pytest.fixture(scope="module")
+def stranger():
+    site = HostSite(free_port())
+    yield site
+    site.close()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, host):
+    srv = start_server(tmp_path_factory.mktemp("fit"), uid_min=UIDS, uid_max=UIDS + 19,
+                       embed=f'host_origins = ["{host.origin}"]\nstatus_max_age = 0\n')
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def new_page(browser, **options):
+    context = browser.new_context(ignore_https_errors=True, **options)
+    page = context.new_page()
+    page.problems = []
+    page.warnings = []
+    page.on("pageerror", lambda e: page.problems.append(f"pageerror: {e}"))
+    page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+    page.on("console", lambda m: m.type == "warning" and page.warnings.append(m.text))
+    return page
+
+
+@pytest.fixture
+def page(browser):
+    page = new_page(browser, viewport={"width": 1100, "height": 900})
+    yield page
+    page.context.close()
+
+
+def launch(page):
+    """Press the first launch button and wait for the console's prompt."""
+    page.get_by_role("button", name=LAUNCH).first.click()
+    console = page.frame_locator("iframe")
+    expect(console.locator(".xterm-rows")).to_contain_text("In [1]:", timeout=20_000)
+    return console
+
+
+def top_element_id(page, x: float, y: float) -> str:
+    """The id (or tag) of what the visitor sees at viewport point (x, y)."""
+    return page.evaluate("([x, y]) => { const e = document.elementFromPoint(x, y);"
+                         " return e ? (e.id || e.tagName.toLowerCase()) : ''; }", [x, y])
+
+
+def test_in_flow_under_sticky_header_and_modal(page, host, service, screens):
+    """The console takes the sample's place and width, pushes the text below down,
+    scrolls under a sticky header, stays under a modal, and Close gives the space back."""
+    url = styled(host, "/sticky", service.base_url,
+                 "header { position: sticky; top: 0; z-index: 10; height: 60px;"
+                 " background: #246; }"
+                 "#modal { position: fixed; z-index: 100; left: 100px; top: 100px;"
+                 " width: 300px; height: 200px; background: #fff; display: none; }"
+                 "#modal.open { display: block; }",
+                 '<header id="header">Docs</header><div id="modal">Dialog</div>'
+                 f'{FILLER}<pre data-shellserver id="sample">print(1)</pre>'
+                 f'<p id="after">After.</p>{FILLER * 3}')
+    page.goto(url)
+    sample = page.locator("#sample")
+    after = page.locator("#after")
+    expect(page.get_by_role("button", name=LAUNCH)).to_have_count(1, timeout=10_000)
+    sx, sy, swidth, _ = box(sample)
+    after_y = box(after)[1]
+    launch(page)
+    frame = page.locator("iframe")
+    x, y, width, height = box(frame)
+    assert (x, y, width) == (sx, sy, swidth)
+    assert height >= 360
+    expect(sample).to_be_hidden()
+    # In flow: the text below moved down (its 16px margin collapses with the 12px).
+    assert box(after)[1] == y + height + 16
+    page.screenshot(path=str(screens / "sticky-open.png"), full_page=True)
+    # Scrolled so that the frame's top is under the header: the header wins.
+    page.evaluate(f"window.scrollTo(0, {y - 30})")
+    wait_until(lambda: box(frame)[1] == 30, timeout=5)
+    assert top_element_id(page, x + 50, 45) == "header"
+    assert top_element_id(page, x + 50, 75) == "iframe"
+    page.screenshot(path=str(screens / "sticky-scrolled.png"))
+    # The host's own modal draws over the console.
+    page.evaluate("document.getElementById('modal').className = 'open'")
+    assert top_element_id(page, 200, 200) == "modal"
+    page.evaluate("document.getElementById('modal').className = ''")
+    page.get_by_role("button", name="Close").click()
+    expect(frame).to_have_count(0)
+    expect(sample).to_be_visible()
+    page.evaluate("window.scrollTo(0, 0)")
+    wait_until(lambda: box(after)[1] == after_y, timeout=5)
+    assert box(after)[1] == after_y
+    assert box(sample)[:3] == (sx, sy, swidth)
+    assert own_problems(page) == []
+
+
+def test_scrolls_with_its_box(page, host, service, screens):
+    """In an overflow:auto box the console scrolls with the box and is clipped by it."""
+    url = styled(host, "/scrollbox", service.base_url,
+                 "#box { overflow: auto; height: 300px; margin: 20px; border: 2px solid; }",
+                 '<div id="box"><p>Intro.</p>'
+                 f'<pre data-shellserver id="sample">print(2)</pre>{FILLER * 2}</div>'
+                 '<p id="below">Below the box.</p>')
+    page.goto(url)
+    expect(page.get_by_role("button", name=LAUNCH)).to_have_count(1, timeout=10_000)
+    launch(page)
+    frame = page.locator("iframe")
+    x, y, _, _ = box(frame)
+    page.evaluate("document.getElementById('box').scrollTop = 100")
+    wait_until(lambda: box(frame)[1] == y - 100, timeout=5)
+    assert box(frame)[1] == y - 100
+    below = box(page.locator("#below"))
+    assert top_element_id(page, x + 20, below[1] + 5) == "below"
+    page.screenshot(path=str(screens / "scrollbox.png"))
+    assert own_problems(page) == []
+
+
+def test_zoom_200_and_rtl(browser, host, service, screens):
+    """At 200% zoom (half the CSS viewport, twice the pixels) on a right-to-left
+    page, the console has the sample's box and the page does not overflow."""
+    url = styled(host, "/rtl", service.base_url,
+                 "pre { margin-inline-start: 60px; }",
+                 f'<p>مرحبا</p><pre data-shellserver id="sample">print(3)</pre>{FILLER}',
+                 html_attributes='dir="rtl"')
+    page = new_page(browser, viewport={"width": 550, "height": 450},
+                    device_scale_factor=2)
+    try:
+        page.goto(url)
+        expect(page.get_by_role("button", name=LAUNCH)).to_have_count(1, timeout=10_000)
+        sample_box = box(page.locator("#sample"))
+        launch(page)
+        x, y, width, _ = box(page.locator("iframe"))
+        assert (x, y, width) == sample_box[:3]
+        assert sample_box[0] == 24  # RTL: the 60px inline-start margin is on the right
+        assert page.evaluate("document.documentElement.scrollWidth") <= 550
+        page.screenshot(path=str(screens / "zoom-rtl.png"))
+        assert own_problems(page) == []
+    finally:
+        page.context.close()
