@@ -72,10 +72,8 @@ def new_page(browser, **options):
     context = browser.new_context(ignore_https_errors=True, **options)
     page = context.new_page()
     page.problems = []
-    page.warnings = []
     page.on("pageerror", lambda e: page.problems.append(f"pageerror: {e}"))
     page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
-    page.on("console", lambda m: m.type == "warning" and page.warnings.append(m.text))
     return page
 
 
@@ -190,3 +188,107 @@ def test_zoom_200_and_rtl(browser, host, service, screens):
         assert own_problems(page) == []
     finally:
         page.context.close()
+
+
+def active(page) -> str:
+    """What has keyboard focus on the host page: a button's text or a tag."""
+    return page.evaluate("(() => { const e = document.activeElement;"
+                         " return e.tagName === 'BUTTON' || e.tagName === 'A'"
+                         " ? e.textContent.trim() : e.tagName.toLowerCase(); })()")
+
+
+def test_keyboard_only_from_launch_to_close(page, host, service):
+    """With the keyboard alone: Tab to the button, Enter, type, Tab completes in
+    IPython, Escape then Tab reaches the console's own buttons and Tab leaves the
+    frame, Escape then Shift-Tab reaches Close, Enter closes and focus is back on
+    the launch button."""
+    url = styled(host, "/keys", service.base_url, "",
+                 '<a href="#top">Top</a><pre data-shellserver id="sample">x</pre>'
+                 '<a href="#next">Next</a>')
+    page.goto(url)
+    expect(page.get_by_role("button", name=LAUNCH)).to_have_count(1, timeout=10_000)
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        if active(page) == LAUNCH:
+            break
+    assert active(page) == LAUNCH
+    page.keyboard.press("Enter")
+    console = page.frame_locator("iframe")
+    rows = console.locator(".xterm-rows")
+    expect(rows).to_contain_text("In [1]:", timeout=20_000)
+    expect(console.locator("#keys-hint")).to_have_text("Esc then Tab leaves the console")
+    page.keyboard.type("impor")
+    page.keyboard.press("Tab")  # IPython completes: Tab alone stays in the terminal
+    expect(rows).to_contain_text("In [1]: import", timeout=10_000)
+    assert active(page) == "iframe"
+    page.keyboard.press("Escape")
+    page.keyboard.press("Tab")
+    expect(console.locator("#screen-reader")).to_be_focused()
+    page.keyboard.press("Tab")  # the last thing in the frame: on to the host page
+    wait_until(lambda: active(page) == "Next", timeout=5)
+    assert active(page) == "Next"
+    # Back in with the mouse-free path: Shift-Tab into the frame, then out backwards.
+    page.keyboard.press("Shift+Tab")
+    expect(console.locator("#screen-reader")).to_be_focused()
+    console.locator(".xterm-helper-textarea").focus()
+    page.keyboard.press("Escape")
+    page.keyboard.press("Shift+Tab")
+    wait_until(lambda: active(page) == "Close", timeout=5)
+    assert active(page) == "Close"
+    page.keyboard.press("Enter")
+    expect(page.locator("iframe")).to_have_count(0)
+    assert active(page) == LAUNCH
+    assert own_problems(page) == []
+
+
+def test_buttons_appear_after_service_resumes(page, host, service):
+    """A page loaded while consoles are paused gets its buttons once the kill
+    switch is off again, without a reload."""
+    url = styled(host, "/resume", service.base_url, "",
+                 '<pre data-shellserver id="sample">print(4)</pre>')
+    switch = service.state_dir / "kill-switch"
+    switch.write_text("")
+    try:
+        assert wait_until(lambda: b"switched-off" in service.get("/status").read(),
+                          timeout=10)
+        with page.expect_response(lambda r: r.url.endswith("/status")) as status:
+            page.goto(url)
+        assert status.value.json()["accepting"] is False
+        with page.expect_response(lambda r: r.url.endswith("/status"), timeout=10_000):
+            pass  # it asks again by itself
+        expect(page.get_by_role("button", name=LAUNCH)).to_have_count(0)
+    finally:
+        switch.unlink()
+    expect(page.get_by_role("button", name=LAUNCH)).to_have_count(1, timeout=30_000)
+    assert own_problems(page) == []
+
+
+def test_refused_origin_warns_the_site_owner(page, stranger, service):
+    """A page whose origin is not in embed.host_origins gets no button and a
+    console warning naming the setting."""
+    url = styled(stranger, "/stranger", service.base_url, "",
+                 '<pre data-shellserver id="sample">print(5)</pre>')
+    with page.expect_console_message(lambda m: "embed.host_origins" in m.text,
+                                     timeout=10_000) as message:
+        page.goto(url)
+    assert message.value.type == "warning"
+    assert stranger.origin in message.value.text
+    expect(page.get_by_role("button", name=LAUNCH)).to_have_count(0)
+
+
+def test_new_console_while_service_is_down(page, tmp_path):
+    """"New console" while the service is down explains in the status line
+    instead of replacing the page with the browser's error page."""
+    server = start_server(tmp_path, uid_min=UIDS + 40, uid_max=UIDS + 59)
+    try:
+        page.goto(server.base_url + "/console/")
+        expect(page.locator("body")).to_have_attribute("data-state", "ready",
+                                                       timeout=20_000)
+    finally:
+        server.stop()
+    expect(page.locator("#new-console")).to_be_visible(timeout=20_000)
+    page.click("#new-console")
+    expect(page.locator("#status-text")).to_contain_text("cannot be reached",
+                                                         timeout=10_000)
+    assert page.url == server.base_url + "/console/"
+    expect(page.locator("#new-console")).to_be_enabled()

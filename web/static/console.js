@@ -22,6 +22,16 @@
   var terminalElement = document.getElementById("terminal");
   var statusText = document.getElementById("status-text");
   var newConsoleButton = document.getElementById("new-console");
+  var screenReaderButton = document.getElementById("screen-reader");
+
+  // The way out of the terminal for keyboard users (WCAG 2.1.2): Escape and
+  // then, within LEAVE_WINDOW_MS, Tab or Shift-Tab. Escape itself still
+  // reaches IPython, and a Tab that does not follow Escape completes code as
+  // always; only the pair leaves. Announced in the status line (#keys-hint).
+  var LEAVE_WINDOW_MS = 2000;
+  var escapePressedAt = -Infinity;
+  // xterm.js's screen-reader mode, per visitor, remembered in this origin.
+  var SCREEN_READER_KEY = "shellserver.screenReaderMode";
 
   // Flow control (docs/protocol.md): tell the server how much output xterm.js
   // has written, every ACK_UNITS or shortly after it has caught up, so that
@@ -55,7 +65,16 @@
     return names.length ? names : DEFAULT_TRANSPORTS;
   }
 
+  function storedScreenReaderMode() {
+    try {
+      return window.localStorage.getItem(SCREEN_READER_KEY) === "on";
+    } catch (e) {
+      return false;  // storage blocked (third-party frame settings)
+    }
+  }
+
   var term = new Terminal({
+    screenReaderMode: storedScreenReaderMode(),
     cursorBlink: true,
     fontFamily: 'ui-monospace, "SFMono-Regular", Menlo, Consolas, ' +
       '"DejaVu Sans Mono", "Liberation Mono", monospace',
@@ -95,8 +114,24 @@
   // Ctrl-Shift-V paste instead of sending ^V. Returning false lets the
   // browser's own copy/paste run; xterm.js handles those events itself.
   term.attachCustomKeyEventHandler(function (event) {
-    if (event.type !== "keydown" || !event.ctrlKey || event.altKey ||
-        event.metaKey) {
+    if (event.type !== "keydown") {
+      return true;
+    }
+    if (event.key === "Escape") {
+      escapePressedAt = event.timeStamp;
+      return true;
+    }
+    if (event.key === "Tab" && !event.ctrlKey && !event.altKey && !event.metaKey &&
+        event.timeStamp - escapePressedAt <= LEAVE_WINDOW_MS) {
+      escapePressedAt = -Infinity;
+      event.preventDefault();
+      leaveTerminal(event.shiftKey);
+      return false;
+    }
+    if (event.key !== "Shift") {
+      escapePressedAt = -Infinity;  // only Escape directly before Tab counts
+    }
+    if (!event.ctrlKey || event.altKey || event.metaKey) {
       return true;
     }
     var key = event.key.toLowerCase();
@@ -106,6 +141,34 @@
     }
     return key !== "v";
   });
+
+  function leaveTerminal(backward) {
+    term.blur();
+    if (backward && window.parent !== window) {
+      // Before the frame on the host page is its Close button; only the host
+      // page can move focus there. The message carries nothing secret.
+      window.parent.postMessage({ shellserver: "leave" }, "*");
+    } else {
+      screenReaderButton.focus();
+    }
+  }
+
+  function showScreenReaderMode() {
+    var on = term.options.screenReaderMode === true;
+    screenReaderButton.setAttribute("aria-pressed", on ? "true" : "false");
+  }
+
+  screenReaderButton.addEventListener("click", function () {
+    var on = term.options.screenReaderMode !== true;
+    term.options.screenReaderMode = on;
+    try {
+      window.localStorage.setItem(SCREEN_READER_KEY, on ? "on" : "off");
+    } catch (e) {
+      // Not remembered where storage is blocked; it still applies now.
+    }
+    showScreenReaderMode();
+  });
+  showScreenReaderMode();
 
   function send(type, payload) {
     if (socket && socket.readyState === SockJS.OPEN) {
@@ -276,7 +339,27 @@
     term.focus();
   });
   newConsoleButton.addEventListener("click", function () {
-    window.location.reload();  // a new page load mints a new token
+    // A new page load mints a new token; but reloading while the service is
+    // down would replace this frame with the browser's own error page, so
+    // ask /status first and explain here if no console can start now.
+    newConsoleButton.disabled = true;
+    fetch("/status", { cache: "no-store", credentials: "omit" })
+      .then(function (response) {
+        return response.json();
+      })
+      .then(function (status) {
+        if (status.accepting === true) {
+          window.location.reload();
+          return;
+        }
+        statusText.textContent = (status.message ||
+          "No console can start right now.") + " Try again in a moment.";
+        newConsoleButton.disabled = false;
+      }, function () {
+        statusText.textContent = "The console service cannot be reached " +
+          "right now. Try again in a moment.";
+        newConsoleButton.disabled = false;
+      });
   });
   // Ctrl-W and friends close the tab before the page sees them; at least
   // ask before a session the visitor has typed into goes away.
