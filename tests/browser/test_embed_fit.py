@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_server, wait_until
+from conftest import REPO, free_port, start_server, wait_until
 from playwright.sync_api import expect
 from test_embed import LAUNCH, HostSite, box, own_problems
 
@@ -292,3 +292,70 @@ def test_new_console_while_service_is_down(page, tmp_path):
                                                          timeout=10_000)
     assert page.url == server.base_url + "/console/"
     expect(page.locator("#new-console")).to_be_enabled()
+
+
+AXE = REPO / "web" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def serious_violations(frame) -> list[str]:
+    """axe-core's serious and critical findings on a page or frame.
+
+    axe is evaluated through the DevTools protocol, which the pages' strict
+    CSPs do not govern, so no page needs to allow it."""
+    frame.evaluate(AXE.read_text())
+    found = frame.evaluate("axe.run(document).then(r => r.violations.map(v =>"
+                           " [v.impact, v.id, v.nodes.map(n => n.target.join(' '))"
+                           ".join(', ')]))")
+    return [f"{impact} {rule}: {nodes}" for impact, rule, nodes in found
+            if impact in ("serious", "critical")]
+
+
+def test_axe_demo_console_refused_and_host_pages(page, host, service):
+    """axe-core finds nothing serious or critical on the demo page, the console
+    (alone and embedded), the refused page and a host page."""
+    page.goto(service.base_url + "/")
+    assert serious_violations(page) == []
+    page.goto(service.base_url + "/console/")
+    expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=20_000)
+    assert serious_violations(page) == []
+    url = styled(host, "/axe", service.base_url, "",
+                 '<main><h1>Docs</h1><pre data-shellserver id="sample">print(7)</pre></main>')
+    page.goto(url)
+    expect(page.get_by_role("button", name=LAUNCH)).to_have_count(1, timeout=10_000)
+    assert serious_violations(page) == []
+    launch(page)
+    assert serious_violations(page) == []
+    embedded = page.frames[1]
+    assert serious_violations(embedded) == []
+    switch = service.state_dir / "kill-switch"
+    switch.write_text("")
+    try:
+        assert wait_until(lambda: b"switched-off" in service.get("/status").read(),
+                          timeout=10)
+        response = page.goto(service.base_url + "/console/")
+        assert response.status == 503
+        assert serious_violations(page) == []
+    finally:
+        switch.unlink()
+        assert wait_until(lambda: b'"accepting":true' in service.get("/status").read(),
+                          timeout=10)
+
+
+def test_screen_reader_mode_toggle_is_remembered(page, service):
+    """The Screen reader button turns xterm.js's screen-reader mode on (output
+    reaches the accessibility tree) and a new console remembers the choice."""
+    page.goto(service.base_url + "/console/")
+    expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=20_000)
+    toggle = page.get_by_role("button", name="Screen reader")
+    expect(toggle).to_have_attribute("aria-pressed", "false")
+    expect(page.locator(".xterm-accessibility-tree")).to_have_count(0)
+    toggle.click()
+    expect(toggle).to_have_attribute("aria-pressed", "true")
+    page.locator(".xterm-helper-textarea").focus()
+    page.keyboard.type("print(6*7)")
+    page.keyboard.press("Enter")
+    expect(page.locator(".xterm-accessibility-tree")).to_contain_text("42", timeout=20_000)
+    page.goto(service.base_url + "/console/")
+    expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=20_000)
+    expect(toggle).to_have_attribute("aria-pressed", "true")
+    expect(page.locator(".xterm-accessibility-tree")).to_have_count(1)

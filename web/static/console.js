@@ -345,10 +345,13 @@
     newConsoleButton.disabled = true;
     fetch("/status", { cache: "no-store", credentials: "omit" })
       .then(function (response) {
-        return response.json();
+        return response.ok ? response.json() : null;
       })
       .then(function (status) {
-        if (status.accepting === true) {
+        // The service answered: reload unless it says it would refuse (its
+        // refusal page would explain too, but here the visitor keeps the
+        // transcript of the console that ended).
+        if (!status || status.accepting !== false) {
           window.location.reload();
           return;
         }
