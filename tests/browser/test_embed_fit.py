@@ -346,6 +346,7 @@ def test_screen_reader_mode_toggle_is_remembered(page, service):
     reaches the accessibility tree) and a new console remembers the choice."""
     page.goto(service.base_url + "/console/")
     expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=20_000)
+    expect(page.locator("#key-bar")).to_be_hidden()  # a mouse, not a finger
     toggle = page.get_by_role("button", name="Screen reader")
     expect(toggle).to_have_attribute("aria-pressed", "false")
     expect(page.locator(".xterm-accessibility-tree")).to_have_count(0)
@@ -359,3 +360,35 @@ def test_screen_reader_mode_toggle_is_remembered(page, service):
     expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=20_000)
     expect(toggle).to_have_attribute("aria-pressed", "true")
     expect(page.locator(".xterm-accessibility-tree")).to_have_count(1)
+
+
+def test_touch_key_bar_sends_tab_and_ctrl_c(browser, service):
+    """On a 390x844 touch screen the key bar sends Tab (IPython completes) and
+    Ctrl-C (interrupts a running command), and the status line is not cut off."""
+    page = new_page(browser, viewport={"width": 390, "height": 844}, has_touch=True,
+                    is_mobile=True, device_scale_factor=3)
+    try:
+        page.goto(service.base_url + "/console/")
+        expect(page.locator("body")).to_have_attribute("data-state", "ready",
+                                                       timeout=20_000)
+        bar = page.get_by_role("toolbar", name="Terminal keys")
+        expect(bar).to_be_visible()
+        rows = page.locator(".xterm-rows")
+        expect(rows).to_contain_text("In [1]:", timeout=20_000)
+        status = page.locator("#status-text")
+        assert page.evaluate("(e => e.scrollWidth <= e.clientWidth)"
+                             "(document.getElementById('status-text'))")
+        x, _, width, _ = box(status)
+        assert 0 <= x and x + width <= 390
+        page.keyboard.type("impor")
+        bar.get_by_role("button", name="Tab").tap()
+        expect(rows).to_contain_text("In [1]: import", timeout=10_000)
+        page.keyboard.type(" time; time.sleep(60)")
+        page.keyboard.press("Enter")
+        expect(rows).not_to_contain_text("In [2]:", timeout=2_000)
+        bar.get_by_role("button", name="Control C").tap()
+        expect(rows).to_contain_text("KeyboardInterrupt", timeout=10_000)
+        expect(rows).to_contain_text("In [2]:", timeout=10_000)
+        assert own_problems(page) == []
+    finally:
+        page.context.close()

@@ -316,7 +316,53 @@
     socket.onclose = onClose;
   }
 
+  // The touch key bar: what each button sends. Arrows follow the terminal's
+  // cursor-key mode (IPython's prompt_toolkit switches it), as xterm.js does.
+  var keyBar = document.getElementById("key-bar");
+  var ctrlButton = keyBar.querySelector('[data-key="ctrl"]');
+  var ctrlLatched = false;  // Ctrl tapped: the next typed letter is a control key
+  var ARROWS = { up: "A", down: "B", right: "C", left: "D" };
+  var KEY_SEQUENCES = { tab: "\t", escape: "\x1b", "ctrl-c": "\x03", "ctrl-d": "\x04" };
+
+  function latchCtrl(on) {
+    ctrlLatched = on;
+    ctrlButton.setAttribute("aria-pressed", on ? "true" : "false");
+  }
+
+  function keyBarSequence(name) {
+    if (ARROWS[name]) {
+      return (term.modes.applicationCursorKeysMode ? "\x1bO" : "\x1b[") + ARROWS[name];
+    }
+    return KEY_SEQUENCES[name];
+  }
+
+  // Tapping a key must not take the focus (and the on-screen keyboard) away
+  // from the terminal.
+  keyBar.addEventListener("pointerdown", function (event) {
+    event.preventDefault();
+  });
+  keyBar.addEventListener("click", function (event) {
+    var target = event.target.closest("button[data-key]");
+    if (!target) {
+      return;
+    }
+    var name = target.getAttribute("data-key");
+    if (name === "ctrl") {
+      latchCtrl(!ctrlLatched);
+    } else if (authenticated && state === "ready") {
+      latchCtrl(false);
+      userTyped = true;
+      send("i", keyBarSequence(name));
+    }
+    term.focus();
+  });
+
   term.onData(function (data) {
+    if (ctrlLatched && data.length === 1 && /[a-z@\[\\\]^_]/i.test(data)) {
+      // Ctrl + letter is the letter's code with the top bits cleared.
+      data = String.fromCharCode(data.toUpperCase().charCodeAt(0) & 0x1f);
+      latchCtrl(false);
+    }
     if (authenticated) {
       if (state === "ready") {
         userTyped = true;
