@@ -392,3 +392,31 @@ def test_touch_key_bar_sends_tab_and_ctrl_c(browser, service):
         assert own_problems(page) == []
     finally:
         page.context.close()
+
+
+def test_run_the_sample(page, host, service):
+    """With data-run-sample, the sample's input lines (prompts stripped) are
+    pasted at the first prompt, not run until Enter."""
+    url = styled(host, "/run", service.base_url, "",
+                 '<pre data-shellserver data-run-sample id="sample">'
+                 '&gt;&gt;&gt; x = 6 * 7\n&gt;&gt;&gt; print(x + 0)\n42</pre>'
+                 '<pre data-shellserver id="plain">print("plain")</pre>')
+    page.goto(url)
+    expect(page.get_by_role("button", name=LAUNCH)).to_have_count(2, timeout=10_000)
+    console = launch(page)
+    rows = console.locator(".xterm-rows")
+    expect(rows).to_contain_text("print(x + 0)", timeout=10_000)
+    assert "In [2]:" not in rows.inner_text()  # pasted, not run
+    page.keyboard.press("Enter")
+    expect(rows).to_contain_text("In [2]:", timeout=20_000)
+    lines = [line.strip() for line in rows.inner_text().splitlines()]
+    assert "42" in lines
+    page.get_by_role("button", name="Close").click()
+    # A sample without the attribute starts an empty console.
+    page.get_by_role("button", name=LAUNCH).nth(1).click()
+    rows = page.frame_locator("iframe").locator(".xterm-rows")
+    expect(rows).to_contain_text("In [1]:", timeout=20_000)
+    page.keyboard.type("1+1")  # what the visitor types comes first and alone
+    page.keyboard.press("Enter")
+    expect(rows).to_contain_text("Out[1]: 2", timeout=20_000)
+    assert "plain" not in rows.inner_text()

@@ -232,6 +232,7 @@
       case "o":
         receivedUnits += payload.length;
         term.write(payload, function () {
+          pasteSampleWhenPrompted();
           writtenUnits += payload.length;
           acknowledge();
         });
@@ -356,6 +357,30 @@
     }
     term.focus();
   });
+
+  // A sample's code from the embedding page (embed.js, data-run-sample),
+  // pasted at the first prompt: bracketed, so IPython takes it as one
+  // input to run with Enter or edit first, never runs it by itself.
+  var hostOrigin = new URLSearchParams(window.location.search).get("host");
+  var pendingSample = null;
+  window.addEventListener("message", function (event) {
+    if (event.source !== window.parent || window.parent === window ||
+        event.origin !== hostOrigin || !event.data ||
+        event.data.shellserver !== "sample" || typeof event.data.code !== "string") {
+      return;
+    }
+    pendingSample = event.data.code;
+    pasteSampleWhenPrompted();
+  });
+
+  function pasteSampleWhenPrompted() {
+    // prompt_toolkit turns bracketed paste on when it draws its prompt.
+    if (pendingSample !== null && state === "ready" && term.modes.bracketedPasteMode) {
+      var code = pendingSample;
+      pendingSample = null;
+      term.paste(code);
+    }
+  }
 
   term.onData(function (data) {
     if (ctrlLatched && data.length === 1 && /[a-z@\[\\\]^_]/i.test(data)) {

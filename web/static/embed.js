@@ -25,6 +25,9 @@
   var statusUrl = new URL("status", base).href;
   var consoleUrl = new URL("console/", base).href;
   var label = script.getAttribute("data-label") || "Launch interactive shell";
+  // data-run-sample on the script tag (every sample) or on a sample (that
+  // one): the new console gets the sample's code at its first prompt.
+  var runAll = script.hasAttribute("data-run-sample");
   var serviceOrigin = base.origin;
   var MIN_HEIGHT = 360; // about 20 terminal rows
   // Re-checking /status while not accepting: first after FIRST_RETRY_MS,
@@ -125,10 +128,30 @@
     this.launch.hidden = true;
     this.close.hidden = false;
     frame.focus();
+    var code = (runAll || sample.hasAttribute("data-run-sample")) ? sampleCode(sample) : "";
     frame.addEventListener("load", function () {
       frame.focus();
+      if (code) {
+        // Only the console page of our service may receive it.
+        frame.contentWindow.postMessage({ shellserver: "sample", code: code }, serviceOrigin);
+      }
     });
   };
+
+  // The code of a sample: its text, or for an interactive transcript
+  // (">>> " and "... " lines) just the input lines without their prompts.
+  function sampleCode(sample) {
+    var lines = sample.textContent.replace(/\s+$/, "").split("\n");
+    var prompted = lines.filter(function (line) {
+      return /^(>>>|\.\.\.)( |$)/.test(line);
+    });
+    if (prompted.length) {
+      lines = prompted.map(function (line) {
+        return line.slice(4);
+      });
+    }
+    return lines.join("\n").replace(/\s+$/, "");
+  }
 
   Embed.prototype.place = function () {
     if (!this.frame) {
