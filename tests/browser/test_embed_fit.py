@@ -420,3 +420,46 @@ def test_run_the_sample(page, host, service):
     page.keyboard.press("Enter")
     expect(rows).to_contain_text("Out[1]: 2", timeout=20_000)
     assert "plain" not in rows.inner_text()
+
+
+def test_light_theme_font_size_and_links(page, host, service):
+    """data-theme="light" and data-font-size reach the console (readable: no axe
+    violation), and a URL in the output opens in a new tab when clicked."""
+    linked = host.add("/linked", "<!doctype html><title>Linked</title><p>here</p>",
+                      service.base_url)
+    html = (f'<!doctype html><html lang="en"><head><title>Look</title>'
+            f'<script src="{service.base_url}/embed.js" data-theme="light"'
+            f' data-font-size="18" defer></script></head>'
+            f'<body><pre data-shellserver>print(1)</pre></body></html>')
+    url = host.add("/look", html, service.base_url)
+    page.goto(url)
+    expect(page.get_by_role("button", name=LAUNCH)).to_have_count(1, timeout=10_000)
+    console = launch(page)
+    expect(console.locator("body")).to_have_attribute("data-theme", "light")
+    rows = console.locator(".xterm-rows")
+    assert rows.evaluate("e => getComputedStyle(e).fontSize") == "18px"
+    background = console.locator(".xterm-viewport").evaluate(
+        "e => getComputedStyle(e).backgroundColor")
+    assert background == "rgb(251, 251, 253)"
+    page.keyboard.type(f"print({linked!r})")
+    page.keyboard.press("Enter")
+    expect(rows).to_contain_text("In [2]:", timeout=20_000)
+    assert serious_violations(page.frames[1]) == []
+    line = rows.locator("div").filter(has_text=linked).last
+    x, y, _, height = box(line)
+    page.mouse.move(x + 40, y + height / 2)
+    with page.expect_popup(timeout=10_000) as popup:
+        page.mouse.click(x + 40, y + height / 2)
+    popup.value.wait_for_url(linked, timeout=10_000)  # opened blank, then sent there
+    assert popup.value.url == linked
+
+
+def test_theme_follows_prefers_color_scheme(browser, service):
+    """Without a host choice, the console follows the visitor's colour scheme."""
+    for scheme in ("light", "dark"):
+        page = new_page(browser, color_scheme=scheme)
+        try:
+            page.goto(service.base_url + "/console/")
+            expect(page.locator("body")).to_have_attribute("data-theme", scheme)
+        finally:
+            page.context.close()

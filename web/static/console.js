@@ -73,40 +73,81 @@
     }
   }
 
+  // Look, from the page's query (embed.js passes the host's choices):
+  // ?theme=light|dark, else the visitor's prefers-color-scheme; ?font-size=N.
+  var query = new URLSearchParams(window.location.search);
+  var themeName = query.get("theme");
+  if (themeName !== "light" && themeName !== "dark") {
+    themeName = window.matchMedia("(prefers-color-scheme: light)").matches ? "light" : "dark";
+  }
+  body.setAttribute("data-theme", themeName);
+  var fontSize = parseInt(query.get("font-size"), 10);
+  if (!(fontSize >= 10 && fontSize <= 28)) {
+    fontSize = 14;
+  }
+  // IPython's colours on white: the dark palette's yellows and light cyans
+  // would vanish, so every colour here is dark enough for text on white.
+  var LIGHT_THEME = {
+    background: "#fbfbfd",
+    foreground: "#1f2328",
+    cursor: "#1f2328",
+    cursorAccent: "#fbfbfd",
+    selectionBackground: "#b6d4fb",
+    black: "#1f2328",
+    red: "#b3261e",
+    green: "#116329",
+    yellow: "#7a4e00",
+    blue: "#0550ae",
+    magenta: "#8250df",
+    cyan: "#0a6a78",
+    white: "#57606a",
+    brightBlack: "#57606a",
+    brightRed: "#a40e26",
+    brightGreen: "#1a7f37",
+    brightYellow: "#633c01",
+    brightBlue: "#0349b4",
+    brightMagenta: "#6e40c9",
+    brightCyan: "#1b7c83",
+    brightWhite: "#1f2328"
+  };
+  var DARK_THEME = {
+    background: "#14171c",
+    foreground: "#d8dee9",
+    cursor: "#ffd43b",
+    cursorAccent: "#14171c",
+    selectionBackground: "#3b4a5e",
+    black: "#1c1f26",
+    red: "#e06c75",
+    green: "#98c379",
+    yellow: "#e5c07b",
+    blue: "#61afef",
+    magenta: "#c678dd",
+    cyan: "#56b6c2",
+    white: "#d8dee9",
+    brightBlack: "#6b7280",
+    brightRed: "#ef8b93",
+    brightGreen: "#b5e08f",
+    brightYellow: "#f0d39a",
+    brightBlue: "#8cc8f5",
+    brightMagenta: "#d99ee8",
+    brightCyan: "#7fd0da",
+    brightWhite: "#ffffff"
+  };
+
   var term = new Terminal({
     screenReaderMode: storedScreenReaderMode(),
     cursorBlink: true,
     fontFamily: 'ui-monospace, "SFMono-Regular", Menlo, Consolas, ' +
       '"DejaVu Sans Mono", "Liberation Mono", monospace',
-    fontSize: 14,
+    fontSize: fontSize,
     lineHeight: 1.15,
     scrollback: 2000,
-    theme: {
-      background: "#14171c",
-      foreground: "#d8dee9",
-      cursor: "#ffd43b",
-      cursorAccent: "#14171c",
-      selectionBackground: "#3b4a5e",
-      black: "#1c1f26",
-      red: "#e06c75",
-      green: "#98c379",
-      yellow: "#e5c07b",
-      blue: "#61afef",
-      magenta: "#c678dd",
-      cyan: "#56b6c2",
-      white: "#d8dee9",
-      brightBlack: "#6b7280",
-      brightRed: "#ef8b93",
-      brightGreen: "#b5e08f",
-      brightYellow: "#f0d39a",
-      brightBlue: "#8cc8f5",
-      brightMagenta: "#d99ee8",
-      brightCyan: "#7fd0da",
-      brightWhite: "#ffffff"
-    }
+    theme: themeName === "light" ? LIGHT_THEME : DARK_THEME
   });
   var fitAddon = new FitAddon.FitAddon();
   term.loadAddon(fitAddon);
+  // URLs in the output open in a new tab (without an opener) on click.
+  term.loadAddon(new WebLinksAddon.WebLinksAddon());
   term.open(terminalElement);
 
   // Keys a browser would otherwise lose to the terminal: Ctrl-C with a

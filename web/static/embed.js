@@ -28,6 +28,25 @@
   // data-run-sample on the script tag (every sample) or on a sample (that
   // one): the new console gets the sample's code at its first prompt.
   var runAll = script.hasAttribute("data-run-sample");
+  // Look: data-theme="light|dark" (default: the visitor's prefers-color-scheme)
+  // and data-font-size (pixels, 10 to 28), passed on to the console page.
+  var looks = new URLSearchParams();
+  var theme = script.getAttribute("data-theme");
+  if (theme === "light" || theme === "dark") {
+    looks.set("theme", theme);
+  } else if (theme !== null && theme !== "auto") {
+    console.warn("shellserver: data-theme must be light, dark or auto, not " +
+                 JSON.stringify(theme) + "; following the visitor's preference.");
+  }
+  var fontSize = script.getAttribute("data-font-size");
+  if (fontSize !== null) {
+    if (/^[0-9]+$/.test(fontSize) && +fontSize >= 10 && +fontSize <= 28) {
+      looks.set("font-size", fontSize);
+    } else {
+      console.warn("shellserver: data-font-size must be a whole number of pixels " +
+                   "from 10 to 28, not " + JSON.stringify(fontSize) + "; using 14.");
+    }
+  }
   var serviceOrigin = base.origin;
   var MIN_HEIGHT = 360; // about 20 terminal rows
   // Re-checking /status while not accepting: first after FIRST_RETRY_MS,
@@ -90,7 +109,9 @@
     var shown = window.getComputedStyle(sample);
     var height = Math.max(sample.getBoundingClientRect().height, MIN_HEIGHT);
     var frame = document.createElement("iframe");
-    frame.src = consoleUrl + "?host=" + encodeURIComponent(location.origin);
+    var query = new URLSearchParams(looks);
+    query.set("host", location.origin);
+    frame.src = consoleUrl + "?" + query.toString();
     frame.title = "Interactive Python shell";
     frame.setAttribute("allow", "clipboard-read; clipboard-write");
     // In the sample's place and in the page's flow: a block as wide as the
