@@ -37,6 +37,7 @@ VENDOR_FILES = {
     b"xterm.js": ("@xterm", "xterm", "lib", "xterm.js"),
     b"xterm.css": ("@xterm", "xterm", "css", "xterm.css"),
     b"addon-fit.js": ("@xterm", "addon-fit", "lib", "addon-fit.js"),
+    b"addon-web-links.js": ("@xterm", "addon-web-links", "lib", "addon-web-links.js"),
     b"sockjs.min.js": ("sockjs-client", "dist", "sockjs.min.js"),
 }
 

@@ -37,6 +37,7 @@ VENDOR_FILES = {
     "xterm.js": NODE_MODULES / "@xterm/xterm/lib/xterm.js",
     "xterm.css": NODE_MODULES / "@xterm/xterm/css/xterm.css",
     "addon-fit.js": NODE_MODULES / "@xterm/addon-fit/lib/addon-fit.js",
+    "addon-web-links.js": NODE_MODULES / "@xterm/addon-web-links/lib/addon-web-links.js",
     "sockjs.min.js": NODE_MODULES / "sockjs-client/dist/sockjs.min.js",
 }
 
