@@ -171,14 +171,38 @@ def check_host(config: Config) -> None:
             "this kernel lacks the namespaces the sandbox needs: " + ", ".join(missing)
         )
     try:
-        read_layout()
+        layout = read_layout()
     except (CgroupError, OSError) as e:
         raise HostRefusal(f"cgroups: {e}") from e
+    move_to_delegated_scope(layout, config)
     python = config.sandbox.system_python
     if not os.access(python, os.X_OK):
         raise usage.UsageError(
             f"sandbox.system_python: {python} is missing (install python3 and python3-venv)"
         )
+
+
+def move_to_delegated_scope(layout: CgroupLayout, config: Config) -> None:
+    """Started by hand where the server's cgroup lacks controllers, on a
+    systemd host: re-execute in a delegated scope (see shellserver.scope).
+    Returns when it stays (then prepare_parents refuses if it must)."""
+    from shellserver import scope
+
+    available: list[str] = []
+    if layout.v2_controllers and layout.own:
+        try:
+            with open(os.path.join(layout.own, "cgroup.controllers")) as f:
+                available = f.read().split()
+        except OSError:
+            return  # prepare_parents names the file and the error
+    reason = scope.move_reason(v2_controllers=layout.v2_controllers, own_cgroup=layout.own,
+                               available=available, environ=os.environ,
+                               systemd_running=os.path.isdir("/run/systemd/system"))
+    if reason is None:
+        return
+    why_not = scope.reexec_in_scope(reason, instance_name(config.server.state_dir))
+    if why_not:
+        sys.stderr.write(f"shellserver: not moving into a delegated scope: {why_not}\n")
 
 
 @frozen

@@ -264,41 +264,90 @@ BY_HAND = ("/opt/shellserver/.venv/bin/twistd --nodaemon --pidfile= --logfile - 
            "--config /etc/shellserver/shellserver.toml")
 
 
-def test_by_hand_in_a_scope(guest):
-    """Started by hand in a scope that was not delegated the cpu controller, the
-    server refuses with status 78 and the way out; in a scope with
-    Delegate=yes (that way out) it serves consoles and leaves nothing when
-    stopped."""
+def test_by_hand_refused_when_it_cannot_move(guest):
+    """Started by hand in a scope without the cpu controller, with the move into a
+    delegated scope ruled out (the marker of one already done), the server refuses
+    with status 78 and the way out, and leaves nothing in the scope."""
     guest.sh("systemctl stop shellserver", timeout=120)
     try:
-        refused = guest.run(f"systemd-run --scope --unit=byhand -- {BY_HAND}", check=False,
-                            timeout=300)
+        refused = guest.run(f"SHELLSERVER_DELEGATED_SCOPE=1 systemd-run --scope "
+                            f"--unit=byhand-refused -- {BY_HAND}", check=False, timeout=300)
         assert refused.returncode == 78, refused
         assert "cgroup.controllers offers" in refused.stderr, refused.stderr
         assert "systemd-run --scope -p Delegate=yes" in refused.stderr, refused.stderr
-        guest.sh(f"setsid -f systemd-run --scope -p Delegate=yes --unit=byhand-delegated "
-                 f"-- {BY_HAND} > /root/byhand.log 2>&1")
+        assert "moving into a delegated scope" not in refused.stderr, refused.stderr
+        assert wait_until(lambda: leftover_units(guest) == "", timeout=30), \
+            leftover_units(guest)
+    finally:
+        guest.sh("systemctl start shellserver", timeout=300)
+
+
+def leftover_units(guest: Guest) -> str:
+    """The transient scopes and cgroups a server started by hand could leave."""
+    units = guest.sh("systemctl list-units --all --plain --no-legend 'shellserver-*' "
+                     "'byhand*'")
+    cgroups = guest.sh("find /sys/fs/cgroup -type d \\( -name 'shellserver-*' "
+                       "-o -name 'byhand*' -o -name shellserver \\) 2>/dev/null || true")
+    return (units + "\n" + cgroups).strip()
+
+
+def test_by_hand_from_a_root_shell(guest):
+    """Started by hand from a root ssh shell (its scope lacks the cpu controller),
+    the server moves itself into a delegated scope of its own, serves a console
+    whose cgroup has cpu.max, and leaves no cgroup and no unit after SIGTERM."""
+    guest.sh("systemctl stop shellserver", timeout=120)
+    pid = None
+    try:
+        shell = guest.sh("cat /proc/self/cgroup")
+        print(f"\nvm: a root ssh shell runs in {shell}")
+        # Without logind, ssh's shells stay in ssh.service, which the unit's
+        # Delegate=yes sibling may have given cpu: imitate a login's scope,
+        # undelegated, as systemd-run --scope without Delegate makes one.
+        wrap = "" if shell.endswith(".scope") else "systemd-run --scope --unit=byhand -- "
+        own = "/sys/fs/cgroup" + (shell.split("::", 1)[1] if not wrap
+                                  else "/system.slice/byhand.scope")
+        if not wrap:
+            assert "cpu" not in guest.sh(f"cat {own}/cgroup.controllers").split()
+        guest.sh("rm -f /root/byhand.pid")
+        guest.sh(f"setsid -f sh -c 'echo $$ > /root/byhand.pid; exec {wrap}{BY_HAND}' "
+                 f"> /root/byhand.log 2>&1")
+        assert wait_until(lambda: guest.sh("cat /root/byhand.pid 2>/dev/null || true"),
+                          timeout=30)
+        pid = guest.sh("cat /root/byhand.pid")
         answers = ("python3 -c \"import ssl, urllib.request; urllib.request.urlopen("
                    "'https://127.0.0.1:8443/status', context=ssl._create_unverified_context())\"")
         assert wait_until(lambda: guest.run(answers, check=False).returncode == 0,
                           timeout=120), guest.sh("cat /root/byhand.log")
-        scope = "/sys/fs/cgroup/system.slice/byhand-delegated.scope"
+        log = guest.sh("cat /root/byhand.log")
+        assert "moving into a delegated scope, shellserver-i" in log, log
+        assert "without cpu" in log, log
+        cgroup = guest.sh(f"cat /proc/{pid}/cgroup")
+        assert re.fullmatch(rf"0::/system\.slice/shellserver-i[0-9a-f]{{12}}-{pid}\.scope/server",
+                            cgroup), cgroup
+        scope = "/sys/fs/cgroup" + cgroup.split("::", 1)[1].rsplit("/", 1)[0]
+        unit = scope.rsplit("/", 1)[1]
+        assert "Delegate=yes" in guest.sh(f"systemctl show -p Delegate {unit}")
         client = open_console(guest)
         try:
             assert "42" in client.run("print(6*7)", 2, timeout=60)
             groups = guest.sh(f"ls -d {scope}/shellserver/i*/*/").split()
             assert len(groups) == 1, groups
             assert cgroup_file(guest, groups[0], "cpu.max") == "50000 100000"
-            # The server moved itself into the scope's leaf.
-            assert guest.sh(f"cat {scope}/server/cgroup.procs")
-            assert guest.sh(f"cat {scope}/cgroup.procs") == ""
+            assert cgroup_file(guest, groups[0], "pids.max") == "64"
         finally:
             client.close()
-        guest.sh("systemctl stop byhand-delegated.scope", timeout=120)
-        assert guest.sh(f"test -e {scope} && echo present || echo gone") == "gone"
+        # Nothing was made in the shell's own scope.
+        assert guest.sh(f"test -e {own}/shellserver && echo present || echo gone") == "gone"
+        guest.sh(f"kill -TERM {pid}")
+        assert wait_until(lambda: guest.run(f"kill -0 {pid}", check=False).returncode != 0,
+                          timeout=120), guest.sh("cat /root/byhand.log")
+        pid = None
+        assert wait_until(lambda: leftover_units(guest) == "", timeout=30), \
+            leftover_units(guest)
         assert console_uids(guest) == []
     finally:
-        guest.run("systemctl stop byhand-delegated.scope", check=False, timeout=120)
+        if pid is not None:
+            guest.run(f"kill -KILL {pid}", check=False)
         guest.sh("systemctl start shellserver", timeout=300)
 
 
