@@ -68,24 +68,25 @@ def make_stamp(packages: Sequence[str]) -> dict:
     return {"format": RUNTIME_FORMAT, "packages": list(packages)}
 
 
-def read_stamp(path: str) -> dict | None:
-    """The stamp of the runtime at ``path``; None when it is not built.
-
-    Runtimes built before stamps existed hold a line of text: format 1,
-    no packages.
-    """
-    try:
-        with open(os.path.join(path, READY_MARKER)) as f:
-            text = f.read()
-    except OSError:
-        return None
+def parse_stamp(text: str) -> dict:
+    """A runtime marker's stamp. Runtimes built before stamps existed hold a
+    line of text: format 1, no packages."""
     try:
         stamp = json.loads(text)
     except ValueError:
-        return {"format": 1, "packages": []}
+        stamp = None
     if not isinstance(stamp, dict):
         return {"format": 1, "packages": []}
     return stamp
+
+
+def read_stamp(path: str) -> dict | None:
+    """The stamp of the runtime at ``path``; None when it is not built."""
+    try:
+        with open(os.path.join(path, READY_MARKER)) as f:
+            return parse_stamp(f.read())
+    except OSError:
+        return None
 
 
 def runtime_is_ready(path: str, packages: Sequence[str] = ()) -> bool:
