@@ -135,3 +135,24 @@ def test_f2_edits_the_input_in_the_editor(console):
     assert console.wait_for(prompt_redrawn), console.display()
     console.run("", 2)  # Enter runs the input that came back from the editor
     assert "Out[2]: 42" in console.run("answer", 3)
+
+
+def test_prebuilt_runtime_with_other_packages_is_refused(tmp_path):
+    """A prebuilt sandbox.runtime not built with sandbox.packages stops the
+    start with a message naming both lists and how to rebuild."""
+    import subprocess
+
+    from conftest import RUNTIME, TWISTD
+
+    config = tmp_path / "shellserver.toml"
+    config.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[sandbox]\nruntime = "{RUNTIME}"\npackages = ["rich"]\n'
+                      f"uid_min = {UIDS + 10}\nuid_max = {UIDS + 19}\n")
+    result = subprocess.run(
+        [TWISTD, "--nodaemon", "--pidfile=", "shellserver", "--config", str(config),
+         "--listen", "tcp:0:interface=127.0.0.1"],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "was built with packages [none], not with sandbox.packages [rich]" in output
+    assert "python -m shellserver.sandbox.runtime --config FILE" in output
