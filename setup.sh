@@ -28,7 +28,8 @@ runtime=${SHELLSERVER_RUNTIME:-/var/lib/shellserver/runtime}
 say() { printf '==> %s\n' "$*"; }
 
 # 1. Debian packages.
-packages=(python3 python3-venv python3-dev ca-certificates)
+# nano: the consoles' editor for IPython's %edit and F2 (bound from /usr).
+packages=(python3 python3-venv python3-dev ca-certificates nano)
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 if [ "$mode" = test ]; then
   packages+=(chromium fonts-dejavu-core)
@@ -70,10 +71,14 @@ if [ ! -d web/node_modules ] || [ "$(cat web/node_modules/.shellserver-stamp 2>/
   echo "$want" > web/node_modules/.shellserver-stamp
 fi
 
-# 4. The console runtime: a venv of the system Python with IPython.
-if ! .venv/bin/python -m shellserver.sandbox.runtime --check "$runtime" 2>/dev/null; then
+# 4. The console runtime: a venv of the system Python with IPython and the
+#    packages of sandbox.packages in $SHELLSERVER_CONFIG (if set), rebuilt
+#    when that list changes.
+runtime_args=()
+[ -n "${SHELLSERVER_CONFIG:-}" ] && runtime_args=(--config "$SHELLSERVER_CONFIG")
+if ! .venv/bin/python -m shellserver.sandbox.runtime --check "${runtime_args[@]}" "$runtime" 2>/dev/null; then
   say "building the console runtime into $runtime"
-  .venv/bin/python -m shellserver.sandbox.runtime "$runtime"
+  .venv/bin/python -m shellserver.sandbox.runtime "${runtime_args[@]}" "$runtime"
 fi
 
 case "$mode" in

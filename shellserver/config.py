@@ -381,6 +381,30 @@ def _check_cpu_quota(instance: Any, attribute: attrs.Attribute, value: Any) -> N
         )
 
 
+def _check_packages(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Each entry must be a PEP 508 requirement ("name", "name==1.0",
+    "name @ file:///path/to/name.whl"): pip gets exactly what the operator wrote."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    if not isinstance(value, tuple):
+        raise _fail(instance, attribute,
+                    f"must be an array of requirement strings, got {_describe(value)}")
+    for entry in value:
+        if not isinstance(entry, str) or not entry.strip():
+            raise _fail(instance, attribute,
+                        "each entry must be a non-empty requirement string, "
+                        f"got {_describe(entry)}")
+        if entry.lstrip().startswith("-"):
+            raise _fail(instance, attribute,
+                        f"{entry!r} is a pip option, not a requirement")
+        try:
+            Requirement(entry)
+        except InvalidRequirement as e:
+            raise _fail(instance, attribute,
+                        f"{entry!r} is not a valid requirement (such as \"name\", "
+                        f"\"name==1.0\" or \"name @ file:///path/name.whl\"): {e}") from None
+
+
 @frozen(kw_only=True)
 class SandboxConfig:
     """The ``[sandbox]`` section: where consoles run and what they may use."""
@@ -410,6 +434,11 @@ class SandboxConfig:
     # PTYs one console may have (its devpts max=); all consoles draw on the
     # host's kernel.pty.max less kernel.pty.reserve (shellserver.sandbox.hostpools).
     max_ptys: int = field(default=8, validator=_integer(minimum=1, maximum=1024))
+    # Extra pip requirements installed into the console runtime when it is
+    # built; the runtime is rebuilt when this list changes.
+    packages: tuple[str, ...] = field(
+        default=(), converter=_to_tuple, validator=_check_packages
+    )
 
     @tarpit_quota.validator
     def _check_tarpit_quota(self, attribute: attrs.Attribute, value: Any) -> None:

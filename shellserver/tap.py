@@ -261,12 +261,13 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
     if config.sandbox.runtime:
         runtime, build = config.sandbox.runtime, False
         try:
-            check_prebuilt(runtime)
+            check_prebuilt(runtime, config.sandbox.packages)
         except (RuntimeProblem, OSError) as e:
             raise usage.UsageError(str(e)) from e
     else:
         runtime = config.runtime_dir
-        build = not runtime_is_ready(runtime)
+        # Rebuilt when sandbox.packages (or what a build installs) changed.
+        build = not runtime_is_ready(runtime, config.sandbox.packages)
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         os.chmod(state_dir, 0o700)
@@ -324,11 +325,13 @@ class SandboxService(Service):
     name = "sandboxes"
 
     def __init__(self, reactor, starter, runtime: str, build: bool, *, pool=None,
-                 consoles=None, admission=None, grace: float = 0.0, budget=None) -> None:
+                 consoles=None, admission=None, grace: float = 0.0, budget=None,
+                 packages: tuple[str, ...] = ()) -> None:
         self._reactor = reactor
         self.starter = starter
         self._runtime = runtime
         self._build = build
+        self._packages = packages
         self._runtime_waiters: list[Deferred] = []
         self.pool = pool
         self._consoles = consoles
@@ -349,7 +352,7 @@ class SandboxService(Service):
                 "the console runtime is still being built; try again in a minute"
             )
             d = build_runtime(self._reactor, self._runtime,
-                              self.starter.system_python)
+                              self.starter.system_python, self._packages)
             d.addCallback(lambda _: self._runtime_ready())
 
             def failed(failure):
@@ -629,7 +632,7 @@ def makeService(options: Options) -> MultiService:
     )
     sandboxes = SandboxService(reactor, starter, runtime, build, pool=pool, consoles=consoles,
                                admission=admission, grace=config.console.shutdown_grace,
-                               budget=budget)
+                               budget=budget, packages=config.sandbox.packages)
     sandboxes.setServiceParent(top)
     KillSwitchService(switch).setServiceParent(top)
     for index, description in enumerate(listen):

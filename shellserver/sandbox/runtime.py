@@ -6,9 +6,11 @@ so it must be built from the system interpreter, never from the server's.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
@@ -16,8 +18,31 @@ from twisted.logger import Logger
 
 log = Logger()
 
+# Written last by a build: what the runtime was built with (its stamp).
 READY_MARKER = ".shellserver-runtime"
 PACKAGES = ("ipython",)
+# Bumped when what a build puts into the runtime changes (the console
+# promises below), so that server-built runtimes are rebuilt.
+RUNTIME_FORMAT = 2
+# Copied into the runtime's site-packages under this name (see
+# shellserver/sandbox/console_promises.py).
+PROMISES_MODULE = "shellserver_console"
+IPYTHON_CONFIG = f"""\
+# Written by shellserver when it built this runtime: every console's IPython
+# reads it (sys.prefix/etc/ipython). See {PROMISES_MODULE}.py.
+import {PROMISES_MODULE}
+
+{PROMISES_MODULE}.configure(c)
+"""
+PIP_MODULE = f"""\
+# Consoles have no network: this runtime's pip says so (shellserver).
+import sys
+
+from {PROMISES_MODULE} import pip_main
+
+if __name__ == "__main__":
+    sys.exit(pip_main())
+"""
 
 
 class RuntimeProblem(Exception):
@@ -38,13 +63,40 @@ def check_overlay_path(what: str, path: str) -> None:
             f"paths with any of {OVERLAY_SPECIAL!r}")
 
 
-def runtime_is_ready(path: str) -> bool:
-    return os.path.exists(os.path.join(path, READY_MARKER)) and os.access(
+def make_stamp(packages: Sequence[str]) -> dict:
+    """What a runtime built now with ``packages`` records in its marker."""
+    return {"format": RUNTIME_FORMAT, "packages": list(packages)}
+
+
+def parse_stamp(text: str) -> dict:
+    """A runtime marker's stamp. Runtimes built before stamps existed hold a
+    line of text: format 1, no packages."""
+    try:
+        stamp = json.loads(text)
+    except ValueError:
+        stamp = None
+    if not isinstance(stamp, dict):
+        return {"format": 1, "packages": []}
+    return stamp
+
+
+def read_stamp(path: str) -> dict | None:
+    """The stamp of the runtime at ``path``; None when it is not built."""
+    try:
+        with open(os.path.join(path, READY_MARKER)) as f:
+            return parse_stamp(f.read())
+    except OSError:
+        return None
+
+
+def runtime_is_ready(path: str, packages: Sequence[str] = ()) -> bool:
+    """Built, by this version's build, with exactly ``packages``."""
+    return read_stamp(path) == make_stamp(packages) and os.access(
         os.path.join(path, "bin", "python"), os.X_OK
     )
 
 
-def check_prebuilt(path: str) -> None:
+def check_prebuilt(path: str, packages: Sequence[str] = ()) -> None:
     """A configured runtime must already exist: say clearly what is wrong."""
     python = os.path.join(path, "bin", "python")
     if not os.access(python, os.X_OK):
@@ -54,11 +106,20 @@ def check_prebuilt(path: str) -> None:
         for d in os.listdir(os.path.join(path, "lib"))
     ):
         raise RuntimeProblem(f"sandbox.runtime {path!r} has no IPython installed")
+    stamp = read_stamp(path) or {"packages": []}
+    if list(stamp.get("packages", [])) != list(packages):
+        built = ", ".join(stamp.get("packages", [])) or "none"
+        raise RuntimeProblem(
+            f"sandbox.runtime {path!r} was built with packages [{built}], not with "
+            f"sandbox.packages [{', '.join(packages) or 'none'}]: rebuild it with "
+            f"python -m shellserver.sandbox.runtime --config FILE {path}")
 
 
 @inlineCallbacks
-def build_runtime(reactor, path: str, system_python: str) -> Deferred[None]:
-    """Build the runtime into ``path`` without blocking the reactor."""
+def build_runtime(reactor, path: str, system_python: str,
+                  packages: Sequence[str] = ()) -> Deferred[None]:
+    """Build the runtime into ``path`` with IPython and ``packages``, without
+    blocking the reactor."""
     # Built in place (venv scripts name their own path), made valid by the
     # marker written last: a half-built runtime is removed and rebuilt.
     if os.path.exists(path):
@@ -70,11 +131,15 @@ def build_runtime(reactor, path: str, system_python: str) -> Deferred[None]:
                   "PIP_CONFIG_FILE", "PIP_CERT"):
         if proxy in os.environ:
             env[proxy] = os.environ[proxy]
+    python = os.path.join(path, "bin", "python")
     steps = [
         (system_python, ["-m", "venv", path]),
-        (os.path.join(path, "bin", "python"),
+        # "--" so that no requirement is ever read as a pip option.
+        (python,
          ["-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-          *PACKAGES]),
+          "--", *PACKAGES, *packages]),
+        # Consoles have no network: pip goes, and a pip that says so replaces it.
+        (python, ["-m", "pip", "uninstall", "--yes", "--quiet", "pip"]),
     ]
     for executable, args in steps:
         out, err, code = yield getProcessOutputAndValue(
@@ -85,31 +150,87 @@ def build_runtime(reactor, path: str, system_python: str) -> Deferred[None]:
                 f"building the console runtime failed: {executable} {' '.join(args)}"
                 f" exited with {code}: {err.decode(errors='replace')[-2000:]}"
             )
+    install_promises(path)
     # Make it readable by every session uid.
     os.chmod(path, 0o755)
     with open(os.path.join(path, READY_MARKER), "w") as f:
-        f.write("built by shellserver\n")
+        json.dump(make_stamp(packages), f)
     log.info("console runtime ready in {path}", path=path)
 
 
+def site_packages(path: str) -> str:
+    """The runtime's site-packages directory (lib/pythonX.Y/site-packages)."""
+    for name in sorted(os.listdir(os.path.join(path, "lib"))):
+        candidate = os.path.join(path, "lib", name, "site-packages")
+        if name.startswith("python") and os.path.isdir(candidate):
+            return candidate
+    raise RuntimeProblem(f"the console runtime {path!r} has no site-packages")
+
+
+def install_promises(path: str) -> None:
+    """Make what IPython offers true in the runtime: an editor for %edit and
+    F2 (or no mention of one), and a pip that says there is no network."""
+    from shellserver.sandbox import console_promises
+
+    site = site_packages(path)
+    shutil.copyfile(console_promises.__file__, os.path.join(site, PROMISES_MODULE + ".py"))
+    config_dir = os.path.join(path, "etc", "ipython")
+    os.makedirs(config_dir, mode=0o755, exist_ok=True)
+    with open(os.path.join(config_dir, "ipython_config.py"), "w") as f:
+        f.write(IPYTHON_CONFIG)
+    pip_dir = os.path.join(site, "pip")
+    os.makedirs(pip_dir, mode=0o755, exist_ok=True)
+    with open(os.path.join(pip_dir, "__init__.py"), "w") as f:
+        f.write('"""This console has no network: see __main__."""\n')
+    with open(os.path.join(pip_dir, "__main__.py"), "w") as f:
+        f.write(PIP_MODULE)
+    version = os.path.basename(os.path.dirname(site))[len("python"):]  # "3.11"
+    for name in ("pip", "pip3", f"pip{version}"):
+        script = os.path.join(path, "bin", name)
+        with open(script, "w") as f:
+            f.write(f'#!/bin/sh\nexec {path}/bin/python -I -m pip "$@"\n')
+        os.chmod(script, 0o755)
+
+
 def main(argv: list[str]) -> int:
-    """``python -m shellserver.sandbox.runtime [--check] PATH``: build or check."""
-    check = argv[:1] == ["--check"]
-    paths = argv[1:] if check else argv
-    if len(paths) != 1 or not os.path.isabs(paths[0]):
-        print("usage: python -m shellserver.sandbox.runtime [--check] /absolute/path",
+    """``python -m shellserver.sandbox.runtime [--check] [--config FILE] PATH``:
+    build the runtime at PATH with the config's sandbox.packages, or check
+    (exit 0 or 1) that it was built with them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m shellserver.sandbox.runtime")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 0 if PATH is built with these packages, else 1")
+    parser.add_argument("--config", help="TOML configuration whose sandbox.packages to use")
+    parser.add_argument("path", help="the runtime venv (absolute path)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if not os.path.isabs(args.path):
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: the runtime path must be absolute, got {args.path!r}",
               file=sys.stderr)
         return 2
-    path = paths[0]
-    if check:
-        return 0 if runtime_is_ready(path) else 1
+    packages: tuple[str, ...] = ()
+    if args.config:
+        from shellserver.config import ConfigError, load_config_file
+
+        try:
+            packages = load_config_file(args.config).sandbox.packages
+        except (ConfigError, OSError) as e:
+            print(f"{parser.prog}: configuration: {e}", file=sys.stderr)
+            return 2
+    path = args.path
+    if args.check:
+        return 0 if runtime_is_ready(path, packages) else 1
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     from twisted.internet.task import react
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     try:
-        react(lambda reactor: build_runtime(reactor, path, "/usr/bin/python3"))
+        react(lambda reactor: build_runtime(reactor, path, "/usr/bin/python3", packages))
     except SystemExit as e:
         return int(e.code or 0)
     return 0
