@@ -619,7 +619,67 @@ def makeService(options: Options) -> MultiService:
         scrape.setName("metrics")
         scrape.setServiceParent(top)
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
+    if options["config"]:
+        add_reload_service(top, reactor, options["config"], config, admission=admission,
+                           metrics=metrics, switch=switch, consoles=consoles, pool=pool,
+                           resource=site.resource)
     return top
+
+
+def add_reload_service(top: MultiService, reactor, path: str, config: Config, *,
+                       admission, metrics, switch, consoles, pool, resource) -> None:
+    """SIGHUP re-reads ``path`` and hands what can change live to its owners
+    (shellserver.reload; docs/operations.md, "Reload")."""
+    from shellserver.console import ConsoleSettings
+    from shellserver.reload import ConfigReloader, ReloadOnHangup
+    from shellserver.web import set_host_origins
+
+    reloader = ConfigReloader(os.path.abspath(path), config)
+
+    def limits(new: Config) -> None:
+        try:
+            capacity, notices = fit_host_pools_to(new, admission_capacity(new))
+        except (ValueError, OSError) as e:
+            log.warn("reload: capacity unchanged ({error})", error=str(e))
+            capacity, notices = admission.capacity, []
+        for notice in notices:
+            log.warn("reload: {notice}", notice=notice)
+        admission.capacity = capacity
+        metrics.capacity.set(capacity)
+        admission.per_address = new.admission.per_address
+        admission.per_address_per_minute = new.admission.per_address_per_minute
+        admission.pages_per_address_per_minute = new.admission.pages_per_address_per_minute
+        admission.auth_failures_per_minute = new.server.auth_failures_per_minute
+
+    def kill_switch(new: Config) -> None:
+        if switch.path != new.kill_switch_path:
+            switch.path = new.kill_switch_path
+            switch.check()
+
+    def console_settings(new: Config) -> None:
+        consoles.use_settings(ConsoleSettings(
+            auth_timeout=new.console.auth_timeout,
+            idle_timeout=new.console.idle_timeout,
+            max_age=new.console.max_age,
+            output_high_water=new.console.output_high_water,
+            output_low_water=new.console.output_low_water,
+            node=new.server.node_name(),
+        ))
+
+    def pool_size(new: Config) -> None:
+        if pool is not None:
+            pool.resize(new.sandbox.pool_size)
+        elif new.sandbox.pool_size:
+            # Without a pool at start there is none to resize.
+            log.warn("configuration: sandbox.pool_size needs a restart to turn the "
+                     "warm pool on")
+
+    def origins(new: Config) -> None:
+        set_host_origins(resource, new.embed.host_origins + new.server.public_origins)
+
+    for apply in (limits, kill_switch, console_settings, pool_size, origins):
+        reloader.subscribe(apply)
+    ReloadOnHangup(reloader, reactor).setServiceParent(top)
 
 
 def add_systemd_services(top: MultiService, sandboxes: SandboxService, reactor,

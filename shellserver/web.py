@@ -172,8 +172,12 @@ class ConsolePage(Resource):
         self._clock = clock
         self._admission = admission
         self._users = users
-        self._host_origins = tuple(host_origins)
         self._sockjs_url = sockjs_url
+        self.set_host_origins(host_origins)
+
+    def set_host_origins(self, host_origins: Sequence[str]) -> None:
+        """Allow these embedding origins from now on (a reload)."""
+        self._host_origins = tuple(host_origins)
         self._csp = with_frame_ancestors(CONSOLE_CSP, self._host_origins).encode()
         self._refused_csp = with_frame_ancestors(REFUSED_CSP, self._host_origins).encode()
 
@@ -264,6 +268,10 @@ class StatusPage(Resource):
         self._host_origins = frozenset(host_origins)
         self._selector = selector
         self._max_age = max_age
+
+    def set_host_origins(self, host_origins: Sequence[str]) -> None:
+        """Answer CORS for these origins from now on (a reload)."""
+        self._host_origins = frozenset(host_origins)
 
     def _cors(self, request) -> None:
         request.setHeader(b"vary", b"Origin")
@@ -388,6 +396,15 @@ def build_resource(*, web_dir: str, tokens: TokenAuthority, clock: IReactorTime,
     root.putChild(b"static", static)
     root.putChild(b"sockjs", sockjs)
     return root
+
+
+def set_host_origins(root: Resource, host_origins: Sequence[str]) -> None:
+    """Change the embedding origins of a tree from L{build_resource} (a
+    reload): the console page's frame-ancestors and the status CORS."""
+    for name in (b"console", b"status"):
+        page = root.children.get(name)
+        if page is not None:
+            page.set_host_origins(host_origins)
 
 
 class _VisitorRequest:
