@@ -62,7 +62,7 @@ def needing_restart(old: Config, new: Config) -> list[str]:
 class ConfigReloader:
     """Holds the current configuration and hands a new one to subscribers."""
 
-    path: str
+    path: str | None  # None: started without --config, nothing to re-read
     current: Config
     _load: Callable[[str], Config] = load_config_file
     _subscribers: list[Callable[[Config], None]] = field(factory=list)
@@ -74,6 +74,10 @@ class ConfigReloader:
     def reload(self) -> bool:
         """Re-read the file and apply what can change live; whether it was
         accepted (a refused file changes nothing)."""
+        if self.path is None:
+            log.warn("configuration not reloaded: the server was started without "
+                     "--config, so there is no file to re-read")
+            return False
         try:
             new = self._load(self.path)
         except ConfigError as e:

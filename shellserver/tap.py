@@ -619,14 +619,13 @@ def makeService(options: Options) -> MultiService:
         scrape.setName("metrics")
         scrape.setServiceParent(top)
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
-    if options["config"]:
-        add_reload_service(top, reactor, options["config"], config, admission=admission,
-                           metrics=metrics, switch=switch, consoles=consoles, pool=pool,
-                           resource=site.resource)
+    add_reload_service(top, reactor, options["config"], config, admission=admission,
+                       metrics=metrics, switch=switch, consoles=consoles, pool=pool,
+                       resource=site.resource)
     return top
 
 
-def add_reload_service(top: MultiService, reactor, path: str, config: Config, *,
+def add_reload_service(top: MultiService, reactor, path: str | None, config: Config, *,
                        admission, metrics, switch, consoles, pool, resource) -> None:
     """SIGHUP re-reads ``path`` and hands what can change live to its owners
     (shellserver.reload; docs/operations.md, "Reload")."""
@@ -634,7 +633,7 @@ def add_reload_service(top: MultiService, reactor, path: str, config: Config, *,
     from shellserver.reload import ConfigReloader, ReloadOnHangup
     from shellserver.web import set_host_origins
 
-    reloader = ConfigReloader(os.path.abspath(path), config)
+    reloader = ConfigReloader(os.path.abspath(path) if path else None, config)
 
     def limits(new: Config) -> None:
         try:

@@ -125,3 +125,15 @@ class PoolResizeTests(SynchronousTestCase):
         self.pool.resize(3)
         self.clock.advance(0)
         self.assertEqual(len(self.starter.started), 3)
+
+
+class NoFileTests(SynchronousTestCase):
+    def test_without_config_file_nothing_changes(self):
+        """A server started without --config refuses a reload and keeps its config."""
+        applied = []
+        before = config()
+        reloader = ConfigReloader(None, before)
+        reloader.subscribe(applied.append)
+        self.assertFalse(reloader.reload())
+        self.assertEqual(applied, [])
+        self.assertIs(reloader.current, before)
