@@ -505,7 +505,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.sockjs import SockJSOptions, SockJSResource
     from shellserver.tls import endpoint_description
     from shellserver.users import UnregisteredUsers
-    from shellserver.web import ShellSite, build_resource
+    from shellserver.web import ShellSite, build_resource, under_base_path
 
     config: Config = options["configuration"]
     prepared: PreparedState = options["prepared"]
@@ -576,13 +576,14 @@ def makeService(options: Options) -> MultiService:
         input_burst_messages=config.console.input_burst_messages,
         input_burst_bytes=config.console.input_burst_bytes,
     ), input_dropped=metrics.input_dropped.inc)
+    tree = build_resource(
+        web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
+        admission=admission, users=users,
+        host_origins=config.embed.host_origins + config.server.public_origins,
+        selector=config.embed.selector, status_max_age=config.embed.status_max_age,
+    )
     site = ShellSite(
-        build_resource(
-            web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
-            admission=admission, users=users,
-            host_origins=config.embed.host_origins + config.server.public_origins,
-            selector=config.embed.selector, status_max_age=config.embed.status_max_age,
-        ),
+        under_base_path(tree, config.server.base_path),
         limits=limits, reactor=reactor, hsts_max_age=config.server.hsts_max_age,
         trusted_proxies=TrustedProxies.from_strings(config.server.trusted_proxies,
                                                     config.server.proxy_header),
@@ -621,7 +622,7 @@ def makeService(options: Options) -> MultiService:
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
     add_reload_service(top, reactor, options["config"], config, admission=admission,
                        metrics=metrics, switch=switch, consoles=consoles, pool=pool,
-                       resource=site.resource)
+                       resource=tree)
     return top
 
 

@@ -164,7 +164,7 @@ class ConsolePage(Resource):
     def __init__(self, template: str, tokens: TokenAuthority, clock: IReactorTime,
                  *, refused_template: str, admission: Admission | None = None,
                  users: UnregisteredUsers | None = None,
-                 host_origins: Sequence[str] = (), sockjs_url: str = "/sockjs") -> None:
+                 host_origins: Sequence[str] = (), sockjs_url: str = "../sockjs") -> None:
         super().__init__()
         self._template = template
         self._refused_template = refused_template
@@ -396,6 +396,39 @@ def build_resource(*, web_dir: str, tokens: TokenAuthority, clock: IReactorTime,
     root.putChild(b"static", static)
     root.putChild(b"sockjs", sockjs)
     return root
+
+
+def under_base_path(root: Resource, base_path: str) -> Resource:
+    """Mount ``root`` at ``base_path`` ("/a/b", or "" for the top): for a
+    reverse proxy that passes /a/b/... through unchanged. Every page uses
+    URLs relative to itself, so nothing else needs to know the prefix."""
+    if not base_path:
+        return root
+    top = outer = Resource()
+    segments = base_path.strip("/").split("/")
+    for segment in segments[:-1]:
+        inner = Resource()
+        outer.putChild(segment.encode(), inner)
+        outer = inner
+    outer.putChild(segments[-1].encode(), _BaseRedirect(root))
+    return top
+
+
+class _BaseRedirect(Resource):
+    """The mount point: "/a/b" redirects to "/a/b/" (relative URLs need the
+    slash); everything below is the site."""
+
+    def __init__(self, site_root: Resource) -> None:
+        super().__init__()
+        self._site_root = site_root
+
+    def getChildWithDefault(self, path: bytes, request):
+        return self._site_root.getChildWithDefault(path, request)
+
+    def render(self, request) -> bytes:
+        query = request.uri[len(request.path):]
+        request.redirect(request.path + b"/" + query)
+        return b""
 
 
 def set_host_origins(root: Resource, host_origins: Sequence[str]) -> None:
