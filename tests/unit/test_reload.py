@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
 from shellserver.config import ConfigError, load_config
 from shellserver.reload import ConfigReloader, changed_keys, needing_restart
@@ -137,3 +138,28 @@ class NoFileTests(SynchronousTestCase):
         self.assertFalse(reloader.reload())
         self.assertEqual(applied, [])
         self.assertIs(reloader.current, before)
+
+
+class OriginsTests(SynchronousTestCase):
+    def test_status_cors_follows_new_origins(self):
+        """After set_host_origins, /status answers CORS for the new origin only."""
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from shellserver.admission import Admission
+        from shellserver.web import Root, StatusPage, set_host_origins
+
+        root = Root(Resource())
+        root.putChild(b"status", StatusPage(Admission(Clock(), capacity=1, per_address=1,
+                                                      per_address_per_minute=1),
+                                            host_origins=["https://old.example"],
+                                            selector="pre", max_age=0))
+        set_host_origins(root, ["https://new.example"])
+
+        def allowed(origin: bytes):
+            request = DummyRequest([])
+            request.requestHeaders.setRawHeaders(b"origin", [origin])
+            root.children[b"status"].render_OPTIONS(request)
+            return request.responseHeaders.getRawHeaders(b"access-control-allow-origin")
+
+        self.assertEqual(allowed(b"https://new.example"), [b"https://new.example"])
+        self.assertIsNone(allowed(b"https://old.example"))
