@@ -275,6 +275,8 @@ class ServerConfig:
     proxy_header: str = field(default="X-Forwarded-For", validator=_check_proxy_header)
     # "json": one JSON event per line (docs/operations.md), for log shippers.
     log_format: str = field(default="text", validator=_one_of("text", "json"))
+    # Behind a reverse proxy that passes /prefix/... through: the site lives there.
+    base_path: str = field(default="", validator=lambda i, a, v: _check_base_path(i, a, v))
 
     def node_name(self) -> str:
         """The node name put in tokens: ``node``, or else the host name."""
@@ -611,3 +613,15 @@ def load_config_file(path: str | os.PathLike[str]) -> Config:
             message=f"config file {name} is not UTF-8: {error}", source=name
         ) from None
     return load_config(text, source=name)
+
+
+_BASE_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+
+
+def _check_base_path(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value == "" or (isinstance(value, str) and _BASE_PATH.fullmatch(value)
+                       and not any(part in (".", "..") for part in value.split("/"))):
+        return
+    raise _fail(instance, attribute,
+                '"" or a path like "/console-svc" (segments of letters, digits, '
+                f"'.', '_', '~', '-'; no trailing slash), got {_describe(value)}")

@@ -513,6 +513,11 @@ class ConsoleFactory:
         self.sessions.add(session)
         return session
 
+    def use_settings(self, settings: ConsoleSettings) -> None:
+        """Give consoles started from now on these settings (a reload);
+        running ones keep theirs."""
+        self._settings = settings
+
     def notify_all(self, message: str) -> None:
         """Tell every running console's user something (they go on)."""
         for session in list(self.sessions):

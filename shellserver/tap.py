@@ -532,7 +532,7 @@ def makeService(options: Options) -> MultiService:
     from shellserver.sockjs import SockJSOptions, SockJSResource
     from shellserver.tls import endpoint_description
     from shellserver.users import UnregisteredUsers
-    from shellserver.web import ShellSite, build_resource
+    from shellserver.web import ShellSite, build_resource, under_base_path
 
     config: Config = options["configuration"]
     prepared: PreparedState = options["prepared"]
@@ -603,13 +603,14 @@ def makeService(options: Options) -> MultiService:
         input_burst_messages=config.console.input_burst_messages,
         input_burst_bytes=config.console.input_burst_bytes,
     ), input_dropped=metrics.input_dropped.inc)
+    tree = build_resource(
+        web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
+        admission=admission, users=users,
+        host_origins=config.embed.host_origins + config.server.public_origins,
+        selector=config.embed.selector, status_max_age=config.embed.status_max_age,
+    )
     site = ShellSite(
-        build_resource(
-            web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
-            admission=admission, users=users,
-            host_origins=config.embed.host_origins + config.server.public_origins,
-            selector=config.embed.selector, status_max_age=config.embed.status_max_age,
-        ),
+        under_base_path(tree, config.server.base_path),
         limits=limits, reactor=reactor, hsts_max_age=config.server.hsts_max_age,
         trusted_proxies=TrustedProxies.from_strings(config.server.trusted_proxies,
                                                     config.server.proxy_header),
@@ -646,7 +647,66 @@ def makeService(options: Options) -> MultiService:
         scrape.setName("metrics")
         scrape.setServiceParent(top)
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
+    add_reload_service(top, reactor, options["config"], config, admission=admission,
+                       metrics=metrics, switch=switch, consoles=consoles, pool=pool,
+                       resource=tree)
     return top
+
+
+def add_reload_service(top: MultiService, reactor, path: str | None, config: Config, *,
+                       admission, metrics, switch, consoles, pool, resource) -> None:
+    """SIGHUP re-reads ``path`` and hands what can change live to its owners
+    (shellserver.reload; docs/operations.md, "Reload")."""
+    from shellserver.console import ConsoleSettings
+    from shellserver.reload import ConfigReloader, ReloadOnHangup
+    from shellserver.web import set_host_origins
+
+    reloader = ConfigReloader(os.path.abspath(path) if path else None, config)
+
+    def limits(new: Config) -> None:
+        try:
+            capacity, notices = fit_host_pools_to(new, admission_capacity(new))
+        except (ValueError, OSError) as e:
+            log.warn("reload: capacity unchanged ({error})", error=str(e))
+            capacity, notices = admission.capacity, []
+        for notice in notices:
+            log.warn("reload: {notice}", notice=notice)
+        admission.capacity = capacity
+        metrics.capacity.set(capacity)
+        admission.per_address = new.admission.per_address
+        admission.per_address_per_minute = new.admission.per_address_per_minute
+        admission.pages_per_address_per_minute = new.admission.pages_per_address_per_minute
+        admission.auth_failures_per_minute = new.server.auth_failures_per_minute
+
+    def kill_switch(new: Config) -> None:
+        if switch.path != new.kill_switch_path:
+            switch.path = new.kill_switch_path
+            switch.check()
+
+    def console_settings(new: Config) -> None:
+        consoles.use_settings(ConsoleSettings(
+            auth_timeout=new.console.auth_timeout,
+            idle_timeout=new.console.idle_timeout,
+            max_age=new.console.max_age,
+            output_high_water=new.console.output_high_water,
+            output_low_water=new.console.output_low_water,
+            node=new.server.node_name(),
+        ))
+
+    def pool_size(new: Config) -> None:
+        if pool is not None:
+            pool.resize(new.sandbox.pool_size)
+        elif new.sandbox.pool_size:
+            # Without a pool at start there is none to resize.
+            log.warn("configuration: sandbox.pool_size needs a restart to turn the "
+                     "warm pool on")
+
+    def origins(new: Config) -> None:
+        set_host_origins(resource, new.embed.host_origins + new.server.public_origins)
+
+    for apply in (limits, kill_switch, console_settings, pool_size, origins):
+        reloader.subscribe(apply)
+    ReloadOnHangup(reloader, reactor).setServiceParent(top)
 
 
 def add_systemd_services(top: MultiService, sandboxes: SandboxService, reactor,

@@ -164,7 +164,7 @@ class ConsolePage(Resource):
     def __init__(self, template: str, tokens: TokenAuthority, clock: IReactorTime,
                  *, refused_template: str, admission: Admission | None = None,
                  users: UnregisteredUsers | None = None,
-                 host_origins: Sequence[str] = (), sockjs_url: str = "/sockjs") -> None:
+                 host_origins: Sequence[str] = (), sockjs_url: str = "../sockjs") -> None:
         super().__init__()
         self._template = template
         self._refused_template = refused_template
@@ -172,8 +172,12 @@ class ConsolePage(Resource):
         self._clock = clock
         self._admission = admission
         self._users = users
-        self._host_origins = tuple(host_origins)
         self._sockjs_url = sockjs_url
+        self.set_host_origins(host_origins)
+
+    def set_host_origins(self, host_origins: Sequence[str]) -> None:
+        """Allow these embedding origins from now on (a reload)."""
+        self._host_origins = tuple(host_origins)
         self._csp = with_frame_ancestors(CONSOLE_CSP, self._host_origins).encode()
         self._refused_csp = with_frame_ancestors(REFUSED_CSP, self._host_origins).encode()
 
@@ -264,6 +268,10 @@ class StatusPage(Resource):
         self._host_origins = frozenset(host_origins)
         self._selector = selector
         self._max_age = max_age
+
+    def set_host_origins(self, host_origins: Sequence[str]) -> None:
+        """Answer CORS for these origins from now on (a reload)."""
+        self._host_origins = frozenset(host_origins)
 
     def _cors(self, request) -> None:
         request.setHeader(b"vary", b"Origin")
@@ -388,6 +396,48 @@ def build_resource(*, web_dir: str, tokens: TokenAuthority, clock: IReactorTime,
     root.putChild(b"static", static)
     root.putChild(b"sockjs", sockjs)
     return root
+
+
+def under_base_path(root: Resource, base_path: str) -> Resource:
+    """Mount ``root`` at ``base_path`` ("/a/b", or "" for the top): for a
+    reverse proxy that passes /a/b/... through unchanged. Every page uses
+    URLs relative to itself, so nothing else needs to know the prefix."""
+    if not base_path:
+        return root
+    top = outer = Resource()
+    segments = base_path.strip("/").split("/")
+    for segment in segments[:-1]:
+        inner = Resource()
+        outer.putChild(segment.encode(), inner)
+        outer = inner
+    outer.putChild(segments[-1].encode(), _BaseRedirect(root))
+    return top
+
+
+class _BaseRedirect(Resource):
+    """The mount point: "/a/b" redirects to "/a/b/" (relative URLs need the
+    slash); everything below is the site."""
+
+    def __init__(self, site_root: Resource) -> None:
+        super().__init__()
+        self._site_root = site_root
+
+    def getChildWithDefault(self, path: bytes, request):
+        return self._site_root.getChildWithDefault(path, request)
+
+    def render(self, request) -> bytes:
+        query = request.uri[len(request.path):]
+        request.redirect(request.path + b"/" + query)
+        return b""
+
+
+def set_host_origins(root: Resource, host_origins: Sequence[str]) -> None:
+    """Change the embedding origins of a tree from L{build_resource} (a
+    reload): the console page's frame-ancestors and the status CORS."""
+    for name in (b"console", b"status"):
+        page = root.children.get(name)
+        if page is not None:
+            page.set_host_origins(host_origins)
 
 
 class _VisitorRequest:

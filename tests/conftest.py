@@ -78,7 +78,8 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                  console: str = "", admission: str = "", embed: str = "",
                  server: str = "", runtime: str | None = RUNTIME,
                  preexec_fn=None, listen_prefix: str = "",
-                 extra_args: tuple[str, ...] = ()) -> RunningServer:
+                 extra_args: tuple[str, ...] = (),
+                 ready_path: str = "/") -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
     ``config``, ``console``, ``admission``, ``embed`` and ``server`` are TOML
@@ -89,7 +90,8 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     process before it starts (to set its limits, say); ``listen_prefix``
     (such as ``"haproxy:"``) wraps the listener (readiness is then a TCP
     connect); ``extra_args`` go after the plugin's own (``--metrics
-    ENDPOINT``, say).
+    ENDPOINT``, say); ``ready_path`` is the page that answers once it is up
+    (the base path's, under server.base_path).
     """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
@@ -129,7 +131,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
             if listen_prefix:
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()
             else:
-                running.get("/").read()
+                running.get(ready_path).read()
             return running
         except OSError:
             if time.monotonic() > deadline:

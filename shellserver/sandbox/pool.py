@@ -184,6 +184,16 @@ class SandboxPool:
         self._fill_call = None
         self._schedule_fill(0)
 
+    def resize(self, size: int) -> None:
+        """Keep ``size`` sandboxes waiting from now on (a reload): the extra
+        ones end, missing ones are started one at a time."""
+        self.size = size
+        for entry in self.waiting[size:]:
+            self.waiting.remove(entry)
+            if entry.sandbox is not None:
+                entry.sandbox.terminate()
+        self._schedule_fill(0)
+
     def _back_off(self) -> None:
         self._schedule_fill(self._retry)
         self._retry = min(self._retry * 2, MAX_RETRY)

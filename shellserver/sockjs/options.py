@@ -73,7 +73,7 @@ class SockJSOptions:
     websocket: bool = field(default=True, validator=validators.instance_of(bool))
     cookie_needed: bool = field(default=False, validator=validators.instance_of(bool))
     client_url: str = field(
-        default="/static/vendor/sockjs.min.js", validator=validators.instance_of(str)
+        default="../static/vendor/sockjs.min.js", validator=validators.instance_of(str)
     )
     high_watermark: int = field(default=256 * 1024, validator=_positive)
     low_watermark: int = field(default=64 * 1024, validator=_watermarks_ordered)

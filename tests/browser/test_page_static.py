@@ -376,7 +376,7 @@ def test_demo_launch_covers_sample_and_close_restores_it(browser_page, page_serv
 
     page.click("text=Launch interactive shell")
     frame_element = page.wait_for_selector("iframe.console-frame")
-    assert frame_element.get_attribute("src") == "/console/"
+    assert frame_element.get_attribute("src") == "console/"
     frame = frame_element.content_frame()
     wait_for_state(frame, "ready")
 

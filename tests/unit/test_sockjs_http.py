@@ -269,7 +269,7 @@ class StaticPageTests(HTTPTestsMixin, SynchronousTestCase):
             self.assertIsNotNone(response.header("etag"))
             bodies.add(response.body)
         self.assertEqual(len(bodies), 1)
-        self.assertIn(b'<script src="/static/vendor/sockjs.min.js">', bodies.pop())
+        self.assertIn(b'<script src="../static/vendor/sockjs.min.js">', bodies.pop())
 
     def test_iframe_client_url_escaped(self) -> None:
         """

@@ -323,7 +323,7 @@ class BuildResourceTests(WebDirTestCase):
         request, body = get(site, b"/")
         self.assertEqual(body, HOST_PAGE)
         request, body = get(site, b"/console/")
-        self.assertIn(b'content="/sockjs"', body)
+        self.assertIn(b'content="../sockjs"', body)
         self.assertNotIn(b"{{token}}", body)
         self.assertIs(site.resource.getStaticEntity(b"sockjs"), sockjs)
         vendor = site.resource.getStaticEntity(b"static").getStaticEntity(b"vendor")

@@ -347,7 +347,9 @@
       return;
     }
     var transports = requestedTransports();
-    socket = new SockJS(url, null, transports ? {transports: transports} : {});
+    // The page gives a URL relative to itself (the site may be under a base
+    // path); sockjs-client wants an absolute one.
+    socket = new SockJS(new URL(url, location.href).href, null, transports ? {transports: transports} : {});
     socket.onopen = function () {
       send("a", token);
       authenticated = true;
@@ -455,7 +457,7 @@
     // down would replace this frame with the browser's own error page, so
     // ask /status first and explain here if no console can start now.
     newConsoleButton.disabled = true;
-    fetch("/status", { cache: "no-store", credentials: "omit" })
+    fetch("../status", { cache: "no-store", credentials: "omit" })
       .then(function (response) {
         return response.ok ? response.json() : null;
       })

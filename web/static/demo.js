@@ -3,7 +3,7 @@
 (function () {
   "use strict";
 
-  var CONSOLE_URL = "/console/";
+  var CONSOLE_URL = "console/";  // relative: the site may live under a base path
 
   var launchButton = document.querySelector("[data-console-launch]");
   var closeButton = document.querySelector("[data-console-close]");
