@@ -382,8 +382,6 @@ class SandboxService(Service):
     def stopService(self):
         from twisted.internet.task import deferLater
 
-        from shellserver.sandbox.cgroups import remove_parents
-
         super().stopService()
         if self._budget is not None:
             self._budget.stop()
@@ -409,7 +407,7 @@ class SandboxService(Service):
             # close frames a moment to leave.
             d.addCallback(lambda _: deferLater(self._reactor, FLUSH_DELAY, lambda: None))
         if self.starter.cgroup_layout is not None:
-            d.addCallback(lambda _: remove_parents(self.starter.cgroup_layout))
+            d.addCallback(lambda _: self.starter.reaper.remove_parents(self.starter.cgroup_layout))
         return d
 
 

@@ -390,22 +390,6 @@ def sweep(layout: CgroupLayout, timeout: float = 10.0) -> tuple[list[str], list[
     return removed, remaining
 
 
-def remove_parents(layout: CgroupLayout) -> None:
-    """Remove this server's parents, and the shared ``shellserver`` ones if
-    empty, at shutdown.
-
-    rmdir fails on a parent that still has children (another server on the
-    same host, or a session that could not be killed): those stay.
-    """
-    for path in layout.parents():
-        for directory in (path, os.path.dirname(path)):
-            try:
-                os.rmdir(directory)
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
-                    log.warn("could not remove {path}: {error}", path=directory, error=e)
-
-
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -456,8 +440,36 @@ class CgroupReaper:
                 if e.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM):
                     log.warn("cgroup.kill on {path} failed: {error}",
                              path=group.path, error=e)
+        return self._remove([g.path for g in groups])
+
+    def remove_parents(self, layout: CgroupLayout) -> Deferred[bool]:
+        """At shutdown: remove this server's own parents, waiting (on the
+        clock) for the sessions' cgroups below them to go, then the shared
+        ``shellserver`` parents if empty.
+
+        Ending launchers remove their session's cgroups on spare CPU only
+        (SCHED_IDLE), so on a busy host they may still be there when the
+        server is done; a single attempt left the parents behind for good.
+        """
+        d = self._remove(list(layout.parents()))
+        d.addCallback(self._remove_shared_parents, layout)
+        return d
+
+    def _remove_shared_parents(self, removed: bool, layout: CgroupLayout) -> bool:
+        # One try each: a shared parent that still has children belongs to
+        # another server on this host, and stays.
+        for path in layout.parents():
+            directory = os.path.dirname(path)
+            try:
+                self._rmdir(directory)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                    log.warn("could not remove {path}: {error}", path=directory, error=e)
+        return removed
+
+    def _remove(self, remaining: list[str]) -> Deferred[bool]:
+        """Fire with True once every directory is gone, False on timeout."""
         done: Deferred[bool] = Deferred()
-        remaining = [g.path for g in groups]
         deadline = self._clock.seconds() + self._timeout
 
         def attempt() -> None:

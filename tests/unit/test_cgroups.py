@@ -290,6 +290,36 @@ class CgroupReaperTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(reaper.reap(GROUPS)), True)
         self.assertEqual(cgroups.killed, ["/cg/memory/s1", "/cg/unified/s1"])
 
+    def test_parents_removed_once_sessions_are_gone(self):
+        """At shutdown the server's own parents are retried until the sessions'
+        cgroups below them are gone (their launchers remove them on spare CPU),
+        then the shared parents are tried once; a shared parent that is busy
+        stays."""
+        layout = CgroupLayout(memory=None, pids="/cg/pids/shellserver/i1", cpu=None,
+                              unified="/cg/unified/shellserver/i1", v2_controllers=False)
+        cgroups = FakeCgroups({"/cg/pids/shellserver/i1": 2, "/cg/unified/shellserver/i1": 0,
+                               "/cg/pids/shellserver": 10**6, "/cg/unified/shellserver": 0})
+        d = self.reaper(cgroups, interval=0.05).remove_parents(layout)
+        self.assertNoResult(d)
+        self.assertNotIn("/cg/unified/shellserver", cgroups.rmdirs)
+        self.clock.advance(0.05)
+        self.clock.advance(0.05)
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(cgroups.busy, {"/cg/pids/shellserver": 10**6 - 1})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_parents_still_busy_at_the_timeout(self):
+        """Parents busy past the timeout are left (False); the shared ones are
+        still tried."""
+        layout = CgroupLayout(memory=None, pids=None, cpu=None,
+                              unified="/cg/unified/shellserver/i1", v2_controllers=True)
+        cgroups = FakeCgroups({"/cg/unified/shellserver/i1": 10**6,
+                               "/cg/unified/shellserver": 10**6})
+        d = self.reaper(cgroups, interval=1.0, timeout=3.0).remove_parents(layout)
+        self.clock.pump([1.0] * 3)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertIn("/cg/unified/shellserver", cgroups.rmdirs)
+
     def test_deprioritize_writes_the_lowest_weight(self):
         """An ending session's CPU weight drops to the minimum, in v1 or v2 terms;
         groups without a CPU weight, and writes that fail, are passed over."""
