@@ -124,18 +124,26 @@ def _join_cgroups(directories: list[str]) -> None:
             f.write(str(os.getpid()))
 
 
-def remove_cgroups(directories: list[str]) -> list[str]:
-    """Remove the private cgroups (and the server's empty parents in them)."""
-    left = []
-    for directory in directories:
-        for path in (os.path.join(directory, "shellserver"), directory):
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                left.append(f"cgroup {path} ({e.strerror})")
-    return left
+def remove_cgroups(directories: list[str], timeout: float = 15.0) -> list[str]:
+    """Remove the private cgroups (and the server's empty parents in them).
+
+    Retried until ``timeout``: ending launchers remove their sessions' cgroups
+    on spare CPU only, so just after the server exits they may still be there.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for directory in directories:
+            for path in (os.path.join(directory, "shellserver"), directory):
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    left.append(f"cgroup {path} ({e.strerror})")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 @attrs.define
