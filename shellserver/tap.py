@@ -511,12 +511,26 @@ def admission_capacity(config: Config) -> int:
         return derived_capacity(config.sandbox.memory_mb, f.read())
 
 
+def console_settings_of(config: Config):
+    """What each new console takes from the configuration (at start and on reload)."""
+    from shellserver.console import ConsoleSettings
+
+    return ConsoleSettings(
+        auth_timeout=config.console.auth_timeout,
+        idle_timeout=config.console.idle_timeout,
+        max_age=config.console.max_age,
+        output_high_water=config.console.output_high_water,
+        output_low_water=config.console.output_low_water,
+        node=config.server.node_name(),
+    )
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from shellserver.admission import Admission, KillSwitch
     from shellserver.auth import TokenAuthority
-    from shellserver.console import ConsoleFactory, ConsoleSettings
+    from shellserver.console import ConsoleFactory
     from shellserver.limits import ConnectionGuard, ConnectionLimits
     from shellserver.listeners import listener_service
     from shellserver.metrics import Metrics, metrics_site
@@ -579,14 +593,7 @@ def makeService(options: Options) -> MultiService:
         reactor,
         tokens,
         pool or starter,
-        ConsoleSettings(
-            auth_timeout=config.console.auth_timeout,
-            idle_timeout=config.console.idle_timeout,
-            max_age=config.console.max_age,
-            output_high_water=config.console.output_high_water,
-            output_low_water=config.console.output_low_water,
-            node=config.server.node_name(),
-        ),
+        console_settings_of(config),
         admission,
         users,
         metrics=metrics,
@@ -655,7 +662,6 @@ def add_reload_service(top: MultiService, reactor, path: str | None, config: Con
                        admission, metrics, switch, consoles, pool, resource) -> None:
     """SIGHUP re-reads ``path`` and hands what can change live to its owners
     (shellserver.reload; docs/operations.md, "Reload")."""
-    from shellserver.console import ConsoleSettings
     from shellserver.reload import ConfigReloader, ReloadOnHangup
     from shellserver.web import set_host_origins
 
@@ -682,14 +688,7 @@ def add_reload_service(top: MultiService, reactor, path: str | None, config: Con
             switch.check()
 
     def console_settings(new: Config) -> None:
-        consoles.use_settings(ConsoleSettings(
-            auth_timeout=new.console.auth_timeout,
-            idle_timeout=new.console.idle_timeout,
-            max_age=new.console.max_age,
-            output_high_water=new.console.output_high_water,
-            output_low_water=new.console.output_low_water,
-            node=new.server.node_name(),
-        ))
+        consoles.use_settings(console_settings_of(new))
 
     def pool_size(new: Config) -> None:
         if pool is not None:
