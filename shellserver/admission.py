@@ -13,8 +13,8 @@ from collections import deque
 from collections.abc import Callable
 
 from attrs import define, field, frozen
+from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 log = Logger()
@@ -288,20 +288,18 @@ class KillSwitch:
     interval: float = 1.0
     _read: Callable[[str], str | None] = field(default=None)
     _terminated: bool = False
-    _loop: LoopingCall | None = None
 
     def __attrs_post_init__(self) -> None:
         if self._read is None:
             self._read = _read_switch
 
-    def start(self) -> None:
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=True)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def service(self) -> TimerService:
+        """The service that checks the file every ``interval`` seconds (at
+        once when it starts) on the clock, while it runs."""
+        timer = TimerService(self.interval, self.check)
+        timer.clock = self._clock
+        timer.setName("kill-switch")
+        return timer
 
     def check(self) -> None:
         content = self._read(self.path)

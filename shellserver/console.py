@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -30,6 +31,9 @@ from shellserver.sandbox.service import (
     SandboxUnavailable,
 )
 from shellserver.users import UnregisteredUsers
+
+if TYPE_CHECKING:
+    from shellserver.config import Config
 
 log = Logger()
 
@@ -133,6 +137,18 @@ class ConsoleSettings:
     output_high_water: int = 262144
     output_low_water: int = 65536
     node: str = ""  # this node's name, in the lifecycle log events
+
+    @classmethod
+    def from_config(cls, config: Config) -> ConsoleSettings:
+        """What each new console takes from the configuration (at start and on reload)."""
+        return cls(
+            auth_timeout=config.console.auth_timeout,
+            idle_timeout=config.console.idle_timeout,
+            max_age=config.console.max_age,
+            output_high_water=config.console.output_high_water,
+            output_low_water=config.console.output_low_water,
+            node=config.server.node_name(),
+        )
 
 
 @implementer(IConsoleProcessEvents)

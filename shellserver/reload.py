@@ -11,6 +11,7 @@ runtime, ...) are named in the log and otherwise ignored.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 
@@ -126,3 +127,52 @@ class ReloadOnHangup(Service):
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
+
+
+def reload_service(reactor, path: str | None, config: Config, *, admission, metrics, switch,
+                   consoles, pool, resource) -> ReloadOnHangup:
+    """The service by which SIGHUP re-reads ``path`` and hands what can change
+    live to its owners (docs/operations.md, "Reload")."""
+    from shellserver.console import ConsoleSettings
+    from shellserver.startup import admission_capacity, fit_host_pools_to
+    from shellserver.web import set_host_origins
+
+    reloader = ConfigReloader(os.path.abspath(path) if path else None, config)
+
+    def limits(new: Config) -> None:
+        try:
+            capacity, notices = fit_host_pools_to(new, admission_capacity(new))
+        except (ValueError, OSError) as e:
+            log.warn("reload: capacity unchanged ({error})", error=str(e))
+            capacity, notices = admission.capacity, []
+        for notice in notices:
+            log.warn("reload: {notice}", notice=notice)
+        admission.capacity = capacity
+        metrics.capacity.set(capacity)
+        admission.per_address = new.admission.per_address
+        admission.per_address_per_minute = new.admission.per_address_per_minute
+        admission.pages_per_address_per_minute = new.admission.pages_per_address_per_minute
+        admission.auth_failures_per_minute = new.server.auth_failures_per_minute
+
+    def kill_switch(new: Config) -> None:
+        if switch.path != new.kill_switch_path:
+            switch.path = new.kill_switch_path
+            switch.check()
+
+    def console_settings(new: Config) -> None:
+        consoles.use_settings(ConsoleSettings.from_config(new))
+
+    def pool_size(new: Config) -> None:
+        if pool is not None:
+            pool.resize(new.sandbox.pool_size)
+        elif new.sandbox.pool_size:
+            # Without a pool at start there is none to resize.
+            log.warn("configuration: sandbox.pool_size needs a restart to turn the "
+                     "warm pool on")
+
+    def origins(new: Config) -> None:
+        set_host_origins(resource, new.embed.host_origins + new.server.public_origins)
+
+    for apply in (limits, kill_switch, console_settings, pool_size, origins):
+        reloader.subscribe(apply)
+    return ReloadOnHangup(reloader, reactor)

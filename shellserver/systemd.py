@@ -131,3 +131,17 @@ def watchdog_service(notifier: SystemdNotifier, interval: float,
     service.clock = clock
     service.setName("systemd-watchdog")
     return service
+
+
+def systemd_services(runtime_ready: Callable[[], Deferred], clock: IReactorTime,
+                     environ: MutableMapping[str, str], pid: int) -> list[Service]:
+    """READY/STOPPING notifications and the watchdog when under systemd, else
+    none (to add after the listeners: see ReadinessService)."""
+    notifier = notifier_from_environment(environ)
+    interval = watchdog_interval(environ, pid)
+    if not notifier.active:
+        return []
+    services: list[Service] = [ReadinessService(notifier, runtime_ready)]
+    if interval is not None:
+        services.append(watchdog_service(notifier, interval, clock))
+    return services

@@ -173,7 +173,7 @@ def processes_of_uids(first: int, last: int) -> list[int]:
 def session_cgroups(server: RunningServer) -> list[str]:
     """The cgroup directories of the sessions this server started."""
     from shellserver.sandbox.cgroups import read_layout
-    from shellserver.tap import instance_name
+    from shellserver.startup import instance_name
 
     sessions = set(re.findall(r"console (s[0-9a-f]+) started", server.log()))
     found = []

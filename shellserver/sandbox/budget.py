@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 
 from attrs import define, field
+from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from shellserver.sandbox.cgroups import CPU_PERIOD_US, CgroupGroup
@@ -96,18 +96,16 @@ class CpuBudgetWatcher:
     _read_oom: Callable = read_oom_kills
     _tarpitted: dict[str, float] = field(factory=dict)  # session -> when
     _oom_kills: dict[str, int] = field(factory=dict)  # session -> count told
-    _loop: LoopingCall | None = None
 
-    def start(self) -> None:
+    def service(self) -> TimerService | None:
+        """The service that checks every ``interval`` seconds on the clock
+        while it runs; None when there is no budget (0: nothing to watch)."""
         if self.budget <= 0:
-            return
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=False)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+            return None
+        timer = TimerService(self.interval, self.check)
+        timer.clock = self._clock
+        timer.setName("cpu-budget")
+        return timer
 
     def check(self) -> None:
         now = self._clock.seconds()

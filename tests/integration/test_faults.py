@@ -176,7 +176,7 @@ def test_missing_runtime_is_a_clear_start_up_error(tmp_path):
     assert "Traceback" not in output
     # Nothing was set up before the check: no cgroup directory is left.
     from shellserver.sandbox.cgroups import read_layout
-    from shellserver.tap import instance_name
+    from shellserver.startup import instance_name
 
     layout = read_layout().for_instance(instance_name(str(tmp_path / "s")))
     assert not any(os.path.exists(path) for path in layout.parents())

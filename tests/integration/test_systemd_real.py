@@ -69,7 +69,7 @@ def test_read_only_cgroupfs_is_refused_without_restart(tmp_path):
     """A read-only cgroup2 mount stops start-up with exit status 78, one line
     naming the directory and the cause, no traceback, and no directory left."""
     from shellserver.sandbox.cgroups import read_layout
-    from shellserver.tap import instance_name
+    from shellserver.startup import instance_name
 
     state = tmp_path / "state"
     config = tmp_path / "c.toml"

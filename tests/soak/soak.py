@@ -373,7 +373,7 @@ class Probe:
 
     def __init__(self, server: RunningServer) -> None:
         from shellserver.sandbox.cgroups import parse_layout
-        from shellserver.tap import instance_name
+        from shellserver.startup import instance_name
 
         self.server = server
         self.pid = server.process.pid

@@ -188,7 +188,8 @@ class KillSwitchTests(SynchronousTestCase):
         self.ended = []
         self.switch = KillSwitch(self.clock, self.admission, "/run/switch", self.ended.append,
                                  read=lambda path: self.content)
-        self.switch.start()
+        self.service = self.switch.service()
+        self.service.startService()
 
     def test_file_switches_off_and_on(self):
         """The file's presence stops admission within a second; removing it resumes."""
@@ -214,8 +215,8 @@ class KillSwitchTests(SynchronousTestCase):
         self.assertEqual(len(self.ended), 2)
 
     def test_stop(self):
-        """Stopping the watcher leaves nothing scheduled."""
-        self.switch.stop()
+        """Stopping the watcher's service leaves nothing scheduled."""
+        self.service.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

@@ -59,7 +59,8 @@ class WatcherTestCase(SynchronousTestCase):
             write=lambda path, value: self.writes.append((path, value)),
             read_oom=lambda groups: self.oom_kills.get(groups[0].path, 0),
         )
-        self.watcher.start()
+        self.service = self.watcher.service()
+        self.service.startService()
 
 
 class WatcherTests(WatcherTestCase):
@@ -95,11 +96,14 @@ class WatcherTests(WatcherTestCase):
         self.assertEqual(self.watcher._tarpitted, {})
 
     def test_zero_budget_disables(self):
-        """A budget of 0 means no watching at all."""
-        self.watcher.stop()
+        """A budget of 0 means no watching at all: no service to run."""
         watcher = CpuBudgetWatcher(self.clock, lambda: self.sandboxes, budget=0,
                                    tarpit_quota=0.05, grace=1)
-        watcher.start()
+        self.assertIsNone(watcher.service())
+
+    def test_stop(self):
+        """Stopping the watcher's service leaves nothing scheduled."""
+        self.service.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

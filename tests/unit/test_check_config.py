@@ -7,7 +7,8 @@ from io import StringIO
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shellserver.tap import EXIT_CONFIG_INVALID, Options, check_config
+from shellserver.startup import EXIT_CONFIG_INVALID, check_config
+from shellserver.tap import Options
 
 
 class CheckConfigTests(SynchronousTestCase):

@@ -1,4 +1,5 @@
-"""Tests for shellserver.tap's options and host checks, and the twistd plugin."""
+"""Tests for shellserver.tap's options, the start-up checks of shellserver.startup,
+and the twistd plugin."""
 
 import os
 import shutil
@@ -10,10 +11,11 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 import shellserver.sandbox.cgroups
-from shellserver import tap
+from shellserver import startup, tap
 from shellserver.config import Config, load_config
 from shellserver.sandbox.cgroups import CgroupError, CgroupLayout
-from shellserver.tap import Options, check_host
+from shellserver.startup import check_host
+from shellserver.tap import Options
 
 LAYOUT = CgroupLayout(memory=None, pids=None, cpu=None, unified="/cg/shellserver",
                       v2_controllers=True)
@@ -23,11 +25,11 @@ class OptionsTestCase(SynchronousTestCase):
     def setUp(self):
         self.checked = []
         self.prepared = []
-        self.patch(tap, "check_host", self.checked.append)
-        self.patch(tap, "prepare_state",
+        self.patch(startup, "check_host", self.checked.append)
+        self.patch(startup, "prepare_state",
                    lambda config, need_tls: self.prepared.append((config, need_tls)))
-        self.patch(tap, "plan_connections",
-                   lambda config: tap.ConnectionPlan(10, config.server.max_connections, ()))
+        self.patch(startup, "plan_connections",
+                   lambda config: startup.ConnectionPlan(10, config.server.max_connections, ()))
 
     def parse(self, *argv):
         options = Options()
@@ -139,14 +141,14 @@ class PrepareTests(OptionsTestCase):
 class ConnectionBudgetTests(SynchronousTestCase):
     def test_fits(self):
         """When the connections fit beside the consoles, the cap is kept."""
-        self.assertEqual(tap.connection_budget(4096, 76, 65536), (4096, []))
-        needed = 4096 + tap.FILES_RESERVED + tap.FILES_PER_CONSOLE * 76
-        self.assertEqual(tap.connection_budget(4096, 76, needed), (4096, []))
+        self.assertEqual(startup.connection_budget(4096, 76, 65536), (4096, []))
+        needed = 4096 + startup.FILES_RESERVED + startup.FILES_PER_CONSOLE * 76
+        self.assertEqual(startup.connection_budget(4096, 76, needed), (4096, []))
 
     def test_lowered(self):
         """Too few files: the cap is what fits, with a notice saying why."""
-        cap, notices = tap.connection_budget(4096, 10, 1000)
-        self.assertEqual(cap, 1000 - tap.FILES_RESERVED - 10 * tap.FILES_PER_CONSOLE)
+        cap, notices = startup.connection_budget(4096, 10, 1000)
+        self.assertEqual(cap, 1000 - startup.FILES_RESERVED - 10 * startup.FILES_PER_CONSOLE)
         self.assertEqual(len(notices), 1)
         self.assertIn(f"lowered from 4096 to {cap}", notices[0])
         self.assertIn("only 1000 files", notices[0])
@@ -154,45 +156,45 @@ class ConnectionBudgetTests(SynchronousTestCase):
     def test_too_few(self):
         """Not even a few connections fit: an error naming the limit."""
         with self.assertRaises(ValueError) as caught:
-            tap.connection_budget(4096, 100, 500)
+            startup.connection_budget(4096, 100, 500)
         self.assertIn("only 500 files", str(caught.exception))
         self.assertIn("LimitNOFILE", str(caught.exception))
 
     def test_plan_is_a_usage_error(self):
         """At start-up the error stops twistd as a usage error."""
-        self.patch(tap, "raise_open_files_limit", lambda: 300)
-        self.patch(tap, "admission_capacity", lambda config: 20)
-        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (capacity, []))
+        self.patch(startup, "raise_open_files_limit", lambda: 300)
+        self.patch(startup, "admission_capacity", lambda config: 20)
+        self.patch(startup, "fit_host_pools_to", lambda config, capacity: (capacity, []))
         with self.assertRaises(UsageError) as caught:
-            tap.plan_connections(Config())
+            startup.plan_connections(Config())
         self.assertIn("only 300 files", str(caught.exception))
 
     def test_plan_takes_the_host_pools_capacity(self):
         """A capacity lowered to fit the host's kernel pools is the plan's, with
         the pools' notice first."""
-        self.patch(tap, "raise_open_files_limit", lambda: 100000)
-        self.patch(tap, "admission_capacity", lambda config: 10)
-        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (4, ["pty notice"]))
-        plan = tap.plan_connections(Config())
+        self.patch(startup, "raise_open_files_limit", lambda: 100000)
+        self.patch(startup, "admission_capacity", lambda config: 10)
+        self.patch(startup, "fit_host_pools_to", lambda config, capacity: (4, ["pty notice"]))
+        plan = startup.plan_connections(Config())
         self.assertEqual((plan.capacity, plan.notices), (4, ("pty notice",)))
 
     def test_plan_uses_the_capacity(self):
-        self.patch(tap, "raise_open_files_limit", lambda: 1000)
-        self.patch(tap, "admission_capacity", lambda config: 10)
-        self.patch(tap, "fit_host_pools_to", lambda config, capacity: (capacity, []))
-        plan = tap.plan_connections(Config())
+        self.patch(startup, "raise_open_files_limit", lambda: 1000)
+        self.patch(startup, "admission_capacity", lambda config: 10)
+        self.patch(startup, "fit_host_pools_to", lambda config, capacity: (capacity, []))
+        plan = startup.plan_connections(Config())
         self.assertEqual(plan.capacity, 10)
         self.assertEqual(plan.max_connections,
-                         1000 - tap.FILES_RESERVED - 10 * tap.FILES_PER_CONSOLE)
+                         1000 - startup.FILES_RESERVED - 10 * startup.FILES_PER_CONSOLE)
         self.assertEqual(len(plan.notices), 1)
 
 
 class InstanceNameTests(SynchronousTestCase):
     def test_per_state_dir(self):
         """Each state directory gets its own stable cgroup directory name."""
-        a = tap.instance_name("/var/lib/shellserver")
-        self.assertEqual(a, tap.instance_name("/var/lib/shellserver"))
-        self.assertNotEqual(a, tap.instance_name("/srv/other"))
+        a = startup.instance_name("/var/lib/shellserver")
+        self.assertEqual(a, startup.instance_name("/var/lib/shellserver"))
+        self.assertNotEqual(a, startup.instance_name("/srv/other"))
         self.assertRegex(a, r"^i[0-9a-f]{12}$")
 
 
@@ -203,7 +205,7 @@ class CheckHostTests(SynchronousTestCase):
         self.patch(os, "geteuid", lambda: 0)
         self.patch(os, "access", lambda path, mode: True)
         self.patch(shellserver.sandbox.cgroups, "read_layout", lambda: LAYOUT)
-        self.patch(tap, "NAMESPACES", ())
+        self.patch(startup, "NAMESPACES", ())
 
     def test_all_present(self):
         """As root with namespaces, cgroups and the system python, the check passes."""
@@ -225,7 +227,7 @@ class CheckHostTests(SynchronousTestCase):
 
     def test_missing_namespace(self):
         """A kernel without a needed namespace is a UsageError naming it."""
-        self.patch(tap, "NAMESPACES", ("mnt", "cgroup"))
+        self.patch(startup, "NAMESPACES", ("mnt", "cgroup"))
         self.patch(os.path, "exists", lambda path: not path.endswith("/cgroup"))
         with self.assertRaises(UsageError) as caught:
             check_host(Config.defaults())
@@ -276,7 +278,7 @@ class OverlayPathTests(SynchronousTestCase):
         with a usage error naming it, before anything is made."""
         config = Config().with_state_dir("/nonexistent/state:dir")
         with self.assertRaises(UsageError) as caught:
-            tap.prepare_state(config, need_tls=False)
+            startup.prepare_state(config, need_tls=False)
         self.assertIn("'/nonexistent/state:dir", str(caught.exception))
         self.assertIn("cannot be mounted in sandboxes", str(caught.exception))
         self.assertFalse(os.path.exists("/nonexistent"))
@@ -293,7 +295,7 @@ class HostRefusalTests(OptionsTestCase):
         def refuse(config, need_tls):
             raise HostRefusal("cgroups: /cg/cgroup.controllers offers no controllers")
 
-        self.patch(tap, "prepare_state", refuse)
+        self.patch(startup, "prepare_state", refuse)
         stderr = StringIO()
         self.patch(tap.sys, "stderr", stderr)
         with self.assertRaises(SystemExit) as caught:
