@@ -308,7 +308,7 @@ class KillSwitch:
             log.warn("kill switch {state}: {path}", state="on" if on else "off",
                      path=self.path)
         self._admission.switched_off = on
-        terminate = on and "terminate" in content
+        terminate = content is not None and "terminate" in content
         if terminate and not self._terminated:
             self._end_all("The operator has ended all consoles.")
         self._terminated = terminate

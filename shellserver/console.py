@@ -34,6 +34,7 @@ from shellserver.users import UnregisteredUsers
 
 if TYPE_CHECKING:
     from shellserver.config import Config
+    from shellserver.sockjs.session import SockJSConnection
 
 log = Logger()
 
@@ -156,7 +157,7 @@ class ConsoleSettings:
 class ConsoleSession:
     """The console protocol over one connection; the SockJS handler."""
 
-    _connection: object  # shellserver.sockjs.SockJSConnection
+    _connection: SockJSConnection
     _clock: IReactorTime
     _tokens: TokenAuthority
     _sandboxes: ISandboxStarter

@@ -17,6 +17,7 @@ touched by these timeouts: they have their own heartbeats.
 from __future__ import annotations
 
 from io import BytesIO
+from typing import cast
 
 from attrs import frozen
 from twisted.internet.interfaces import (
@@ -28,14 +29,17 @@ from twisted.internet.interfaces import (
     IProtocolNegotiationFactory,
     IReactorTime,
     ISSLTransport,
+    ITransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 from zope.interface import directlyProvides, implementer, providedBy
 
+from shellserver.interfaces import IConnectionTransport
 from shellserver.logs import ClientEventLog, PeerLogger
 from shellserver.metrics import Metrics
 from shellserver.sockjs.headers import client_address
@@ -95,6 +99,8 @@ def _address_host(address: IAddress | None) -> str | None:
 class _RefusedConnection(Protocol):
     """A connection over a cap (in all, or per address): reset at once, nothing read."""
 
+    transport: IConnectionTransport
+
     def connectionMade(self) -> None:
         self.transport.abortConnection()
 
@@ -104,6 +110,7 @@ class _GuardedConnection(ProtocolWrapper):
     """One connection under a L{ConnectionGuard}: its TLS and closing deadlines."""
 
     factory: ConnectionGuard
+    transport: IConnectionTransport
     address: str | None = None
     _handshake: IDelayedCall | None = None
     _closing: IDelayedCall | None = None
@@ -122,7 +129,8 @@ class _GuardedConnection(ProtocolWrapper):
         if self.secure:
             self._handshake = self.factory.clock.callLater(
                 self.factory.limits.tls_handshake_timeout, self._handshake_too_slow)
-        self.wrappedProtocol.makeConnection(self)
+        # It provides the transport's interfaces (directlyProvides above).
+        self.wrappedProtocol.makeConnection(cast(ITransport, self))
 
     def _handshake_too_slow(self) -> None:
         self._handshake = None
@@ -146,7 +154,7 @@ class _GuardedConnection(ProtocolWrapper):
         self._closing = None
         self.transport.abortConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         for call in (self._handshake, self._closing):
             _cancel(call)
         self._handshake = self._closing = None
@@ -203,7 +211,9 @@ class ConnectionGuard(WrappingFactory):
         """How many connections are held now, from every address."""
         return self._total
 
-    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:
+    # Twisted types WrappingFactory.buildProtocol as returning its wrapper;
+    # a listener takes any protocol, and a refused one needs no wrapper.
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
         host = _address_host(addr)
         if self._total >= self.limits.max_connections:
             if not self._full:
@@ -225,7 +235,7 @@ class ConnectionGuard(WrappingFactory):
                     address=host, count=self.connections_from(host))
             self._count_refusal("per_address")
             return _RefusedConnection()
-        protocol = super().buildProtocol(addr)
+        protocol = cast(_GuardedConnection, super().buildProtocol(addr))
         protocol.address = host
         return protocol
 
@@ -270,6 +280,7 @@ class LimitedHTTPChannel(HTTPChannel):
     """
 
     limits = ConnectionLimits()
+    transport: IConnectionTransport
     # set by the site: the per-address budget for client-caused messages
     client_events: ClientEventLog | None = None
     _head_bytes = 0
@@ -278,8 +289,9 @@ class LimitedHTTPChannel(HTTPChannel):
     _linger: IDelayedCall | None = None
     refused = False
 
+    # A class attribute in Twisted, which only reads it.
     @property
-    def _log(self):
+    def _log(self):  # type: ignore[override]
         # twisted.web's messages about a connection ("Timing out client") are
         # the client's doing: within its address's budget.
         logger = vars(HTTPChannel)["_log"].__get__(self, type(self))
@@ -378,7 +390,7 @@ class LimitedHTTPChannel(HTTPChannel):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_arrival()
         _cancel(self._linger)
         self._linger = None
@@ -394,8 +406,9 @@ class LimitedRequest(Request):
 
     _body_bytes = 0
 
+    # A class attribute in Twisted, which only reads it.
     @property
-    def _log(self):
+    def _log(self):  # type: ignore[override]
         # twisted.web's messages about a request (a HEAD answered by GET) are
         # the client's doing: within its address's budget.
         logger = vars(Request)["_log"].__get__(self, type(self))
@@ -415,6 +428,6 @@ class LimitedRequest(Request):
         self._body_bytes += len(data)
         limit = getattr(channel, "limits", ConnectionLimits()).max_request_body_bytes
         if self._body_bytes > limit:
-            channel.refuse(413, "The request body is too large.")
+            cast(LimitedHTTPChannel, channel).refuse(413, "The request body is too large.")
             return
         super().handleContentChunk(data)

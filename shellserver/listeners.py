@@ -11,14 +11,14 @@ the other way round: TCP, then the PROXY header, then TLS, then the site.
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.strports import service as strports_service
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 PROXY_BEFORE_TLS = "haproxy:ssl:"
 
 
-def listener_service(reactor, description: str, factory: Factory
+def listener_service(reactor, description: str, factory: IProtocolFactory
                      ) -> StreamServerEndpointService:
     """A service listening on C{description} with C{factory}, as
     C{strports.service}, but with the PROXY header before TLS on

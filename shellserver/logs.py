@@ -137,7 +137,7 @@ class PeerLogger:
     unchanged.
     """
 
-    def __init__(self, logger: object, events: ClientEventLog, address: str | None,
+    def __init__(self, logger: Logger, events: ClientEventLog, address: str | None,
                  name: str) -> None:
         self._logger = logger
         self._events = events

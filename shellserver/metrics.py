@@ -122,7 +122,7 @@ class Metrics:
         self.consoles_started.labels(source).inc()
         self.start_seconds.labels(source).observe(seconds)
 
-    def console_ended(self, reason: str) -> None:
+    def console_ended(self, reason: str | None) -> None:
         self.consoles_ended.labels(bounded(reason, END_REASONS)).inc()
 
     def console_refused(self, reason: str | None) -> None:

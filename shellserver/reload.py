@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import attrs
 from attrs import define, field
@@ -113,7 +115,7 @@ class ReloadOnHangup(Service):
     def __init__(self, reloader: ConfigReloader, reactor) -> None:
         self._reloader = reloader
         self._reactor = reactor
-        self._previous = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def startService(self) -> None:
         super().startService()

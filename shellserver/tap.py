@@ -250,6 +250,7 @@ def makeService(options: Options, *, reactor=None,
 
     listen = list(options["listen"])
     if not listen:
+        assert prepared.tls is not None, "prepared when there is no --listen"
         cert, key = prepared.tls
         listen.append(endpoint_description(DEFAULT_PORT, cert, key))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from attrs import define, field
 from zope.interface import implementer
@@ -21,6 +23,9 @@ from shellserver.sandbox.service import (
     SandboxUnavailable,
 )
 
+if TYPE_CHECKING:
+    from shellserver.sockjs.session import SockJSHandler
+
 
 @define
 class FakeConnection:
@@ -33,7 +38,7 @@ class FakeConnection:
     sent: list[str] = field(factory=list)
     close_code: int | None = None
     close_reason: str | None = None
-    handler: object = None
+    handler: SockJSHandler | None = None
     pending_bytes: int = 0
     producer: object = None
 
@@ -125,7 +130,7 @@ class FakeOutputPipe:
     """One session's output pipe: ``send`` delivers bytes as if init wrote them."""
 
     path: str
-    deliver: object
+    deliver: Callable[[bytes], None]
     reading: bool = True
     held: list[bytes] = field(factory=list)  # in the pipe, not read yet
     finished: bool = False

@@ -468,7 +468,9 @@ class ShellSite(Site):
     """A Site that sets the headers every response carries, with bounded
     requests (shellserver.limits): wrap it in a ConnectionGuard to listen."""
 
-    protocol = LimitedHTTPChannel
+    # Twisted types it as the factory of its HTTP/2-capable channel; a plain
+    # HTTPChannel class is called the same way (with no arguments).
+    protocol = LimitedHTTPChannel  # type: ignore[assignment]
     requestFactory = LimitedRequest
     displayTracebacks = False
     # shellserver.metrics.Metrics, set by makeService: LimitedHTTPChannel

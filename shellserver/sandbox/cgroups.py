@@ -115,7 +115,8 @@ class CgroupLayout:
             return None if path is None else os.path.join(path, name)
 
         return CgroupLayout(memory=sub(self.memory), pids=sub(self.pids), cpu=sub(self.cpu),
-                            unified=sub(self.unified), v2_controllers=self.v2_controllers,
+                            unified=os.path.join(self.unified, name),
+                            v2_controllers=self.v2_controllers,
                             own=self.own)
 
     def parents(self) -> tuple[str, ...]:

@@ -93,6 +93,7 @@ def _load_sibling(name):
     """
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
     module_spec = importlib.util.spec_from_file_location("shellserver_" + name, path)
+    assert module_spec is not None and module_spec.loader is not None  # a .py file's
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module

@@ -11,6 +11,8 @@ start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -46,6 +48,12 @@ class WaitingSandbox:
     _buffered: int = 0
     _events: IConsoleProcessEvents | None = None
 
+    @property
+    def started(self) -> ISandbox:
+        """The sandbox, which every entry taken from the pool has."""
+        assert self.sandbox is not None, "entries wait in the pool once started"
+        return self.sandbox
+
     def output(self, data: bytes) -> None:
         if self._events is not None:
             self._events.output(data)
@@ -79,11 +87,11 @@ class WaitingSandbox:
     def hand_over(self, events: IConsoleProcessEvents, cols: int, rows: int) -> ISandbox:
         """Make ``events`` the console's owner: resize, then replay the wait."""
         self._events = events
-        self.sandbox.resize(cols, rows)
+        self.started.resize(cols, rows)
         replay, self._buffer = b"".join(self._buffer), []
         if replay:
             events.output(replay)
-        return self.sandbox
+        return self.started
 
 
 @implementer(ISandboxStarter)
@@ -94,7 +102,7 @@ class SandboxPool:
     _starter: ISandboxStarter
     _clock: IReactorTime
     size: int
-    _room: object = None  # callable() -> how many more sandboxes capacity allows
+    _room: Callable[[], int] | None = None  # how many more sandboxes capacity allows
     waiting: list[WaitingSandbox] = field(factory=list)
     handed_out: int = 0
     cold_starts: int = 0
@@ -119,7 +127,7 @@ class SandboxPool:
         self.last_source = "pool"
         self._schedule_fill(0)
         log.info("console {session} handed out from the warm pool ({state})",
-                 session=entry.sandbox.session, state="ready" if entry.ready else "starting")
+                 session=entry.started.session, state="ready" if entry.ready else "starting")
         return entry.hand_over(events, cols, rows)
 
     def _take(self) -> WaitingSandbox | None:

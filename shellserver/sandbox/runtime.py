@@ -10,7 +10,8 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
@@ -117,7 +118,7 @@ def check_prebuilt(path: str, packages: Sequence[str] = ()) -> None:
 
 @inlineCallbacks
 def build_runtime(reactor, path: str, system_python: str,
-                  packages: Sequence[str] = ()) -> Deferred[None]:
+                  packages: Sequence[str] = ()) -> Generator[Deferred[Any], Any, None]:
     """Build the runtime into ``path`` with IPython and ``packages``, without
     blocking the reactor."""
     # Built in place (venv scripts name their own path), made valid by the

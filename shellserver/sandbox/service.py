@@ -21,16 +21,18 @@ import struct
 import termios
 import tty
 from collections.abc import Callable
+from typing import cast
 
-from attrs import define, field
+from attrs import Factory, define, field
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from shellserver.interfaces import IProcessReactor, IPTYProcessTransport
 from shellserver.sandbox.cgroups import CgroupLayout, CgroupReaper
 from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.spec import SandboxLimits, SandboxSpec, build_spec
@@ -106,7 +108,7 @@ class SandboxProcessProtocol(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         read = self._sandbox._starter.read_pty
-        fd = self.transport.fileno()
+        fd = cast(IPTYProcessTransport, self.transport).fileno()  # spawned with usePTY
         chunks, total = [data], len(data)
         while total < READ_BATCH:
             try:
@@ -149,7 +151,7 @@ class RunningSandbox:
     spec: SandboxSpec
     events: IConsoleProcessEvents
     _starter: SandboxStarter
-    _transport: object = None
+    _transport: IPTYProcessTransport | None = None
     _output: IOutputPipe | None = None
     _kill_call: IDelayedCall | None = None
     _terminating: bool = False
@@ -171,6 +173,16 @@ class RunningSandbox:
     def pid(self) -> int | None:
         return getattr(self._transport, "pid", None)
 
+    @property
+    def _pty(self) -> IPTYProcessTransport:
+        assert self._transport is not None, "used only once the launcher is spawned"
+        return self._transport
+
+    @property
+    def _pipe(self) -> IOutputPipe:
+        assert self._output is not None, "given when the sandbox is made"
+        return self._output
+
     def write(self, data: bytes) -> None:
         if self.ended:
             return
@@ -185,7 +197,7 @@ class RunningSandbox:
             return
         else:
             self._input_held += len(data)
-        self._transport.write(data)
+        self._pty.write(data)
 
     def make_raw(self) -> None:
         """Put the PTY in raw mode before any keystroke reaches it.
@@ -196,7 +208,7 @@ class RunningSandbox:
         master act on its slave.)
         """
         try:
-            tty.setraw(self._transport.fileno(), termios.TCSANOW)
+            tty.setraw(self._pty.fileno(), termios.TCSANOW)
         except (OSError, termios.error) as e:
             log.warn("raw mode for console {session} failed: {error}",
                      session=self.session, error=e)
@@ -206,18 +218,18 @@ class RunningSandbox:
             return
         size = struct.pack("HHHH", rows, cols, 0, 0)
         try:
-            fcntl.ioctl(self._transport.fileno(), termios.TIOCSWINSZ, size)
+            fcntl.ioctl(self._pty.fileno(), termios.TIOCSWINSZ, size)
         except OSError as e:
             log.warn("resize of console {session} failed: {error}",
                      session=self.session, error=e)
 
     def pauseProducing(self) -> None:
         if not self.ended:
-            self._output.pause()
+            self._pipe.pause()
 
     def resumeProducing(self) -> None:
         if not self.ended:
-            self._output.resume()
+            self._pipe.resume()
 
     def stopProducing(self) -> None:
         self.terminate()
@@ -251,7 +263,7 @@ class RunningSandbox:
 
     def _signal(self, name: str) -> None:
         try:
-            self._transport.signalProcess(name)
+            self._pty.signalProcess(name)
         except (ProcessExitedAlready, OSError):
             pass
 
@@ -264,13 +276,14 @@ class RunningSandbox:
         if isinstance(value, ProcessDone):
             status, signal = 0, None
         else:
-            status, signal = value.exitCode, value.signal
+            terminated = cast(ProcessTerminated, value)  # processEnded's other reason
+            status, signal = terminated.exitCode, terminated.signal
         log.info("console {session} (uid {uid}) ended: status {status}, signal {signal}",
                  session=self.session, uid=self.uid, status=status, signal=signal)
         # Init wrote the console's last output before it exited, and the
         # launcher ended after init: all of it is in the pipe now.
         try:
-            self._output.finish()
+            self._pipe.finish()
         except Exception:
             log.failure("console {session}: the output pipe's end failed",
                         session=self.session)
@@ -288,7 +301,7 @@ class RunningSandbox:
 class SandboxStarter:
     """Starts sandboxes and cleans up after them."""
 
-    reactor: object  # IReactorProcess and IReactorTime
+    reactor: IProcessReactor
     limits: SandboxLimits
     runtime: str
     root: str
@@ -304,19 +317,16 @@ class SandboxStarter:
     # consoles would otherwise feel all at once.
     teardown_spacing: float = 0.025
     _next_teardown: float = 0.0
-    reaper: CgroupReaper | None = None
+    reaper: CgroupReaper = field(
+        default=Factory(lambda self: CgroupReaper(self.reactor), takes_self=True))
     read_pty: Callable[[int, int], bytes] = os.read
     running: dict[str, RunningSandbox] = field(factory=dict)
     _ready: bool = True
     _unavailable_reason: str = ""
 
     @property
-    def clock(self):
+    def clock(self) -> IProcessReactor:
         return self.reactor
-
-    def __attrs_post_init__(self) -> None:
-        if self.reaper is None:
-            self.reaper = CgroupReaper(self.reactor)
 
     def set_unavailable(self, reason: str) -> None:
         self._ready, self._unavailable_reason = False, reason
@@ -335,6 +345,7 @@ class SandboxStarter:
         sandbox: RunningSandbox | None = None
 
         def deliver(data: bytes) -> None:  # only once the launcher runs
+            assert sandbox is not None
             sandbox.events.output(data)
 
         try:
@@ -357,17 +368,18 @@ class SandboxStarter:
         argv = [self.system_python, "-I", "-S", self.launcher, spec.to_json()]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
         try:
-            sandbox._transport = self.reactor.spawnProcess(
+            transport = cast(IPTYProcessTransport, self.reactor.spawnProcess(
                 SandboxProcessProtocol(sandbox), self.system_python, argv,
                 env=env, path="/", usePTY=True,
-            )
+            ))
         except Exception as e:
             self.uids.release(uid)
-            sandbox._output.finish()
+            output.finish()
             log.failure("could not spawn the launcher for {session}", session=session)
             raise SandboxUnavailable("the console could not be started") from e
+        sandbox._transport = transport
         self.running[session] = sandbox
-        sandbox._transport.registerProducer(sandbox._input, True)
+        transport.registerProducer(sandbox._input, True)
         sandbox.make_raw()
         sandbox.resize(cols, rows)
         log.info("console {session} started as uid {uid}", session=session, uid=uid)

@@ -4,11 +4,13 @@ JSESSIONID cookie) and small helpers shared by the HTTP side.
 """
 
 from collections.abc import Iterable
+from typing import cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from .options import SockJSOptions
 
@@ -69,7 +71,7 @@ def render_preflight(request: IRequest, clock: IReactorTime, methods: Iterable[b
     Answer a CORS preflight (C{OPTIONS}) request.
     """
     request.setResponseCode(204)
-    request.defaultContentType = None
+    cast(Request, request).defaultContentType = None  # not in IRequest
     set_long_cache(request, clock)
     request.setHeader(b"Access-Control-Max-Age", b"%d" % (ONE_YEAR,))
     request.setHeader(b"Access-Control-Allow-Methods", b", ".join(methods))
@@ -95,7 +97,7 @@ def render_method_not_allowed(request: IRequest, allowed: Iterable[bytes]) -> by
     Answer 405 with an C{Allow} header and neither body nor content type.
     """
     request.setResponseCode(405)
-    request.defaultContentType = None
+    cast(Request, request).defaultContentType = None  # not in IRequest
     request.setHeader(b"Allow", b", ".join(allowed))
     return b""
 

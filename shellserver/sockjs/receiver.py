@@ -7,11 +7,12 @@ only.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from .endpoint import Endpoint
@@ -59,7 +60,8 @@ class HttpReceiver:
         limit: int | None,
     ) -> None:
         self.transport_name = transport_name
-        self._request = request
+        # twisted.web's Request: IRequest omits notifyFinish and producers
+        self._request = cast(Request, request)
         self._format_frame = format_frame
         self._limit = limit
         self._written = 0
@@ -180,8 +182,8 @@ def _answer_when_delivered(
     input budget, have been handed over (or the session ended first: 404,
     as for a session that is gone).
     """
-    lost = []
-    request.notifyFinish().addErrback(lost.append)
+    lost: list[Failure] = []
+    cast(Request, request).notifyFinish().addErrback(lost.append)
 
     def done(delivered: bool) -> None:
         if lost:
@@ -223,7 +225,7 @@ def receive_sent(
         session = find_session(endpoint, request, session_id)
     except ForeignSession:
         session = None
-    disable_nagle(request.transport)
+    disable_nagle(cast(Request, request).transport)
     set_no_cache(request)
     if cors:
         set_cors(request)
@@ -271,7 +273,7 @@ def serve_receiver(
         session = find_session(endpoint, request, session_id)
     except ForeignSession:
         return render_not_found(request)
-    disable_nagle(request.transport)
+    disable_nagle(cast(Request, request).transport)
     request.setHeader(b"Content-Type", content_type)
     set_no_cache(request)
     if cors:

@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Mapping
+from typing import cast
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
@@ -20,6 +21,7 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
 
 from . import eventsource, htmlfile, jsonp, websocket, xhr
 from .endpoint import Endpoint, SessionTransport
@@ -151,7 +153,7 @@ class _IframePage(_Page):
         set_long_cache(request, self._clock)
         request.setHeader(b"Content-Security-Policy", self._csp)
         if request.setETag(self._etag) is http.CACHED:
-            request.defaultContentType = None
+            cast(Request, request).defaultContentType = None  # not in IRequest
             return b""
         request.setHeader(b"Content-Type", HTML)
         return self._body

@@ -19,6 +19,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from ..interfaces import IConnectionTransport
 from ..logs import ClientEventLog, PeerLogger
 from .endpoint import Endpoint
 from .framing import (
@@ -87,6 +88,8 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     """
 
     transport_name = ""
+    transport: IConnectionTransport
+    maxMessagePayloadSize: int  # set by autobahn from the factory's options
     # the client's address: of the upgrade request when the resource built
     # this connection (trusted proxies looked through), else the socket's peer
     client_host: str | None = None
@@ -128,6 +131,16 @@ class _SockJSWebSocket(WebSocketServerProtocol):
 
     def _session_id_from_path(self, path: str) -> str:
         return ""
+
+    # Each transport writes in its own framing (the session's Receiver).
+    def write_open(self) -> bool:
+        raise NotImplementedError
+
+    def write_heartbeat(self) -> bool:
+        raise NotImplementedError
+
+    def write_messages(self, encoded: list[bytes]) -> bool:
+        raise NotImplementedError
 
     def write_close(self, code: int, reason: str) -> None:
         # each transport closes in its own framing
