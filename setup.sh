@@ -3,7 +3,8 @@
 #
 #   ./setup.sh serve   install what is needed, then run the server in the
 #                      foreground on https://localhost:8443/ (self-signed TLS)
-#   ./setup.sh test    install what is needed (chromium too), then run every test
+#   ./setup.sh test    install what is needed (chromium too), then check lint
+#                      (ruff) and types (mypy) and run every test
 #
 # Every step is idempotent: a second run installs nothing new.
 set -euo pipefail
@@ -89,6 +90,11 @@ case "$mode" in
     ;;
   test)
     export SHELLSERVER_RUNTIME="$runtime"
+    # Lint and type errors fail the run before any test starts.
+    say "ruff check"
+    .venv/bin/ruff check shellserver tests twisted bench
+    say "mypy shellserver"
+    .venv/bin/mypy shellserver
     exec .venv/bin/pytest "$@"
     ;;
 esac
