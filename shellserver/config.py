@@ -275,6 +275,9 @@ class ServerConfig:
     proxy_header: str = field(default="X-Forwarded-For", validator=_check_proxy_header)
     # "json": one JSON event per line (docs/operations.md), for log shippers.
     log_format: str = field(default="text", validator=_one_of("text", "json"))
+    # The least severe log events written (twisted.logger levels); SIGHUP applies it.
+    log_level: str = field(default="info",
+                           validator=_one_of("debug", "info", "warn", "error", "critical"))
     # Behind a reverse proxy that passes /prefix/... through: the site lives there.
     base_path: str = field(default="", validator=lambda i, a, v: _check_base_path(i, a, v))
 

@@ -39,6 +39,11 @@ RELOADABLE = frozenset({
     "embed.host_origins",
     "server.public_origins",
     "sandbox.pool_size",
+    "server.log_level",
+    "console.input_messages_per_second",
+    "console.input_bytes_per_second",
+    "console.input_burst_messages",
+    "console.input_burst_bytes",
 })
 
 

@@ -101,17 +101,17 @@ class Options(usage.Options):
             raise exit_refused(refusal, sys.stderr) from None
 
     def _choose_log_format(self, config: Config) -> None:
-        """server.log_format = "json": twistd's log becomes JSON lines, through
-        its own --logger hook (an explicit --logger or --syslog wins)."""
-        from shellserver.logs import json_log_to
+        """server.log_format and server.log_level: twistd's log becomes text or
+        JSON lines filtered by level, through its own --logger hook (an
+        explicit --logger or --syslog wins)."""
+        from shellserver.logs import log_to, set_log_level
 
+        set_log_level(config.server.log_level)
         twistd = getattr(self, "parent", None)
-        if config.server.log_format != "json" or twistd is None:
+        if twistd is None or twistd.get("logger") or twistd.get("syslog"):
             return
-        if twistd.get("logger") or twistd.get("syslog"):
-            return
-        twistd["logger"] = json_log_to(twistd.get("logfile"),
-                                       nodaemon=bool(twistd.get("nodaemon")))
+        twistd["logger"] = log_to(config.server.log_format, twistd.get("logfile"),
+                                  nodaemon=bool(twistd.get("nodaemon")))
 
     def _check_metrics(self) -> None:
         from twisted.internet import endpoints, reactor
@@ -525,6 +525,16 @@ def console_settings_of(config: Config):
     )
 
 
+def input_budget_of(config: Config) -> dict[str, float]:
+    """The SockJS input budget of new sessions (at start and on reload)."""
+    return {
+        "input_messages_per_second": config.console.input_messages_per_second,
+        "input_bytes_per_second": config.console.input_bytes_per_second,
+        "input_burst_messages": config.console.input_burst_messages,
+        "input_burst_bytes": config.console.input_burst_bytes,
+    }
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
@@ -603,11 +613,7 @@ def makeService(options: Options) -> MultiService:
     limits = evolve(ConnectionLimits.from_config(config.server),
                     max_connections=connections.max_connections)
     sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions(
-        input_messages_per_second=config.console.input_messages_per_second,
-        input_bytes_per_second=config.console.input_bytes_per_second,
-        input_burst_messages=config.console.input_burst_messages,
-        input_burst_bytes=config.console.input_burst_bytes,
-    ), input_dropped=metrics.input_dropped.inc)
+        **input_budget_of(config)), input_dropped=metrics.input_dropped.inc)
     tree = build_resource(
         web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
         admission=admission, users=users,
@@ -654,14 +660,16 @@ def makeService(options: Options) -> MultiService:
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
     add_reload_service(top, reactor, options["config"], config, admission=admission,
                        metrics=metrics, switch=switch, consoles=consoles, pool=pool,
-                       resource=tree)
+                       resource=tree, sockjs=sockjs)
     return top
 
 
 def add_reload_service(top: MultiService, reactor, path: str | None, config: Config, *,
-                       admission, metrics, switch, consoles, pool, resource) -> None:
+                       admission, metrics, switch, consoles, pool, resource,
+                       sockjs=None) -> None:
     """SIGHUP re-reads ``path`` and hands what can change live to its owners
     (shellserver.reload; docs/operations.md, "Reload")."""
+    from shellserver.logs import set_log_level
     from shellserver.reload import ConfigReloader, ReloadOnHangup
     from shellserver.web import set_host_origins
 
@@ -701,7 +709,15 @@ def add_reload_service(top: MultiService, reactor, path: str | None, config: Con
     def origins(new: Config) -> None:
         set_host_origins(resource, new.embed.host_origins + new.server.public_origins)
 
-    for apply in (limits, kill_switch, console_settings, pool_size, origins):
+    def log_level(new: Config) -> None:
+        set_log_level(new.server.log_level)
+
+    def input_budget(new: Config) -> None:
+        if sockjs is not None:
+            sockjs.use_input_budget(**input_budget_of(new))
+
+    for apply in (limits, kill_switch, console_settings, pool_size, origins, log_level,
+                  input_budget):
         reloader.subscribe(apply)
     ReloadOnHangup(reloader, reactor).setServiceParent(top)
 

@@ -280,6 +280,11 @@ class SockJSResource(Resource):
         self.putChild(b"info", _Info(options, clock))
         self.putChild(b"websocket", _RawWebSocketEntry(self._endpoint))
 
+    def use_input_budget(self, **budget: float) -> None:
+        """The input budget (SockJSOptions' C{input_*}) of sessions opened
+        from now on; open sessions keep theirs."""
+        self._endpoint.registry.use_input_budget(**budget)
+
     @property
     def session_count(self) -> int:
         """

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger, LogLevel
 
@@ -624,6 +624,11 @@ class SessionRegistry:
 
     def __attrs_post_init__(self) -> None:
         self._client_events = ClientEventLog(log, self._clock)
+
+    def use_input_budget(self, **budget: float) -> None:
+        """Give sessions opened from now on this input budget (a reload;
+        C{input_messages_per_second=...}); open ones keep theirs."""
+        self._options = evolve(self._options, **budget)
 
     def get(self, session_id: str) -> SockJSConnection | None:
         """
