@@ -59,7 +59,12 @@ class Options(usage.Options):
          "A Twisted endpoint serving Prometheus metrics at /metrics, e.g. "
          "tcp:9100:interface=127.0.0.1 (off unless given; keep it on loopback or "
          "an internal network: it has no authentication)."],
+        ["admin", None, None,
+         "A Twisted endpoint serving the admin page (charts, pause, drain, end a "
+         "console), e.g. tcp:9200:interface=127.0.0.1 (off unless given; keep it on "
+         "loopback or an internal network). Its token is in STATE_DIR/admin-token."],
         ["check-config", None, None,
+
          "Check this TOML configuration file and exit: 0 and \"ok\", or "
          f"{EXIT_CONFIG_INVALID} and the key at fault. Starts nothing."],
     ]
@@ -93,10 +98,13 @@ class Options(usage.Options):
         self._choose_log_format(config)
         self._check_listen()
         self._check_metrics()
+        self._check_endpoint("admin")
         try:
             check_host(config)
             self["connections"] = plan_connections(config)
             self["prepared"] = prepare_state(config, need_tls=not self["listen"])
+            if self["admin"]:
+                self["admin-token"] = admin_token(config)
         except HostRefusal as refusal:
             raise exit_refused(refusal, sys.stderr) from None
 
@@ -123,6 +131,16 @@ class Options(usage.Options):
             endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError, OSError) as e:
             raise usage.UsageError(f"--metrics {description!r}: {e}") from e
+
+    def _check_endpoint(self, option: str) -> None:
+        from twisted.internet import endpoints, reactor
+
+        description = self[option]
+        if description is not None:
+            try:
+                endpoints.serverFromString(reactor, description)
+            except (ValueError, TypeError, KeyError, OSError) as e:
+                raise usage.UsageError(f"--{option} {description!r}: {e}") from e
 
     def _check_listen(self) -> None:
         from twisted.internet import endpoints, reactor
@@ -153,6 +171,16 @@ def check_config(path: str, out, err) -> SystemExit:
         return SystemExit(EXIT_CONFIG_INVALID)
     out.write(f"ok: {path}\n")
     return SystemExit(0)
+
+
+def admin_token(config: Config) -> str:
+    """The admin page's token from the state directory, made if absent."""
+    from shellserver.admin import TOKEN_FILE, AdminTokenError, load_or_create_token
+
+    try:
+        return load_or_create_token(os.path.join(config.server.state_dir, TOKEN_FILE))
+    except AdminTokenError as e:
+        raise usage.UsageError(f"--admin: {e}") from e
 
 
 def check_host(config: Config) -> None:
@@ -657,6 +685,13 @@ def makeService(options: Options) -> MultiService:
         scrape = strports.service(options["metrics"], metrics_site(metrics))
         scrape.setName("metrics")
         scrape.setServiceParent(top)
+    if options["admin"]:
+        from shellserver.admin import add_admin
+
+        # Its own listener with its own token (shellserver.admin).
+        add_admin(top, reactor, options["admin"], token=options["admin-token"],
+                  web_dir=options["web-dir"], node_name=config.server.node_name(),
+                  metrics=metrics, admission=admission, switch=switch, consoles=consoles)
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
     add_reload_service(top, reactor, options["config"], config, admission=admission,
                        metrics=metrics, switch=switch, consoles=consoles, pool=pool,
