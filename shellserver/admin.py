@@ -23,6 +23,7 @@ import os
 import secrets
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 from attrs import define, field, frozen
@@ -35,6 +36,11 @@ from twisted.web.server import Site
 from zope.interface import Interface, implementer
 
 from shellserver.metrics import REFUSAL_REASONS, START_SOURCES
+
+if TYPE_CHECKING:
+    from shellserver.admission import Admission, KillSwitch
+    from shellserver.console import ConsoleFactory
+    from shellserver.metrics import Metrics
 
 log = Logger()
 
@@ -152,7 +158,7 @@ def read_proc(name: str) -> str:
         return file.read()
 
 
-def local_readings(clock: IReactorTime, metrics, admission,
+def local_readings(clock: IReactorTime, metrics: Metrics, admission: Admission,
                    read: Callable[[str], str] = read_proc) -> Readings:
     """What this server's metrics and the host's /proc say now."""
     memory_used, memory_total = memory_from_meminfo(read("meminfo"))
@@ -291,22 +297,22 @@ class NodeView:
 class IAdminNodes(Interface):
     """The nodes the admin page shows: this server alone, or a cluster's."""
 
-    def nodes() -> list[NodeView]:  # type: ignore[misc]
+    def nodes() -> list[NodeView]:
         """Every node to show, with its samples and running consoles."""
 
 
 class IAdminControls(Interface):
     """What the admin page's buttons do."""
 
-    def set_paused(paused: bool) -> None:  # type: ignore[misc]
+    def set_paused(paused: bool) -> None:
         """Pause (or resume) the whole service: the kill switch, which refuses
         new consoles; running ones go on."""
 
-    def set_draining(node: str, draining: bool) -> bool:  # type: ignore[misc]
+    def set_draining(node: str, draining: bool) -> bool:
         """Stop (or resume) admitting new consoles on ``node``; running ones
         go on. False when there is no such node."""
 
-    def end_console(node: str, console: str) -> bool:  # type: ignore[misc]
+    def end_console(node: str, console: str) -> bool:
         """End one running console; False when there is no such console."""
 
 
@@ -333,9 +339,9 @@ class LocalNode:
 
     name: str
     _clock: IReactorTime
-    _admission: object  # shellserver.admission.Admission
-    _switch: object  # shellserver.admission.KillSwitch
-    _consoles: object  # shellserver.console.ConsoleFactory
+    _admission: Admission
+    _switch: KillSwitch
+    _consoles: ConsoleFactory
     _ring: SampleRing
     _write_switch: Callable[[str, bool], None] = write_switch
 
@@ -557,6 +563,16 @@ class AdminAPI(Resource):
         return _json(request, 200, {"done": action, "node": node, "console": console})
 
 
+class AdminSite(Site):
+    """The admin listener's site: its requests are not in the access log
+    (an open page polls every few seconds; the actions log themselves)."""
+
+    displayTracebacks = False
+
+    def log(self, request) -> None:
+        pass
+
+
 def build_admin_resource(*, web_dir: str, auth: AdminAuth, nodes: IAdminNodes,
                          controls: IAdminControls) -> Resource:
     """The admin listener's tree: the page, its files, uPlot, the API."""
@@ -591,6 +607,6 @@ def add_admin(top: MultiService, reactor, description: str, *, token: str,
     node = LocalNode(node_name, reactor, admission, switch, consoles, ring)
     tree = build_admin_resource(web_dir=web_dir, auth=AdminAuth(token, reactor),
                                 nodes=node, controls=node)
-    listener = strports.service(description, Site(tree))
+    listener = strports.service(description, AdminSite(tree))
     listener.setName("admin")
     listener.setServiceParent(top)
