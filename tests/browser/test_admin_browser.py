@@ -4,9 +4,11 @@ console."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import free_port, start_server, wait_until
@@ -73,9 +75,23 @@ def open_admin(browser, admin_url: str, token: str):
     return context, page, errors
 
 
+def overview_from(source: str, admin_url: str, token: str) -> int:
+    """The status of GET api/overview with ``token``, sent from ``source``."""
+    port = int(urlsplit(admin_url).port)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                            source_address=(source, 0))
+    try:
+        connection.request("GET", "/api/overview",
+                           headers={"Authorization": f"Bearer {token}"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
 def test_login_refused_without_the_token(browser, operated):
     """A wrong token keeps the dashboard hidden and says it was refused; the
-    API answers 401 without the token and the token file is 0600."""
+    API answers 401 without the token, 429 to an address after five wrong
+    ones (others go on), and the token file is 0600."""
     operated, admin_url = operated
     assert (operated.state_dir / "admin-token").stat().st_mode & 0o777 == 0o600
     context, page, errors = open_admin(browser, admin_url, "not-the-token")
@@ -87,6 +103,11 @@ def test_login_refused_without_the_token(browser, operated):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(admin_url + "api/overview", timeout=10)
     assert refused.value.code == 401
+    # Wrong tokens from one address: after five, even the right one waits.
+    answers = [overview_from("127.0.0.2", admin_url, "wrong") for _ in range(5)]
+    assert answers == [401] * 5
+    assert overview_from("127.0.0.2", admin_url, admin_token(operated)) == 429
+    assert overview_from("127.0.0.1", admin_url, admin_token(operated)) == 200
     # The browser's console reports the refused fetch; nothing else went wrong.
     assert [e for e in errors if "401" not in e] == []
 
