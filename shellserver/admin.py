@@ -545,7 +545,14 @@ class AdminAPI(Resource):
 
     def _act(self, request, action: str, body: dict) -> bytes:
         if action in ("pause", "resume"):
-            self._controls.set_paused(action == "pause")
+            try:
+                self._controls.set_paused(action == "pause")
+            except OSError as e:
+                log.error("admin page: cannot {action}: {error}", action=action,
+                          error=str(e))
+                where = e.filename or "the kill-switch file"
+                return _json(request, 500, {"error": f"cannot {action}: {where}: "
+                                                     f"{e.strerror or e}"})
             return _json(request, 200, {"done": action})
         node = body.get("node")
         if not isinstance(node, str):

@@ -312,6 +312,17 @@ class APITests(SynchronousTestCase):
         self.assertEqual(self.request(b"POST", "pause", token="wrong")[0], 401)
         self.assertEqual(self.nodes.calls, [])
 
+    def test_unwritable_switch_file_is_a_clear_500(self):
+        """A kill-switch file that cannot be written answers 500 naming the problem."""
+        def refuse(paused):
+            raise PermissionError(13, "Permission denied", "/state/kill-switch")
+
+        self.nodes.set_paused = refuse
+        code, body, _ = self.request(b"POST", "pause")
+        self.assertEqual(code, 500)
+        self.assertEqual(body["error"], "cannot pause: /state/kill-switch: Permission denied")
+        self.flushLoggedErrors()
+
     def test_get_cannot_act(self):
         """A GET of an action's URL does nothing (404)."""
         self.assertEqual(self.request(b"GET", "pause")[0], 404)
