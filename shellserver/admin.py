@@ -123,6 +123,8 @@ class Readings:
     cpu_busy: int  # /proc/stat jiffies, all cores
     cpu_total: int
     cpu_cores: int
+    # What the consoles may hold at most: capacity x the per-console limit.
+    memory_for_capacity: int = 0
 
 
 def memory_from_meminfo(text: str) -> tuple[int, int]:
@@ -159,8 +161,10 @@ def read_proc(name: str) -> str:
 
 
 def local_readings(clock: IReactorTime, metrics: Metrics, admission: Admission,
-                   read: Callable[[str], str] = read_proc) -> Readings:
-    """What this server's metrics and the host's /proc say now."""
+                   read: Callable[[str], str] = read_proc, *,
+                   memory_per_console: int = 0) -> Readings:
+    """What this server's metrics and the host's /proc say now;
+    ``memory_per_console`` is sandbox.memory_mb in bytes."""
     memory_used, memory_total = memory_from_meminfo(read("meminfo"))
     cpu_busy, cpu_total, cores = cpu_from_stat(read("stat"))
     started = sum(metrics.value("shellserver_consoles_started_total", source=source)
@@ -173,7 +177,8 @@ def local_readings(clock: IReactorTime, metrics: Metrics, admission: Admission,
                     capacity=admission.capacity, started=started,
                     start_seconds=start_seconds, refused=refused,
                     memory_used=memory_used, memory_total=memory_total,
-                    cpu_busy=cpu_busy, cpu_total=cpu_total, cpu_cores=cores)
+                    cpu_busy=cpu_busy, cpu_total=cpu_total, cpu_cores=cores,
+                    memory_for_capacity=admission.capacity * memory_per_console)
 
 
 @frozen
@@ -190,6 +195,7 @@ class Sample:
     memory_total_mb: float
     cpu_used: float | None  # cores busy on average since the last sample
     cpu_cores: int
+    memory_for_capacity_mb: float = 0.0
 
 
 def _per_minute(before: float, after: float, seconds: float) -> float:
@@ -216,7 +222,8 @@ def sample_between(previous: Readings | None, now: Readings) -> Sample:
                   starts_per_minute=starts, refused_per_minute=refused,
                   start_latency=latency, memory_used_mb=now.memory_used / 2**20,
                   memory_total_mb=now.memory_total / 2**20, cpu_used=cpu,
-                  cpu_cores=now.cpu_cores)
+                  cpu_cores=now.cpu_cores,
+                  memory_for_capacity_mb=now.memory_for_capacity / 2**20)
 
 
 @define
@@ -259,6 +266,7 @@ class SampleRing:
             "start_latency": [s.start_latency for s in samples],
             "memory_used_mb": [round(s.memory_used_mb, 1) for s in samples],
             "memory_total_mb": [round(s.memory_total_mb, 1) for s in samples],
+            "memory_for_capacity_mb": [round(s.memory_for_capacity_mb, 1) for s in samples],
             "cpu_used": [None if s.cpu_used is None else round(s.cpu_used, 3)
                          for s in samples],
             "cpu_cores": [s.cpu_cores for s in samples],
@@ -601,12 +609,13 @@ def build_admin_resource(*, web_dir: str, auth: AdminAuth, nodes: IAdminNodes,
 
 def add_admin(top: MultiService, reactor, description: str, *, token: str,
               web_dir: str, node_name: str, metrics, admission, switch,
-              consoles) -> None:
+              consoles, memory_per_console: int = 0) -> None:
     """The admin page's listener and its sampler, as children of ``top``;
     ``token`` is the one L{load_or_create_token} read at start."""
     from twisted.application import strports
 
-    ring = SampleRing(lambda: local_readings(reactor, metrics, admission))
+    ring = SampleRing(lambda: local_readings(reactor, metrics, admission,
+                                             memory_per_console=memory_per_console))
     sampler = TimerService(SAMPLE_INTERVAL, ring.take)
     sampler.clock = reactor
     sampler.setName("admin-sampler")

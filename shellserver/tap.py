@@ -691,7 +691,8 @@ def makeService(options: Options) -> MultiService:
         # Its own listener with its own token (shellserver.admin).
         add_admin(top, reactor, options["admin"], token=options["admin-token"],
                   web_dir=options["web-dir"], node_name=config.server.node_name(),
-                  metrics=metrics, admission=admission, switch=switch, consoles=consoles)
+                  metrics=metrics, admission=admission, switch=switch, consoles=consoles,
+                  memory_per_console=config.sandbox.memory_mb * 2**20)
     add_systemd_services(top, sandboxes, reactor, os.environ, os.getpid())
     add_reload_service(top, reactor, options["config"], config, admission=admission,
                        metrics=metrics, switch=switch, consoles=consoles, pool=pool,

@@ -154,11 +154,14 @@ class RingTests(SynchronousTestCase):
         admission = Admission(clock, capacity=7, per_address=1, per_address_per_minute=9)
         admission.admit("192.0.2.1")
         now = local_readings(clock, metrics, admission,
-                             read={"meminfo": MEMINFO, "stat": STAT}.__getitem__)
+                             read={"meminfo": MEMINFO, "stat": STAT}.__getitem__,
+                             memory_per_console=256 * 2**20)
         self.assertEqual((now.time, now.active, now.capacity), (42.0, 1, 7))
         self.assertEqual((now.started, now.start_seconds), (2.0, 0.75))
         self.assertEqual(now.refused["full"], 1.0)
         self.assertEqual((now.cpu_busy, now.cpu_cores), (200, 2))
+        self.assertEqual(now.memory_for_capacity, 7 * 256 * 2**20)
+        self.assertEqual(sample_between(None, now).memory_for_capacity_mb, 7 * 256)
 
 
 class TokenFileTests(SynchronousTestCase):

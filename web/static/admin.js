@@ -136,7 +136,8 @@
             charts: {
               consoles: chart(charts, "consoles", "Consoles", ["active", "capacity"], ""),
               latency: chart(charts, "latency", "Start latency (s, mean)", ["start"], " s"),
-              memory: chart(charts, "memory", "Host memory (GB)", ["used", "total"], " GB"),
+              memory: chart(charts, "memory", "Host memory (GB)",
+                            ["used", "total", "capacity x console limit"], " GB"),
               cpu: chart(charts, "cpu", "Host CPU (cores)", ["busy", "cores"], ""),
             },
             chartsBox: charts};
@@ -182,7 +183,8 @@
       node.charts.latency.setData([s.time, s.start_latency]);
       const gigabytes = (values) => values.map((mb) => Math.round(mb / 10.24) / 100);
       node.charts.memory.setData([s.time, gigabytes(s.memory_used_mb),
-                                  gigabytes(s.memory_total_mb)]);
+                                  gigabytes(s.memory_total_mb),
+                                  gigabytes(s.memory_for_capacity_mb)]);
       node.charts.cpu.setData([s.time, s.cpu_used, s.cpu_cores]);
 
       const body = node.table.tBodies[0];
