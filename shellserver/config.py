@@ -15,7 +15,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 from urllib.parse import urlsplit
 
 import attrs
@@ -275,6 +275,9 @@ class ServerConfig:
     proxy_header: str = field(default="X-Forwarded-For", validator=_check_proxy_header)
     # "json": one JSON event per line (docs/operations.md), for log shippers.
     log_format: str = field(default="text", validator=_one_of("text", "json"))
+    # The least severe log events written (twisted.logger levels); SIGHUP applies it.
+    log_level: str = field(default="info",
+                           validator=_one_of("debug", "info", "warn", "error", "critical"))
     # Behind a reverse proxy that passes /prefix/... through: the site lives there.
     base_path: str = field(default="", validator=lambda i, a, v: _check_base_path(i, a, v))
 
@@ -313,6 +316,15 @@ class TLSConfig:
         return self.certificate == ""
 
 
+class InputBudgetSettings(TypedDict):
+    """One SockJS session's input budget: SockJSOptions' C{input_*} keywords."""
+
+    input_messages_per_second: int
+    input_bytes_per_second: int
+    input_burst_messages: int
+    input_burst_bytes: int
+
+
 @frozen(kw_only=True)
 class ConsoleConfig:
     """The ``[console]`` section: time limits (seconds) and output flow control."""
@@ -342,6 +354,15 @@ class ConsoleConfig:
     input_bytes_per_second: int = field(default=262144, validator=_integer(minimum=1024))
     input_burst_messages: int = field(default=10000, validator=_integer())
     input_burst_bytes: int = field(default=1048576, validator=_integer(minimum=1024))
+
+    def input_budget(self) -> InputBudgetSettings:
+        """The SockJS input budget of new sessions (SockJSOptions' keywords)."""
+        return {
+            "input_messages_per_second": self.input_messages_per_second,
+            "input_bytes_per_second": self.input_bytes_per_second,
+            "input_burst_messages": self.input_burst_messages,
+            "input_burst_bytes": self.input_burst_bytes,
+        }
 
 
 _NOBODY = 65534

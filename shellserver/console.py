@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -150,6 +150,17 @@ class ConsoleSettings:
             output_low_water=config.console.output_low_water,
             node=config.server.node_name(),
         )
+
+
+@frozen
+class ConsoleSummary:
+    """A running console, for the admin page: its sandbox's session id, when
+    its token was redeemed (clock seconds), its client and transport."""
+
+    console: str
+    started: float
+    client: str
+    transport: str
 
 
 @implementer(IConsoleProcessEvents)
@@ -325,6 +336,17 @@ class ConsoleSession:
             "node": self._settings.node,
             "reason": reason,
         }
+
+    def summary(self) -> ConsoleSummary | None:
+        """What the admin page lists of this console while it runs (never
+        its token); None before it runs and once it ended."""
+        if self.state != "running" or self.sandbox is None:
+            return None
+        return ConsoleSummary(console=self.sandbox.session,
+                              started=(self._clock.seconds() if self._start_time is None
+                                       else self._start_time),
+                              client=self._connection.peer_host,
+                              transport=self._connection.transport_name)
 
     def _stop_sandbox(self) -> None:
         if self.sandbox is not None and not self._stopping:

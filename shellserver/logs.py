@@ -14,7 +14,15 @@ from collections import deque
 
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger, LogLevel, jsonFileLogObserver
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
 
 # Per (address, event) and window: how many messages are logged as they come.
 MESSAGES_PER_WINDOW = 5
@@ -157,32 +165,58 @@ class PeerLogger:
 
 
 # twistd resolves its --logger option by name, after the plugin's options
-# are parsed: the plugin leaves here where the JSON lines go (json_log_to).
+# are parsed: the plugin leaves here where the log lines go (log_to).
 _json_destination = "-"
 
+# server.log_level: one predicate shared by the observer twistd makes from
+# the names below, so a reload changes the level of the running log.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+level_filter = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 
-def json_log_to(logfile: str | None, *, nodaemon: bool) -> str:
-    """Send twistd's log as JSON lines where it would write its text log:
-    ``logfile``, or standard output when that is "-" or, in the foreground,
-    not given (the journal under systemd). Returns the name of the observer
-    factory, for twistd's ``logger`` option."""
+
+def set_log_level(name: str) -> None:
+    """Write events of level ``name`` ("info", ...) and above from now on."""
+    level_filter.setLogLevelForNamespace("", LogLevel.levelWithName(name))
+
+
+def log_to(log_format: str, logfile: str | None, *, nodaemon: bool) -> str:
+    """Send twistd's log, filtered by L{level_filter}, as text or JSON lines
+    (``log_format``) where twistd would write its own: ``logfile``, or
+    standard output when that is "-" or, in the foreground, not given (the
+    journal under systemd). Returns the name of the observer factory, for
+    twistd's ``logger`` option."""
     global _json_destination
     if logfile == "-" or (nodaemon and not logfile):
         _json_destination = "-"
     else:
         _json_destination = logfile or "twistd.log"
-    return f"{__name__}.twistd_json_observer"
+    if log_format == "json":
+        return f"{__name__}.twistd_json_observer"
+    return f"{__name__}.twistd_text_observer"
 
 
-def twistd_json_observer():
-    """A twistd log observer: one JSON object per line, each event's named
-    fields included (twisted.logger's eventAsJSON)."""
+def json_log_to(logfile: str | None, *, nodaemon: bool) -> str:
+    """L{log_to} for JSON lines."""
+    return log_to("json", logfile, nodaemon=nodaemon)
+
+
+def _destination():
     from twisted.python.logfile import LogFile
 
     if _json_destination == "-":
-        out = sys.stdout
-    else:
-        out = LogFile.fromFullPath(_json_destination)  # rotated like twistd's own
+        return sys.stdout
+    return LogFile.fromFullPath(_json_destination)  # rotated like twistd's own
+
+
+def twistd_json_observer() -> ILogObserver:
+    """A twistd log observer: one JSON object per line, each event's named
+    fields included (twisted.logger's eventAsJSON)."""
     # Lines, not the RFC 7464 record separator: what log shippers and
     # journald expect.
-    return jsonFileLogObserver(out, recordSeparator="")
+    return FilteringLogObserver(jsonFileLogObserver(_destination(), recordSeparator=""),
+                                [level_filter])
+
+
+def twistd_text_observer() -> ILogObserver:
+    """A twistd log observer writing twistd's usual text lines."""
+    return FilteringLogObserver(textFileLogObserver(_destination()), [level_filter])

@@ -21,7 +21,7 @@ OTHER = "other"
 
 START_SOURCES = ("cold", "pool")
 END_REASONS = ("exit", "idle", "max_age", "budget", "kill_switch", "shutdown", "error",
-               "client_left")
+               "client_left", "operator")
 REFUSAL_REASONS = ("full", "rate_limited", "switched_off", "shutting_down", "token",
                    "auth_rate_limited", "unavailable")
 SANDBOX_FAILURES = ("unavailable", "setup", "pool_died")

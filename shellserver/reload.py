@@ -42,6 +42,11 @@ RELOADABLE = frozenset({
     "embed.host_origins",
     "server.public_origins",
     "sandbox.pool_size",
+    "server.log_level",
+    "console.input_messages_per_second",
+    "console.input_bytes_per_second",
+    "console.input_burst_messages",
+    "console.input_burst_bytes",
 })
 
 
@@ -132,10 +137,11 @@ class ReloadOnHangup(Service):
 
 
 def reload_service(reactor, path: str | None, config: Config, *, admission, metrics, switch,
-                   consoles, pool, resource) -> ReloadOnHangup:
+                   consoles, pool, resource, sockjs=None) -> ReloadOnHangup:
     """The service by which SIGHUP re-reads ``path`` and hands what can change
     live to its owners (docs/operations.md, "Reload")."""
     from shellserver.console import ConsoleSettings
+    from shellserver.logs import set_log_level
     from shellserver.startup import admission_capacity, fit_host_pools_to
     from shellserver.web import set_host_origins
 
@@ -175,6 +181,14 @@ def reload_service(reactor, path: str | None, config: Config, *, admission, metr
     def origins(new: Config) -> None:
         set_host_origins(resource, new.embed.host_origins + new.server.public_origins)
 
-    for apply in (limits, kill_switch, console_settings, pool_size, origins):
+    def log_level(new: Config) -> None:
+        set_log_level(new.server.log_level)
+
+    def input_budget(new: Config) -> None:
+        if sockjs is not None:
+            sockjs.use_input_budget(new.console.input_budget())
+
+    for apply in (limits, kill_switch, console_settings, pool_size, origins, log_level,
+                  input_budget):
         reloader.subscribe(apply)
     return ReloadOnHangup(reloader, reactor)

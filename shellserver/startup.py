@@ -311,3 +311,13 @@ def admission_capacity(config: Config) -> int:
         return config.admission.capacity
     with open("/proc/meminfo") as f:
         return derived_capacity(config.sandbox.memory_mb, f.read())
+
+
+def admin_token(config: Config) -> str:
+    """The admin page's token from the state directory, made if absent."""
+    from shellserver.admin import TOKEN_FILE, AdminTokenError, load_or_create_token
+
+    try:
+        return load_or_create_token(os.path.join(config.server.state_dir, TOKEN_FILE))
+    except AdminTokenError as e:
+        raise usage.UsageError(f"--admin: {e}") from e

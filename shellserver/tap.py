@@ -8,7 +8,6 @@ builds the service tree from what they return, starting nothing itself.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import MutableMapping
 
@@ -52,6 +51,10 @@ class Options(usage.Options):
          "A Twisted endpoint serving Prometheus metrics at /metrics, e.g. "
          "tcp:9100:interface=127.0.0.1 (off unless given; keep it on loopback or "
          "an internal network: it has no authentication)."],
+        ["admin", None, None,
+         "A Twisted endpoint serving the admin page (charts, pause, drain, end a "
+         "console), e.g. tcp:9200:interface=127.0.0.1 (off unless given; keep it on "
+         "loopback or an internal network). Its token is in STATE_DIR/admin-token."],
         ["check-config", None, None,
          "Check this TOML configuration file and exit: 0 and \"ok\", or "
          f"{EXIT_CONFIG_INVALID} and the key at fault. Starts nothing."],
@@ -86,36 +89,41 @@ class Options(usage.Options):
         self._choose_log_format(config)
         self._check_listen()
         self._check_metrics()
+        self._check_endpoint("admin")
         try:
             startup.check_host(config)
             self["connections"] = startup.plan_connections(config)
             self["prepared"] = startup.prepare_state(config, need_tls=not self["listen"])
+            if self["admin"]:
+                self["admin-token"] = startup.admin_token(config)
         except HostRefusal as refusal:
             raise exit_refused(refusal, sys.stderr) from None
 
     def _choose_log_format(self, config: Config) -> None:
-        """server.log_format = "json": twistd's log becomes JSON lines, through
-        its own --logger hook (an explicit --logger or --syslog wins)."""
-        from shellserver.logs import json_log_to
+        """server.log_format and server.log_level: twistd's log becomes text or
+        JSON lines filtered by level, through its own --logger hook (an
+        explicit --logger or --syslog wins)."""
+        from shellserver.logs import log_to, set_log_level
 
+        set_log_level(config.server.log_level)
         twistd = getattr(self, "parent", None)
-        if config.server.log_format != "json" or twistd is None:
+        if twistd is None or twistd.get("logger") or twistd.get("syslog"):
             return
-        if twistd.get("logger") or twistd.get("syslog"):
-            return
-        twistd["logger"] = json_log_to(twistd.get("logfile"),
-                                       nodaemon=bool(twistd.get("nodaemon")))
+        twistd["logger"] = log_to(config.server.log_format, twistd.get("logfile"),
+                                  nodaemon=bool(twistd.get("nodaemon")))
 
     def _check_metrics(self) -> None:
+        self._check_endpoint("metrics")
+
+    def _check_endpoint(self, option: str) -> None:
         from twisted.internet import endpoints, reactor
 
-        description = self["metrics"]
-        if description is None:
-            return
-        try:
-            endpoints.serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError, OSError) as e:
-            raise usage.UsageError(f"--metrics {description!r}: {e}") from e
+        description = self[option]
+        if description is not None:
+            try:
+                endpoints.serverFromString(reactor, description)
+            except (ValueError, TypeError, KeyError, OSError) as e:
+                raise usage.UsageError(f"--{option} {description!r}: {e}") from e
 
     def _check_listen(self) -> None:
         from twisted.internet import endpoints, reactor
@@ -176,7 +184,7 @@ def makeService(options: Options, *, reactor=None,
         log.warn("start-up: {notice}", notice=notice)
     tokens = TokenAuthority(
         prepared.secret,
-        node=config.server.node or socket.gethostname(),
+        node=config.server.node_name(),
         clock=reactor,
         ttl=config.console.token_ttl,
         allow_originless=config.console.allow_originless,
@@ -225,12 +233,9 @@ def makeService(options: Options, *, reactor=None,
                         consoles.end_all_by_kill_switch)
     limits = evolve(ConnectionLimits.from_config(config.server),
                     max_connections=connections.max_connections)
-    sockjs = SockJSResource(consoles, clock=reactor, options=SockJSOptions(
-        input_messages_per_second=config.console.input_messages_per_second,
-        input_bytes_per_second=config.console.input_bytes_per_second,
-        input_burst_messages=config.console.input_burst_messages,
-        input_burst_bytes=config.console.input_burst_bytes,
-    ), input_dropped=metrics.input_dropped.inc)
+    sockjs = SockJSResource(consoles, clock=reactor,
+                            options=SockJSOptions(**config.console.input_budget()),
+                            input_dropped=metrics.input_dropped.inc)
     tree = build_resource(
         web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
         admission=admission, users=users,
@@ -279,11 +284,19 @@ def makeService(options: Options, *, reactor=None,
         scrape = strports.service(options["metrics"], metrics_site(metrics))
         scrape.setName("metrics")
         scrape.setServiceParent(top)
+    if options["admin"]:
+        from shellserver.admin import add_admin
+
+        # Its own listener with its own token (shellserver.admin).
+        add_admin(top, reactor, options["admin"], token=options["admin-token"],
+                  web_dir=options["web-dir"], node_name=config.server.node_name(),
+                  metrics=metrics, admission=admission, switch=switch, consoles=consoles,
+                  memory_per_console=config.sandbox.memory_mb * 2**20)
     for under_systemd in systemd_services(sandboxes.when_runtime_ready, reactor,
                                           os.environ if environ is None else environ,
                                           os.getpid() if pid is None else pid):
         under_systemd.setServiceParent(top)
     reload_service(reactor, options["config"], config, admission=admission, metrics=metrics,
                    switch=switch, consoles=consoles, pool=pool,
-                   resource=tree).setServiceParent(top)
+                   resource=tree, sockjs=sockjs).setServiceParent(top)
     return top

@@ -39,6 +39,9 @@ VENDOR_FILES = {
     b"addon-fit.js": ("@xterm", "addon-fit", "lib", "addon-fit.js"),
     b"addon-web-links.js": ("@xterm", "addon-web-links", "lib", "addon-web-links.js"),
     b"sockjs.min.js": ("sockjs-client", "dist", "sockjs.min.js"),
+    # the admin page's charts (shellserver.admin)
+    b"uPlot.iife.min.js": ("uplot", "dist", "uPlot.iife.min.js"),
+    b"uPlot.min.css": ("uplot", "dist", "uPlot.min.css"),
 }
 
 # The terminal page loads only our own origin's scripts. xterm.js sets

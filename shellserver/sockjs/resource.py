@@ -13,7 +13,7 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
@@ -38,6 +38,9 @@ from .headers import (
 )
 from .options import SockJSOptions
 from .session import SessionRegistry, SockJSConnection, SockJSHandler
+
+if TYPE_CHECKING:
+    from shellserver.config import InputBudgetSettings
 
 SESSION_TRANSPORTS: Mapping[bytes, SessionTransport] = {
     b"xhr": SessionTransport(methods=(b"POST",), render=xhr.render_polling),
@@ -281,6 +284,11 @@ class SockJSResource(Resource):
         self._iframe = _IframePage(options.client_url, clock)
         self.putChild(b"info", _Info(options, clock))
         self.putChild(b"websocket", _RawWebSocketEntry(self._endpoint))
+
+    def use_input_budget(self, budget: InputBudgetSettings) -> None:
+        """The input budget (SockJSOptions' C{input_*}) of sessions opened
+        from now on; open sessions keep theirs."""
+        self._endpoint.registry.use_input_budget(budget)
 
     @property
     def session_count(self) -> int:

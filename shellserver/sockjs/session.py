@@ -14,15 +14,18 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from ..logs import ClientEventLog
 from .budget import InputBudget
 from .options import SockJSOptions
+
+if TYPE_CHECKING:
+    from shellserver.config import InputBudgetSettings
 
 log = Logger()
 
@@ -624,6 +627,11 @@ class SessionRegistry:
 
     def __attrs_post_init__(self) -> None:
         self._client_events = ClientEventLog(log, self._clock)
+
+    def use_input_budget(self, budget: InputBudgetSettings) -> None:
+        """Give sessions opened from now on this input budget (a reload);
+        open ones keep theirs."""
+        self._options = evolve(self._options, **budget)
 
     def get(self, session_id: str) -> SockJSConnection | None:
         """

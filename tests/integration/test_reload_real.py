@@ -14,6 +14,7 @@ from console_client import ConsoleClient
 pytestmark = pytest.mark.integration
 
 UIDS = 242000
+STARTED = re.compile(r"console \S+ started for")
 
 
 def status(server) -> dict:
@@ -61,6 +62,39 @@ def test_sighup_applies_new_limit_and_refuses_broken_file(tmp_path):
         assert status(server)["reason"] == "rate-limited"
         assert "42" in second.run("print(6*7)", 2)
         assert server.log().count("configuration reloaded") == 1
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+
+
+def test_sighup_changes_log_level(tmp_path):
+    """server.log_level = "warn" keeps a console's start out of the log; after
+    a SIGHUP to "info" the next console's start is logged, and the first
+    console still works."""
+    server = start_server(tmp_path, uid_min=UIDS + 10, uid_max=UIDS + 19,
+                          server='log_level = "warn"\n')
+    config_path = tmp_path / "shellserver.toml"
+    clients = []
+    try:
+        first = ConsoleClient(server)
+        clients.append(first)
+        first.login()
+        assert first.wait_for_prompt(1), first.display()
+        assert "42" in first.run("print(6*7)", 2)
+        # Info events are dropped; warnings still go through.
+        assert not STARTED.search(server.log()), server.log()
+
+        reload_with(server, config_path, 'log_level = "warn"', 'log_level = "info"')
+        assert wait_until(lambda: "configuration reloaded" in server.log(), timeout=15)
+        assert "server.log_level" in server.log()
+        second = ConsoleClient(server)
+        clients.append(second)
+        second.login()
+        assert second.wait_for_prompt(1), second.display()
+        assert wait_until(lambda: len(STARTED.findall(server.log())) == 1, timeout=10), \
+            server.log()
+        assert "42" in first.run("print(6*7)", 2)
     finally:
         for client in clients:
             client.close()

@@ -4,7 +4,7 @@ import json
 from io import StringIO
 
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, eventAsJSON, jsonFileLogObserver
+from twisted.logger import Logger, LogLevel, capturedLogs, eventAsJSON, jsonFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase
 
 from shellserver import logs
@@ -49,10 +49,14 @@ class ChoiceTests(SynchronousTestCase):
         twistd = self.choose("json", logfile="/tmp/x.log", nodaemon=True)
         self.assertEqual(twistd["logger"], "shellserver.logs.twistd_json_observer")
 
-    def test_text_and_explicit_logger_untouched(self):
-        """"text" leaves twistd alone, and an explicit --logger wins over "json"."""
-        self.assertNotIn("logger", self.choose("text"))
+    def test_text_names_filtered_text_observer_and_explicit_logger_wins(self):
+        """"text" names the level-filtered text observer; an explicit --logger
+        or --syslog wins over either format."""
+        self.addCleanup(setattr, logs, "_json_destination", "-")
+        self.assertEqual(self.choose("text")["logger"],
+                         "shellserver.logs.twistd_text_observer")
         self.assertEqual(self.choose("json", logger="my.observer")["logger"], "my.observer")
+        self.assertNotIn("logger", self.choose("text", syslog=True))
 
     def test_bad_format_names_the_key(self):
         """Any other log_format is refused, naming server.log_format."""
@@ -94,3 +98,63 @@ class LifecycleEventTests(SynchronousTestCase):
         self.assertEqual(json.loads(lines[-1])["reason"], "exit")
         self.assertNotIn(token.split(".")[-1], out.getvalue())
         self.assertNotIn(token.split(".")[-1], "".join(eventAsJSON(e) for e in events))
+
+
+class LogLevelTests(SynchronousTestCase):
+    def setUp(self):
+        self.addCleanup(logs.set_log_level, "info")
+        self.addCleanup(setattr, logs, "_json_destination", "-")
+
+    def write(self, factory, level_name):
+        """Events at every level through the observer ``factory`` makes."""
+        out = StringIO()
+        self.patch(logs, "_destination", lambda: out)
+        logs.set_log_level(level_name)
+        observer = factory()
+        log = Logger(namespace="shellserver.test", observer=observer)
+        log.debug("a debug event {n}", n=1)
+        log.info("an info event {n}", n=2)
+        log.warn("a warning event {n}", n=3)
+        log.error("an error event {n}", n=4)
+        return out.getvalue()
+
+    def test_text_observer_drops_events_below_the_level(self):
+        """The text observer writes events at server.log_level and above only."""
+        text = self.write(logs.twistd_text_observer, "warn")
+        self.assertNotIn("debug event", text)
+        self.assertNotIn("info event", text)
+        self.assertIn("a warning event 3", text)
+        self.assertIn("an error event 4", text)
+
+    def test_json_observer_drops_events_below_the_level(self):
+        """The JSON observer writes debug events only when the level is "debug"."""
+        lines = self.write(logs.twistd_json_observer, "debug").splitlines()
+        self.assertEqual([json.loads(line)["n"] for line in lines], [1, 2, 3, 4])
+        lines = self.write(logs.twistd_json_observer, "error").splitlines()
+        self.assertEqual([json.loads(line)["n"] for line in lines], [4])
+
+    def test_level_changes_a_running_observer(self):
+        """set_log_level (a reload) changes what an observer already made writes."""
+        out = StringIO()
+        self.patch(logs, "_destination", lambda: out)
+        logs.set_log_level("info")
+        log = Logger(namespace="shellserver.test", observer=logs.twistd_text_observer())
+        log.info("before {n}", n=1)
+        logs.set_log_level("error")
+        log.info("after {n}", n=2)
+        self.assertIn("before 1", out.getvalue())
+        self.assertNotIn("after 2", out.getvalue())
+
+    def test_options_apply_the_configured_level(self):
+        """Options sets the configured server.log_level before twistd logs anything."""
+        options = Options()
+        options.parent = {}
+        options._choose_log_format(load_config('[server]\nlog_level = "error"\n'))
+        self.assertEqual(logs.level_filter.logLevelForNamespace("shellserver"),
+                         LogLevel.error)
+
+    def test_bad_level_names_the_key(self):
+        """An unknown log_level is refused, naming server.log_level."""
+        with self.assertRaises(ConfigError) as caught:
+            load_config('[server]\nlog_level = "verbose"\n')
+        self.assertIn("server.log_level", str(caught.exception))

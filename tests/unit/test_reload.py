@@ -163,3 +163,32 @@ class OriginsTests(SynchronousTestCase):
 
         self.assertEqual(allowed(b"https://new.example"), [b"https://new.example"])
         self.assertIsNone(allowed(b"https://old.example"))
+
+
+class InputBudgetTests(SynchronousTestCase):
+    def test_new_sessions_take_the_new_input_budget(self):
+        """use_input_budget gives sessions opened after it the new budget; an
+        open session keeps its own."""
+        from shellserver.sockjs.options import SockJSOptions
+        from shellserver.sockjs.session import SessionRegistry
+
+        registry = SessionRegistry(lambda connection: None, Clock(),
+                                   SockJSOptions(input_messages_per_second=100.0))
+        before = registry.open(session_id="s1", peer_host="192.0.2.1", origin=None,
+                               transport_name="websocket", encode=str.encode, bound=True)
+        registry.use_input_budget({"input_messages_per_second": 7, "input_bytes_per_second": 2048,
+                                   "input_burst_messages": 10, "input_burst_bytes": 4096})
+        after = registry.open(session_id="s2", peer_host="192.0.2.1", origin=None,
+                              transport_name="websocket", encode=str.encode, bound=True)
+        self.assertEqual(before._options.input_messages_per_second, 100.0)
+        self.assertEqual(after._options.input_messages_per_second, 7.0)
+        self.assertEqual(after._options.input_burst_bytes, 4096.0)
+
+    def test_input_keys_and_log_level_are_reloadable(self):
+        """The input budget and server.log_level change without naming a restart."""
+        old = config()
+        new = load_config('[server]\nstate_dir = "/srv/state"\nlog_level = "debug"\n'
+                          "[console]\ninput_messages_per_second = 10\n")
+        self.assertEqual(changed_keys(old, new),
+                         ["server.log_level", "console.input_messages_per_second"])
+        self.assertEqual(needing_restart(old, new), [])

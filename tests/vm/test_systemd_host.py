@@ -4,6 +4,7 @@ etc/shellserver.service. One boot serves the whole module."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -392,3 +393,83 @@ def test_watchdog_kept_fed(guest):
     journal = guest.sh("journalctl -u shellserver --no-pager -o cat")
     assert "Watchdog timeout" not in journal, journal[-2000:]
     assert "ready: listeners up" in journal
+
+
+OPS_DROPIN = "/run/systemd/system/shellserver.service.d/operations.conf"
+# The unit's command with the metrics and admin listeners (on the guest's loopback).
+OPS_EXEC = ("/opt/shellserver/.venv/bin/twistd --nodaemon --pidfile= shellserver "
+            "--config /etc/shellserver/shellserver.toml "
+            "--metrics tcp:9100:interface=127.0.0.1 --admin tcp:9200:interface=127.0.0.1")
+SAMPLE_LINE = re.compile(r"^(shellserver_\S+) (\S+)$", re.MULTILINE)
+
+
+def guest_get(guest: Guest, url: str, token: str = "") -> str:
+    """GET ``url`` from inside the guest (its loopback), with a bearer token if given."""
+    headers = f"{{'Authorization': 'Bearer {token}'}}" if token else "{}"
+    return guest.sh("python3 -c \"import urllib.request, sys; sys.stdout.write(urllib.request."
+                    f"urlopen(urllib.request.Request('{url}', headers={headers}), "
+                    "timeout=20).read().decode())\"")
+
+
+def scrape(guest: Guest) -> dict[str, float]:
+    return {name: float(value)
+            for name, value in SAMPLE_LINE.findall(guest_get(guest, "http://127.0.0.1:9100/metrics"))}
+
+
+def journal_events(guest: Guest, since: str) -> list[dict]:
+    """The unit's JSON log lines since ``since``, parsed (journalctl -o cat)."""
+    out = guest.sh(f"journalctl -u shellserver --since '{since}' --no-pager -o cat")
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_metrics_json_journal_reload_and_admin(guest):
+    """Under systemd: /metrics scraped in the guest counts a real console, the
+    journal holds its JSON lifecycle lines, `systemctl reload` with a lower
+    per_address refuses the next console while the first works on, and the
+    admin API answers with the token systemd's state directory holds."""
+    json_log = {'log_format = "text"': 'log_format = "json"'}
+    configure(guest, **json_log)
+    guest.sh(f"mkdir -p {OPS_DROPIN.rsplit('/', 1)[0]}")
+    guest.write(OPS_DROPIN, f"[Service]\nExecStart=\nExecStart={OPS_EXEC}\n")
+    try:
+        guest.sh("systemctl daemon-reload")
+        since = guest.sh("date '+%Y-%m-%d %H:%M:%S'")
+        guest.sh("systemctl restart shellserver", timeout=300)
+        client = open_console(guest)
+        try:
+            assert "42" in client.run("print(6*7)", 2, timeout=60)
+            samples = scrape(guest)
+            assert samples['shellserver_consoles_started_total{source="cold"}'] == 1, samples
+            assert samples["shellserver_consoles_active"] == 1, samples
+            events = journal_events(guest, since)
+            started = [e for e in events if e.get("console_event") == "console_started"]
+            assert len(started) == 1, events[-10:]
+            assert started[0]["console"] and started[0]["user"] and started[0]["client"]
+            assert started[0]["transport"] and started[0]["log_level"]["name"] == "info"
+
+            with guest.get("/status") as response:
+                assert json.loads(response.read())["accepting"] is True
+            configure(guest, **json_log, **{"per_address = 3": "per_address = 1"})
+            guest.sh("systemctl reload shellserver")
+            assert wait_until(lambda: any("configuration reloaded" in e.get("log_format", "")
+                                          for e in journal_events(guest, since)), timeout=60)
+            with guest.get("/status") as response:
+                assert json.loads(response.read())["reason"] == "rate-limited"
+            assert "42" in client.run("print(6*7)", 3, timeout=60)
+        finally:
+            client.close()
+        assert wait_until(lambda: scrape(guest).get(
+            'shellserver_consoles_ended_total{reason="client_left"}') == 1, timeout=60)
+
+        token = guest.sh("cat /var/lib/shellserver/admin-token")
+        assert guest.sh("stat -c %a /var/lib/shellserver/admin-token") == "600"
+        overview = json.loads(guest_get(guest, "http://127.0.0.1:9200/api/overview", token))
+        (node,) = overview["nodes"]
+        assert node["state"] == "accepting" and node["samples"]["time"], node
+        assert "401" in guest.run("python3 -c \"import urllib.request; urllib.request.urlopen("
+                                  "'http://127.0.0.1:9200/api/overview')\"",
+                                  check=False).stderr
+    finally:
+        guest.sh(f"rm -f {OPS_DROPIN} && systemctl daemon-reload")
+        configure(guest)
+        guest.sh("systemctl restart shellserver", timeout=300)
