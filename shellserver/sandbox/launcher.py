@@ -27,6 +27,7 @@ import ctypes
 import fcntl
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -45,6 +46,14 @@ RELAY_HIGH = 65536
 RELAY_BATCH = 32768
 RELAY_FLOOD_READ = 4000  # a PTY read returns at most 4 KiB
 RELAY_HOLD_MS = 1
+# A stream of small writes (print in a loop, IPython's `!` passing on a
+# pipeline a few KB at a time): once output has come twice within
+# RELAY_STREAM_GAP, init passes on what it read and then leaves the console's
+# terminal unread for RELAY_REST, so that the writes gather in the PTY and
+# cost one read, one pipe write and one wake-up of the server per rest
+# instead of one each per write. A lone write (an echo) still goes at once.
+RELAY_STREAM_GAP = 0.002
+RELAY_REST = 0.002
 RELAY_FLUSH_BYTES = 1 << 20
 RELAY_FLUSH_SECONDS = 2.0
 
@@ -416,15 +425,22 @@ def relay(master, out, console, wake):
     poller.register(wake, select.POLLIN)
     keys_open = True
     holding = False  # gathering a flood's output into one write
+    last_read = -RELAY_STREAM_GAP  # when output last came (monotonic)
+    rest_until = 0.0  # the console's terminal is left unread until then
     status = None
     while status is None:
-        poller.register(master, (select.POLLIN if len(pending) < RELAY_HIGH else 0)
+        resting_ms = math.ceil((rest_until - time.monotonic()) * 1000)
+        poller.register(master, (select.POLLIN if len(pending) < RELAY_HIGH
+                                 and resting_ms <= 0 else 0)
                         | (select.POLLOUT if typed else 0))
         if out >= 0:
             poller.register(out, select.POLLOUT if pending and not holding else 0)
         if keys_open:
             poller.register(0, select.POLLIN if len(typed) < RELAY_HIGH else 0)
-        events = dict(poller.poll(RELAY_HOLD_MS if holding else None))
+        timeout = RELAY_HOLD_MS if holding else None
+        if resting_ms > 0:
+            timeout = resting_ms if timeout is None else min(timeout, resting_ms)
+        events = dict(poller.poll(timeout))
         holding = False
         if wake in events:
             try:
@@ -438,8 +454,15 @@ def relay(master, out, console, wake):
             # A full read means a flood: write once RELAY_BATCH is together
             # (or nothing came for RELAY_HOLD_MS), not at each 4 KiB; every
             # write wakes the server. Anything less (an echo) goes at once.
-            flood = read_output(master, pending) >= RELAY_FLOOD_READ
+            got = read_output(master, pending)
+            flood = got >= RELAY_FLOOD_READ
             holding = flood and len(pending) < RELAY_BATCH
+            now = time.monotonic()
+            # (a read just after a rest counts from the rest's end)
+            if got and not flood and now - max(last_read, rest_until) < RELAY_STREAM_GAP:
+                rest_until = now + RELAY_REST
+            if got:
+                last_read = now
         if pending and out >= 0 and not holding:
             out = write_output(out, pending)
         if out < 0:
