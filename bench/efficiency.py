@@ -191,6 +191,23 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def activity(pid: int) -> tuple[int, int, int]:
+    """(wake-ups, read calls, write calls) of ``pid`` so far, (0, 0, 0) if gone.
+
+    Wake-ups are the main thread's voluntary context switches: each is a
+    sleep in poll or a blocking call, ended by an event.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            wakeups = next(int(line.split()[1]) for line in f
+                           if line.startswith("voluntary_ctxt_switches"))
+        with open(f"/proc/{pid}/io") as f:
+            io = dict(line.split(": ") for line in f.read().splitlines())
+        return wakeups, int(io["syscr"]), int(io["syscw"])
+    except (OSError, StopIteration, KeyError, ValueError):
+        return 0, 0, 0
+
+
 class Roles:
     """The processes of one console, by role, read together."""
 
@@ -199,6 +216,11 @@ class Roles:
 
     def sample(self) -> dict[str, int]:
         return {role: sum(cpu_ns(pid) for pid in pids) for role, pids in self.roles.items()}
+
+    def counts(self) -> dict[str, tuple[int, int, int]]:
+        return {role: tuple(sum(c) for c in zip(*(activity(pid) for pid in pids),
+                                                 (0, 0, 0), strict=False))
+                for role, pids in self.roles.items()}
 
 
 # -- targets ---------------------------------------------------------------------
@@ -346,8 +368,11 @@ async def flood(target, name: str, line: str, length: int, sha256: str) -> dict:
         console.sink = verifier.feed
         marks: list[tuple[dict[str, int], int, float]] = []
 
+        counts: list[dict[str, tuple[int, int, int]]] = []
+
         def mark(_=None) -> None:
             marks.append((roles.sample(), machine_ns(), s.cpu_self()))
+            counts.append(roles.counts())
         verifier.began.add_done_callback(mark)
         verifier.done.add_done_callback(mark)
         prompt = console.expect(wire.PROMPT)
@@ -364,8 +389,13 @@ async def flood(target, name: str, line: str, length: int, sha256: str) -> dict:
     cpu["client"] = (client1 - client0) * 1000 / mb
     cpu["machine"] = (machine1 - machine0) * NS * 1000 / mb
     cpu["outside"] = sum(cpu.get(role, 0.0) for role in ("server", "launcher", "relay"))
+    # wake-ups, reads and writes per MB of each role
+    calls = {role: tuple((a - b) / mb for a, b in zip(counts[1][role], counts[0][role],
+                                                       strict=True))
+             for role in counts[0]}
     return {"mb_per_s": mb / seconds, "bytes": verifier.body, "expected": length,
-            "error": verifier.error, "cpu": cpu, "messages": console.messages}
+            "error": verifier.error, "cpu": cpu, "calls": calls,
+            "messages": console.messages}
 
 
 RAW_ECHO = ("import os,tty,termios,time; a=termios.tcgetattr(0); tty.setraw(0); "
@@ -471,6 +501,10 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
                          f"{p['cpu'][role]:.1f}" if role in p["cpu"] else "—",
                          f"{t['cpu'][role]:.1f}" if role in t["cpu"] else "—",
                          f"{o['cpu'][role]:.1f}", "", "", ""])
+        for role in ("console", "relay", "server"):
+            rows.append([f"  {name}: {role} wake-ups / reads / writes per MB",
+                         *("/".join(f"{v:.0f}" for v in m["calls"][role])
+                           if role in m["calls"] else "—" for m in (p, t, o)), "", "", ""])
         rows.append([f"  {name}: messages to the client per MB",
                      f"{p['messages'] / mb:.0f}", f"{t['messages'] / mb:.0f}",
                      f"{o['messages'] / mb:.0f}", "", "", ""])
