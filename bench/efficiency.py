@@ -6,7 +6,7 @@ Three targets, the same IPython behind each (the runtime's, with the argv
 and environment of shellserver.sandbox.spec): a raw PTY read by this process
 (no server), terminado (bench/terminado_peer.py: a fresh PTY per websocket,
 installed with the `bench` extra) and shellserver (twistd on loopback, plain
-TCP, uids 250000-250999, read by bench/wire.py acknowledging as the page
+TCP, uids 250000-250499, read by bench/wire.py acknowledging as the page
 does). Workloads, interleaved target by target, median of ``--runs``:
 
 - pipeline: ``!head -c N /dev/zero | base64`` through IPython's ``!``
@@ -49,12 +49,13 @@ import wire  # noqa: E402
 from shellserver.sandbox.spec import console_env  # noqa: E402
 
 # This bench's own uids, apart from run.py's (240000-240499) and the tests'.
-bench_server.UID_MIN, bench_server.UID_MAX = 250000, 250999
+bench_server.UID_MIN, bench_server.UID_MAX = 250000, 250499
 
 BEGIN, DONE = "BEGIN 42\r\n", "DONE 42\r\n"
 BASE64_LINE = 76  # base64(1) wraps its output at 76 columns
 WORKLOADS = ("pipeline", "prints", "blocks")
 NS = 1e-9
+PRINTS_MAX_MB = 10
 
 
 def log(message: str) -> None:
@@ -87,8 +88,10 @@ def workload(name: str, megabytes: float) -> tuple[str, int, str]:
             add("A" * rest + "\r\n")
         body = f"get_ipython().system('head -c {zeros} /dev/zero | base64')"
     elif name == "prints":
+        # IPython itself grows by about 75 MB per million prints (on a bare
+        # PTY too): past ~12 MB of them the sandbox's 256 MB ends it.
         total, count = 0, 0
-        while total < megabytes * 1e6:
+        while total < min(megabytes, PRINTS_MAX_MB) * 1e6:
             step = 10000
             total += sum(len(str(i)) + 2 for i in range(count, count + step))
             count += step
@@ -377,7 +380,13 @@ async def flood(target, name: str, line: str, length: int, sha256: str) -> dict:
         verifier.done.add_done_callback(mark)
         prompt = console.expect(wire.PROMPT)
         console.send_keys(line + "\r")
-        await asyncio.wait_for(asyncio.shield(verifier.done), 60 + length / 1e6)
+        try:
+            await asyncio.wait_for(asyncio.shield(verifier.done), 60 + length / 1e6)
+        except TimeoutError:
+            raise RuntimeError(
+                f"{target.label} {name}: no DONE in time; {verifier.state}, {verifier.body} of "
+                f"{length} bytes; last output {wire.ANSI.sub('', console.recent)[-200:]!r}"
+            ) from None
         await console.wait_prompt(30, prompt)
     finally:
         console.sink = None
