@@ -415,7 +415,8 @@ def relay(master, out, console, wake):
     time, so this loop pays that cost, on the sandbox's CPU) into the output
     pipe, which the server reads in large pieces. When the pipe is full (the
     server stopped reading: its client is behind) this stops reading the
-    terminal and the console blocks. Keystrokes: the server's terminal into
+    terminal and the console blocks. A stream of small writes is gathered
+    by rests between reads (RELAY_RESTS). Keystrokes: the server's terminal into
     the console's, whatever the output does. Signals: SIGWINCH copies the
     size, SIGCHLD reaps (init reaps orphans too).
     """
