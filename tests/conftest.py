@@ -79,7 +79,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                  server: str = "", runtime: str | None = RUNTIME,
                  preexec_fn=None, listen_prefix: str = "",
                  extra_args: tuple[str, ...] = (),
-                 ready_path: str = "/") -> RunningServer:
+                 ready_path: str = "/", port: int | None = None) -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
     ``config``, ``console``, ``admission``, ``embed`` and ``server`` are TOML
@@ -98,7 +98,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     state = tmp / "state"
     state.mkdir(mode=0o700, exist_ok=True)  # a restart reuses it
     cert, key = ensure_self_signed(str(tmp / "tls"))
-    port = free_port()
+    port = port or free_port()
     config_path = tmp / "shellserver.toml"
     config_path.write_text("\n".join([
         f'[server]\nstate_dir = "{state}"\n{server}',
