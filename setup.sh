@@ -35,6 +35,8 @@ if [ "$mode" = test ]; then
   packages+=(chromium fonts-dejavu-core)
   # tests/vm: build a Debian guest and boot it under emulation.
   packages+=(debootstrap qemu-system-x86 e2fsprogs openssh-client rsync)
+  # The cluster tests start their own Redis on loopback (docs/cluster.md).
+  packages+=(redis-server)
 fi
 missing=()
 for p in "${packages[@]}"; do
