@@ -70,8 +70,7 @@ def redis(tmp_path):
 def start_node(tmp: Path, name: str, redis_url: str, secret: Path, *,
                admission: str = "", port: int | None = None):
     port = port or free_port()
-    config = "\n".join([
-        "[cluster]",
+    cluster = "\n".join([
         f'redis_url = "{redis_url}"',
         f'node_name = "{name}"',
         f'public_url = "https://127.0.0.1:{port}"',
@@ -82,7 +81,7 @@ def start_node(tmp: Path, name: str, redis_url: str, secret: Path, *,
     ])
     (tmp / name).mkdir(exist_ok=True)
     return start_server(tmp / name, uid_min=UIDS[name], uid_max=UIDS[name] + 199,
-                        config=config, port=port,
+                        cluster=cluster, port=port,
                         admission=admission or "capacity = 4\nper_address = 100\n"
                         "per_address_per_minute = 10000\npages_per_address_per_minute = 0\n")
 
