@@ -456,3 +456,65 @@ def _settings():
     from shellserver.console import ConsoleSettings
 
     return ConsoleSettings(auth_timeout=5.0, idle_timeout=600.0, max_age=1800.0)
+
+
+class _StubLink:
+    """The part of RedisLink that its service drives."""
+
+    def __init__(self) -> None:
+        self.started = self.stopped = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self):
+        self.stopped = True
+        return defer.succeed(None)
+
+
+class ClusterServiceTests(SynchronousTestCase):
+    def test_stop_drains_then_leaves(self) -> None:
+        """On stop (SIGTERM) the node announces draining at once, keeps
+        beating while its consoles finish, then leaves and disconnects."""
+        from shellserver.cluster.membership import ClusterService
+
+        clock = Clock()
+        store = FakeClusterStore(clock)
+        a, b = Node(store, clock, "a"), Node(store, clock, "b")
+        consoles = {"running": True}
+        link = _StubLink()
+        service = ClusterService(link, a.membership, interval=1.0, clock=clock,
+                                 idle=lambda: not consoles["running"], most_wait=30.0)
+        service.startService()
+        self.assertTrue(link.started)
+        self.successResultOf(b.membership.beat())
+        stopped = service.stopService()
+        self.successResultOf(b.membership.beat())
+        self.assertEqual([(n.name, n.draining) for n in b.membership.live_nodes()],
+                         [("a", True), ("b", False)])
+        beats = store.calls.count("heartbeat")
+        clock.advance(3.0)
+        self.assertGreater(store.calls.count("heartbeat"), beats)  # still announced
+        self.assertNoResult(stopped)
+        consoles["running"] = False
+        clock.advance(1.0)
+        self.successResultOf(stopped)
+        self.assertIn("leave", store.calls)
+        self.assertTrue(link.stopped)
+        self.assertNotIn("a", store.nodes)
+
+    def test_stop_waits_at_most_its_bound(self) -> None:
+        """A node whose consoles never finish still leaves after most_wait."""
+        from shellserver.cluster.membership import ClusterService
+
+        clock = Clock()
+        store = FakeClusterStore(clock)
+        a = Node(store, clock, "a")
+        service = ClusterService(_StubLink(), a.membership, interval=1.0, clock=clock,
+                                 idle=lambda: False, most_wait=10.0)
+        service.startService()
+        stopped = service.stopService()
+        clock.advance(9.0)
+        self.assertNoResult(stopped)
+        clock.advance(1.5)
+        self.successResultOf(stopped)
