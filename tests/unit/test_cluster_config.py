@@ -1,6 +1,8 @@
 """Tests for the [cluster] section of shellserver.config and the Redis URL parser."""
 
 import os
+import shutil
+import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -101,7 +103,9 @@ class ClusterConfigTests(SynchronousTestCase):
         """redis_ca_file must be a readable PEM certificate, checked at start-up."""
         self.assert_refused(CLUSTER + 'redis_ca_file = "/nonexistent/ca.pem"\n',
                             "cluster.redis_ca_file", "cannot read")
-        junk = os.path.abspath(self.mktemp())
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        junk = os.path.join(directory, "ca.pem")
         with open(junk, "w") as file:
             file.write("not a certificate\n")
         self.assert_refused(CLUSTER + f'redis_ca_file = "{junk}"\n',
