@@ -64,9 +64,8 @@ class Membership:
         me = self.me()
         if not self._store.up or not self._joined:
             return (me,)
-        return tuple(me if node.name == self.name else node for node in self.nodes) \
-            if any(node.name == self.name for node in self.nodes) \
-            else tuple(sorted((*self.nodes, me), key=lambda n: n.name))
+        others = [node for node in self.nodes if node.name != self.name]
+        return tuple(sorted((*others, me), key=lambda node: node.name))
 
     def beat(self) -> defer.Deferred:
         """Announce this node and read the cluster back (one round trip).
