@@ -76,7 +76,8 @@ class Membership:
         if not self._store.up:
             self._forget()
             return defer.succeed(None)
-        d = self._store.heartbeat(self.me(), self.ttl, self._active_by_address())
+        d = defer.maybeDeferred(
+            lambda: self._store.heartbeat(self.me(), self.ttl, self._active_by_address()))
         self._beating = d
 
         def learnt(view: View) -> None:
@@ -89,7 +90,9 @@ class Membership:
             self._on_view(self)
 
         def failed(failure) -> None:
-            failure.trap(RedisUnavailable)
+            # Never fails: a failed beat would stop the heartbeat's timer.
+            if not failure.check(RedisUnavailable):
+                log.failure("cluster heartbeat failed", failure)
             self._forget()
 
         def done(result):
