@@ -161,7 +161,7 @@ def makeService(options: Options, *, reactor=None,
     from shellserver.proxies import TrustedProxies
     from shellserver.reload import reload_service
     from shellserver.sandbox.budget import CpuBudgetWatcher
-    from shellserver.sandbox.lifecycle import SandboxService
+    from shellserver.sandbox.lifecycle import FLUSH_DELAY, SandboxService
     from shellserver.sandbox.output import FifoPipes
     from shellserver.sandbox.pool import SandboxPool
     from shellserver.sandbox.service import SandboxStarter
@@ -182,9 +182,10 @@ def makeService(options: Options, *, reactor=None,
     connections: ConnectionPlan = options["connections"]
     for notice in (*prepared.notices, *connections.notices):
         log.warn("start-up: {notice}", notice=notice)
+    node_name = config.cluster.node_name or config.server.node_name()
     tokens = TokenAuthority(
         prepared.secret,
-        node=config.server.node_name(),
+        node=node_name,
         clock=reactor,
         ttl=config.console.token_ttl,
         allow_originless=config.console.allow_originless,
@@ -220,12 +221,22 @@ def makeService(options: Options, *, reactor=None,
     if config.sandbox.pool_size:
         pool = SandboxPool(starter, reactor, config.sandbox.pool_size, room=admission.room,
                            metrics=metrics)
+    # The web and console layers see only IAdmission: this node's, or a cluster's.
+    decisions, cluster = admission, None
+    if config.cluster.enabled:
+        from shellserver.cluster.node import cluster_node
+
+        decisions, cluster = cluster_node(
+            reactor, config.cluster, admission=admission,
+            end_all=lambda message: consoles.end_all_by_kill_switch(message),
+            idle=lambda: not consoles.sessions,
+            most_wait=config.console.shutdown_grace + FLUSH_DELAY + 5, metrics=metrics)
     consoles = ConsoleFactory(
         reactor,
         tokens,
         pool or starter,
         ConsoleSettings.from_config(config),
-        admission,
+        decisions,
         users,
         metrics=metrics,
     )
@@ -238,7 +249,7 @@ def makeService(options: Options, *, reactor=None,
                             input_dropped=metrics.input_dropped.inc)
     tree = build_resource(
         web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
-        admission=admission, users=users,
+        admission=decisions, users=users,
         host_origins=config.embed.host_origins + config.server.public_origins,
         selector=config.embed.selector, status_max_age=config.embed.status_max_age,
     )
@@ -274,6 +285,8 @@ def makeService(options: Options, *, reactor=None,
     if budget_checks is not None:
         budget_checks.setServiceParent(top)
     switch.service().setServiceParent(top)
+    if cluster is not None:
+        cluster.setServiceParent(top)
     for index, description in enumerate(listen):
         listener = listener_service(reactor, description, guarded)
         listener.setName(f"listen-{index}")
@@ -289,7 +302,7 @@ def makeService(options: Options, *, reactor=None,
 
         # Its own listener with its own token (shellserver.admin).
         add_admin(top, reactor, options["admin"], token=options["admin-token"],
-                  web_dir=options["web-dir"], node_name=config.server.node_name(),
+                  web_dir=options["web-dir"], node_name=node_name,
                   metrics=metrics, admission=admission, switch=switch, consoles=consoles,
                   memory_per_console=config.sandbox.memory_mb * 2**20)
     for under_systemd in systemd_services(sandboxes.when_runtime_ready, reactor,
