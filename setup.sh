@@ -33,6 +33,8 @@ packages=(python3 python3-venv python3-dev ca-certificates nano)
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 if [ "$mode" = test ]; then
   packages+=(chromium fonts-dejavu-core)
+  # tests of a cluster start their own Redis (loopback, unix socket, TLS).
+  packages+=(redis-server)
   # tests/vm: build a Debian guest and boot it under emulation.
   packages+=(debootstrap qemu-system-x86 e2fsprogs openssh-client rsync)
 fi

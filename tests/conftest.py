@@ -79,7 +79,8 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                  server: str = "", runtime: str | None = RUNTIME,
                  preexec_fn=None, listen_prefix: str = "",
                  extra_args: tuple[str, ...] = (),
-                 ready_path: str = "/") -> RunningServer:
+                 ready_path: str = "/", cluster: str = "",
+                 port: int | None = None) -> RunningServer:
     """Start a server in ``tmp`` and wait until it answers (bounded).
 
     ``config``, ``console``, ``admission``, ``embed`` and ``server`` are TOML
@@ -91,14 +92,17 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
     (such as ``"haproxy:"``) wraps the listener (readiness is then a TCP
     connect); ``extra_args`` go after the plugin's own (``--metrics
     ENDPOINT``, say); ``ready_path`` is the page that answers once it is up
-    (the base path's, under server.base_path).
+    (the base path's, under server.base_path); ``cluster`` is TOML lines
+    for a [cluster] section (none when empty); ``port`` is the port to
+    listen on (a free one by default; a restarted cluster node keeps its
+    public URL by passing its old one).
     """
     from shellserver.tls import endpoint_description, ensure_self_signed
 
     state = tmp / "state"
     state.mkdir(mode=0o700, exist_ok=True)  # a restart reuses it
     cert, key = ensure_self_signed(str(tmp / "tls"))
-    port = free_port()
+    port = port or free_port()
     config_path = tmp / "shellserver.toml"
     config_path.write_text("\n".join([
         f'[server]\nstate_dir = "{state}"\n{server}',
@@ -110,6 +114,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
         f'runtime = "{runtime}"' if runtime else "",
         config,
         f"[embed]\n{embed}",
+        f"[cluster]\n{cluster}" if cluster else "",
     ]) + "\n")
     log_path = tmp / "twistd.log"
     if log_path.exists():  # a restart: keep the previous run's log apart
