@@ -194,27 +194,39 @@ def start_node(directory: Path, name: str, redis: RedisServer, secret_file: Path
     return node
 
 
-def ctl(node: ClusterNode, *args: str) -> subprocess.CompletedProcess:
-    """`shellserver-ctl --config <node's config> ARGS`, as an operator runs it."""
+def ctl(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """`shellserver-ctl --config CONFIG ARGS`, as an operator runs it."""
     return subprocess.run([sys.executable, "-m", "shellserver.ctl", "--config",
-                           str(node.config_path), *args], capture_output=True, text=True,
+                           str(config), *args], capture_output=True, text=True,
                           timeout=30, cwd=str(REPO))
 
 
-def console_page(node: ClusterNode, source: str | None = None,
-                 headers: dict | None = None) -> tuple[int, str]:
-    """GET /console/ on ``node``: (status, body)."""
+def request(node: ClusterNode, path: str, source: str | None = None,
+            headers: dict | None = None) -> tuple[int, str]:
+    """GET ``path`` on ``node`` from the local address ``source``: (status, body)."""
     import http.client
 
     connection = http.client.HTTPSConnection(
         "127.0.0.1", node.port, timeout=10, context=node.server.ssl_context(),
         source_address=(source, 0) if source else None)
     try:
-        connection.request("GET", "/console/", headers=headers or {})
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.read().decode("utf-8", "replace")
     finally:
         connection.close()
+
+
+def console_page(node: ClusterNode, source: str | None = None,
+                 headers: dict | None = None) -> tuple[int, str]:
+    """GET /console/ on ``node`` as ``source``: (status, body)."""
+    return request(node, "/console/", source, headers)
+
+
+def accepting_for(node: ClusterNode, source: str) -> bool:
+    """Whether ``node``'s /status says the cluster accepts ``source``."""
+    status, body = request(node, "/status", source)
+    return status == 200 and json.loads(body)["accepting"] is True
 
 
 def token_claims(token: str) -> dict:
