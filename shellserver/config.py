@@ -482,6 +482,103 @@ class AdmissionConfig:
     pages_per_address_per_minute: int = field(default=30, validator=_integer(minimum=0))
 
 
+_CLUSTER_NODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_KEY_PREFIX = re.compile(r"[\x21-\x7e]{0,64}")
+
+
+def _check_redis_url(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from shellserver.cluster.redis import RedisAddressError, parse_redis_url
+
+    if not isinstance(value, str):
+        raise _fail(instance, attribute, f"must be a Redis URL or \"\", got {_describe(value)}")
+    if value == "":
+        return
+    try:
+        parse_redis_url(value)
+    except RedisAddressError as e:
+        raise _fail(instance, attribute, str(e)) from None
+
+
+def _check_public_url(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    problem = None
+    if not isinstance(value, str):
+        problem = f"got {_describe(value)}"
+    elif value:
+        parts = urlsplit(value)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        path = parts.path
+        problem = _origin_problem(origin)
+        if problem is None and parts.scheme != "https":
+            problem = "the scheme must be https"
+        if problem is None and (parts.query or parts.fragment or value.endswith(("?", "#"))):
+            problem = "it must not have a query or fragment"
+        if problem is None and path and not (_BASE_PATH.fullmatch(path) and not any(
+                part in (".", "..") for part in path.split("/"))):
+            problem = "its path must look like /base (no trailing slash)"
+        if problem is not None:
+            problem = f"{value!r}: {problem}"
+    if problem is not None:
+        raise _fail(instance, attribute,
+                    f"must be \"\" or https://host[:port][/base] where browsers reach this "
+                    f"node, {problem}")
+
+
+def _check_cluster_node(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not (value == "" or _CLUSTER_NODE.fullmatch(value)):
+        raise _fail(instance, attribute,
+                    "must be 1 to 64 letters, digits, '_', '.' or '-' (or \"\" without "
+                    f"cluster.redis_url), got {_describe(value)}")
+
+
+def _check_key_prefix(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not _KEY_PREFIX.fullmatch(value):
+        raise _fail(instance, attribute,
+                    "must be at most 64 printable ASCII characters without spaces, "
+                    f"got {_describe(value)}")
+
+
+@frozen(kw_only=True)
+class ClusterConfig:
+    """The ``[cluster]`` section: several nodes as one service, through Redis
+    (docs/cluster.md). Without ``redis_url`` the server is one node."""
+
+    section: ClassVar[str] = "cluster"
+
+    redis_url: str = field(default="", validator=_check_redis_url)
+    redis_ca_file: str = field(default="", validator=_path(optional=True))
+    node_name: str = field(default="", validator=_check_cluster_node)
+    public_url: str = field(default="", validator=_check_public_url)
+    secret_file: str = field(default="", validator=_path(optional=True))
+    heartbeat_interval: float = field(default=1.0, validator=_seconds(zero_means_never=False))
+    node_ttl: float = field(default=5.0, validator=_seconds(zero_means_never=False))
+    redis_timeout: float = field(default=0.5, validator=_seconds(zero_means_never=False))
+    key_prefix: str = field(default="shellserver:", validator=_check_key_prefix)
+
+    def __attrs_post_init__(self) -> None:
+        # Checks across keys, once every key is valid on its own.
+        if self.node_ttl <= 2 * self.heartbeat_interval:
+            raise ConfigError(
+                key="cluster.node_ttl",
+                message=f"must be more than twice cluster.heartbeat_interval "
+                        f"({self.heartbeat_interval!r}), got {self.node_ttl!r}")
+        if not self.redis_url:
+            return
+        for name in ("node_name", "public_url"):
+            if not getattr(self, name):
+                raise ConfigError(key=f"cluster.{name}",
+                                  message="must be set when cluster.redis_url is set")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+    @property
+    def public_origin(self) -> str:
+        """scheme://host[:port] of ``public_url``."""
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
 _SECTIONS: Mapping[str, type] = {
     "server": ServerConfig,
     "tls": TLSConfig,
@@ -489,6 +586,7 @@ _SECTIONS: Mapping[str, type] = {
     "sandbox": SandboxConfig,
     "embed": EmbedConfig,
     "admission": AdmissionConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -502,6 +600,7 @@ class Config:
     sandbox: SandboxConfig = field(factory=SandboxConfig)
     embed: EmbedConfig = field(factory=EmbedConfig)
     admission: AdmissionConfig = field(factory=AdmissionConfig)
+    cluster: ClusterConfig = field(factory=lambda: ClusterConfig())
 
     @classmethod
     def defaults(cls) -> Config:
@@ -524,8 +623,9 @@ class Config:
 
     @property
     def secret_path(self) -> str:
-        """The HMAC secret that signs console tokens."""
-        return os.path.join(self.server.state_dir, "secret")
+        """The HMAC secret that signs console tokens (``cluster.secret_file``
+        when set: every node of a cluster signs with the same one)."""
+        return self.cluster.secret_file or os.path.join(self.server.state_dir, "secret")
 
     @property
     def kill_switch_path(self) -> str:
