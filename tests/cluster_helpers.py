@@ -179,14 +179,15 @@ class ClusterNode:
 
 
 def start_node(directory: Path, name: str, redis: RedisServer, secret_file: Path, *,
-               uid_min: int, uid_max: int, cluster: str = "", **options) -> ClusterNode:
+               uid_min: int, uid_max: int, cluster: str = "", heartbeat: float = HEARTBEAT,
+               node_ttl: float = NODE_TTL, **options) -> ClusterNode:
     """A started node named ``name`` on ``redis``; ``cluster`` adds [cluster]
     lines; ``options`` go to `start_server` (admission, server, ...)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     lines = (f'redis_url = "{redis.url}"\nnode_name = "{name}"\n'
              f'public_url = "https://127.0.0.1:{port}"\nsecret_file = "{secret_file}"\n'
-             f"heartbeat_interval = {HEARTBEAT}\nnode_ttl = {NODE_TTL}\n")
+             f"heartbeat_interval = {heartbeat}\nnode_ttl = {node_ttl}\n")
     if redis.tls:
         lines += f'redis_ca_file = "{redis.cert}"\n'
     node = ClusterNode(name, directory, port, uid_min, uid_max, lines + cluster, options)
