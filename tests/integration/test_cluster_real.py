@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+import urllib.request
 
 import attrs
 import pytest
@@ -31,7 +32,7 @@ from cluster_helpers import (
     start_redis,
     token_claims,
 )
-from conftest import sandbox_leftovers, wait_until
+from conftest import free_port, sandbox_leftovers, wait_until
 from console_client import TOKEN, ConsoleClient
 from test_proxy_real import proxied_socket, proxy_v1, proxy_v2, read_response
 
@@ -508,6 +509,33 @@ def test_redis_down_then_back(cluster):
         close_all(clients)
 
 
+def test_sigterm_announces_draining_at_once(cluster, tmp_path):
+    """A node D told to stop (SIGTERM, 10 s shutdown grace, one console
+    running) shows as draining to the others while it still runs, is not
+    placed on, and leaves the membership when it has stopped."""
+    d = start_node(tmp_path / "D", "D", cluster.redis, cluster["A"].directory.parent / "secret",
+                   uid_min=UIDS + 270, uid_max=UIDS + 299, admission=LIMITS,
+                   console="shutdown_grace = 10\n")
+    cluster.nodes["D"] = d
+    try:
+        assert wait_until(lambda: "D" in cluster["A"].live_nodes(), timeout=10)
+        cluster.wait_idle()
+        client, node, _ = open_console(cluster, d)
+        assert node.name == "D"
+        d.server.process.terminate()
+        assert wait_until(lambda: (cluster.entry("A", "D") or {}).get("draining") is True,
+                          timeout=3 * HEARTBEAT + 1, interval=0.05)
+        assert d.running(), "D stopped before it was seen draining"
+        assert placed_on(cluster, d).name != "D"
+        client.close()
+        d.server.process.wait(timeout=30)
+        assert wait_until(lambda: "D" not in cluster["A"].live_nodes(), timeout=5)
+    finally:
+        del cluster.nodes["D"]
+        d.stop()
+    assert sandbox_leftovers(d.server) == []
+
+
 # --- Behind a load balancer: a second cluster (its own key prefix) whose node
 # X listens with the PROXY protocol and whose node Y trusts X-Forwarded-For
 # from 127.0.0.1; one console per visitor, cluster-wide.
@@ -613,11 +641,17 @@ def test_node_reaches_redis(tmp_path, transport):
     redis = start_redis(tmp_path / "redis", **{transport: True})
     uids = UIDS + 250 + (10 if transport == "tls" else 0)
     node = None
+    metrics_port = free_port()
     try:
         node = start_node(tmp_path / "N", "N", redis, tmp_path / "secret",
-                          uid_min=uids, uid_max=uids + 9)
+                          uid_min=uids, uid_max=uids + 9,
+                          extra_args=("--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"))
         assert wait_until(lambda: node.status()["cluster"]["redis"] == "up", timeout=10)
         assert wait_until(lambda: node.live_nodes() == ["N"], timeout=10)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                         timeout=10).read().decode()
+        assert re.search(r"^shellserver_redis_up(\{[^}]*\})? 1(\.0)?$", metrics, re.M), metrics
+        assert re.search(r"^shellserver_cluster_nodes(\{[^}]*\})? 1(\.0)?$", metrics, re.M)
         assert "shellserver:node:N" in redis.keys()
         node.stop()
         assert wait_until(lambda: "shellserver:node:N" not in redis.keys(), timeout=5)
@@ -625,14 +659,13 @@ def test_node_reaches_redis(tmp_path, transport):
         if node is not None:
             node.stop()
         redis.stop()
-    assert leftover_processes([redis.process.pid, node.server.process.pid]) == []
+    assert leftover_processes([redis.process.pid]
+                              + ([node.server.process.pid] if node else [])) == []
 
 
 def test_ctl_refuses_without_cluster_or_redis(tmp_path):
     """`shellserver-ctl` exits 2 with a clear message when the config has no
     cluster, and when its Redis does not answer."""
-    from conftest import free_port
-
     config = tmp_path / "shellserver.toml"
     config.write_text(f'[server]\nstate_dir = "{tmp_path}/state"\n')
     done = ctl(config, "status")
