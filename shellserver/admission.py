@@ -13,9 +13,11 @@ from collections import deque
 from collections.abc import Callable
 
 from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 log = Logger()
 
@@ -79,6 +81,48 @@ class Refused(Exception):
         self.status = status
 
 
+@frozen
+class PagePlan:
+    """Where a console page sends its visitor: the node its token is for and
+    that node's SockJS URL, or ``refusal`` (no token then)."""
+
+    refusal: AdmissionStatus | None = None
+    node: str | None = None  # None: this node
+    sockjs_url: str | None = None  # None: the page's own default
+    # Origins besides the page's own that the page may connect to (a cluster's nodes).
+    connect_origins: tuple[str, ...] = ()
+    # Whether the refusal was logged already (page floods are logged once a minute).
+    logged: bool = True
+
+
+class IAdmission(Interface):
+    """Who may have a console page and a console: one node's bookkeeping
+    (L{Admission}) or the cluster's (shellserver.cluster.admission). The web
+    and console layers use only this."""
+
+    active = Attribute("Consoles holding a slot on this node.")
+    capacity = Attribute("The most consoles this node runs at once.")
+
+    def plan_page(address: str) -> Deferred:
+        """Count a console page for ``address``; a L{PagePlan}."""
+
+    def console_slot(address: str) -> Deferred:
+        """A L{Slot} for a console of ``address`` on this node, or a L{Refused} failure."""
+
+    def spend_token(nonce: str, expires_at: float) -> Deferred:
+        """True if this redeemed token's nonce was never spent before (the
+        token authority checked this node's own memory already)."""
+
+    def status_json(address: str) -> dict:
+        """The body of GET /status for ``address``."""
+
+    def auth_failed(address: str) -> None:
+        """``address`` presented a console token that was refused."""
+
+    def auth_retry_after(address: str) -> int | None:
+        """Seconds until ``address`` may present a token again, or None."""
+
+
 @define
 class Slot:
     """One admitted console; release it when the console is gone."""
@@ -93,9 +137,11 @@ class Slot:
             self._admission._release(self.address)
 
 
+@implementer(IAdmission)
 @define
 class Admission:
-    """Capacity, per-address limits and the kill switch, in memory."""
+    """Capacity, per-address limits and the kill switch, in memory: the local
+    provider of L{IAdmission}, and each node's own half of a cluster's."""
 
     _clock: IReactorTime
     capacity: int
@@ -115,6 +161,10 @@ class Admission:
     _pages_refused_logged: dict[str, float] = field(factory=dict)
     _total: int = 0
     _last_sweep: float = 0.0
+    # Set from the cluster (shellserver.cluster): its kill switch, and the
+    # operator's drain of this node.
+    cluster_paused: bool = False
+    cluster_drained: bool = False
 
     @property
     def active(self) -> int:
@@ -224,9 +274,9 @@ class Admission:
         now = self._clock.seconds()
         reason, retry_after = None, None
         starts = self._recent_starts(address, now)
-        if self.draining:
+        if self.draining or self.cluster_drained:
             reason, retry_after = SHUTTING_DOWN, FULL_RETRY_AFTER
-        elif self.switched_off:
+        elif self.switched_off or self.cluster_paused:
             reason, retry_after = SWITCHED_OFF, OFF_RETRY_AFTER
         elif self._total >= self.capacity:
             reason, retry_after = FULL, FULL_RETRY_AFTER
@@ -254,6 +304,33 @@ class Admission:
         self._active[address] = self._active.get(address, 0) + 1
         self._total += 1
         return Slot(self, address)
+
+    def active_by_address(self) -> dict[str, int]:
+        """Running consoles per client address (a copy)."""
+        return dict(self._active)
+
+    # -- IAdmission, decided at once -------------------------------------------
+
+    def plan_page(self, address: str) -> Deferred:
+        wait = self.take_page(address)
+        if wait is not None:
+            return succeed(PagePlan(refusal=AdmissionStatus(
+                accepting=False, reason=RATE_LIMITED, active=self.active,
+                capacity=self.capacity, retry_after=wait), logged=False))
+        status = self.status(address)
+        return succeed(PagePlan(refusal=None if status.accepting else status))
+
+    def console_slot(self, address: str) -> Deferred:
+        try:
+            return succeed(self.admit(address))
+        except Refused as e:
+            return fail(e)
+
+    def spend_token(self, nonce: str, expires_at: float) -> Deferred:
+        return succeed(True)
+
+    def status_json(self, address: str) -> dict:
+        return self.status(address).to_json()
 
     def _release(self, address: str) -> None:
         self._total -= 1

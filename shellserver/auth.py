@@ -191,10 +191,12 @@ class TokenAuthority:
         if self._used is not None:
             self._used.compact(self._redeemed)
 
-    def mint(self, *, user_id: str, origin: str, client_address: str) -> str:
+    def mint(self, *, user_id: str, origin: str, client_address: str,
+             node: str | None = None) -> str:
         """
         A token letting ``user_id`` open one console from a page on
-        ``origin``, from ``client_address`` (the address that fetched it).
+        ``origin``, from ``client_address`` (the address that fetched it),
+        on ``node`` (this node unless a cluster placed it elsewhere).
 
         @raise ValueError: ``origin`` is empty, not printable ASCII, or longer
             than L{MAX_ORIGIN_LENGTH}.
@@ -208,7 +210,7 @@ class TokenAuthority:
         self._forget_expired(now)
         claims = TokenClaims(
             user_id=user_id,
-            node=self._node,
+            node=node or self._node,
             origin=origin,
             client=self.client_digest(client_address),
             issued_at=now,

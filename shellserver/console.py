@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from shellserver.admission import Admission, Refused, Slot
+from shellserver.admission import IAdmission, Refused, Slot
 from shellserver.auth import TokenAuthority, TokenError
 from shellserver.logs import ClientEventLog
 from shellserver.metrics import Metrics
@@ -145,14 +145,14 @@ class ConsoleSession:
     _tokens: TokenAuthority
     _sandboxes: ISandboxStarter
     _settings: ConsoleSettings
-    _admission: Admission | None = None
+    _admission: IAdmission | None = None
     _users: UnregisteredUsers | None = None
     _on_end: Callable[[ConsoleSession], None] | None = None
     # What clients cause before they hold a console is logged within a
     # budget per address (shared by all sessions: the factory's).
     _client_events: ClientEventLog | None = None
     _metrics: Metrics | None = None
-    state: str = "authenticating"  # -> starting -> running -> ended
+    state: str = "authenticating"  # -> admitting -> starting -> running -> ended
     sandbox: ISandbox | None = None
     _size: tuple[int, int] = (DEFAULT_COLS, DEFAULT_ROWS)
     _decoder: codecs.IncrementalDecoder = field(
@@ -345,13 +345,57 @@ class ConsoleSession:
                 self._admission.auth_failed(peer)
             self._fail(CLOSE_AUTH_FAILED, f"Console refused: {e}.")
             return
-        if self._admission is not None:
-            try:
-                self._slot = self._admission.admit(self._connection.peer_host)
-            except Refused as e:
-                self._refused(e.status.reason)
-                self._fail(CLOSE_NOT_ADMITTED, f"No console now: {e.status.message}")
-                return
+        if self._admission is None:
+            self._start(claims)
+            return
+        # A cluster's admission answers later (Redis): meanwhile the session
+        # is "admitting", and whatever ends it first wins.
+        self.state = "admitting"
+        decided = self._admission.spend_token(claims.nonce, claims.expires_at)
+        decided.addCallback(self._token_spent, claims)
+        decided.addErrback(self._admission_failed)
+
+    def _token_spent(self, fresh: bool, claims) -> None:
+        if self.state == "ended":
+            return
+        if not fresh:
+            # Redeemed on another node of the cluster (or before its restart).
+            from shellserver.auth import REPLAYED
+
+            if self._metrics is not None:
+                self._metrics.token_failed(REPLAYED)
+            self._refused("token", "refused token",
+                          "console refused for {client}: {token_failure}",
+                          token_failure=REPLAYED)
+            self._admission.auth_failed(self._connection.peer_host)
+            self._fail(CLOSE_AUTH_FAILED, f"Console refused: {TokenError(REPLAYED)}.")
+            return
+        slot = self._admission.console_slot(self._connection.peer_host)
+        slot.addCallbacks(self._admitted, self._not_admitted, callbackArgs=(claims,))
+        slot.addErrback(self._admission_failed)
+
+    def _not_admitted(self, failure) -> None:
+        failure.trap(Refused)
+        if self.state == "ended":
+            return
+        status = failure.value.status
+        self._refused(status.reason)
+        self._fail(CLOSE_NOT_ADMITTED, f"No console now: {status.message}")
+
+    def _admission_failed(self, failure) -> None:
+        log.failure("console admission failed", failure)
+        if self.state != "ended":
+            self._fail(CLOSE_SANDBOX_FAILED, "No console could be started: the service "
+                       "failed to decide; try again.")
+
+    def _admitted(self, slot: Slot, claims) -> None:
+        if self.state == "ended":
+            slot.release()  # the client left while we asked
+            return
+        self._slot = slot
+        self._start(claims)
+
+    def _start(self, claims) -> None:
         self.user_id = claims.user_id
         if self._users is not None:
             self._users.claim(claims.user_id)
@@ -496,7 +540,7 @@ class ConsoleFactory:
     _tokens: TokenAuthority
     _sandboxes: ISandboxStarter
     _settings: ConsoleSettings
-    _admission: Admission | None = None
+    _admission: IAdmission | None = None
     _users: UnregisteredUsers | None = None
     sessions: set[ConsoleSession] = field(factory=set)
     metrics: Metrics = field(factory=Metrics)

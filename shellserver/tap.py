@@ -553,7 +553,7 @@ def makeService(options: Options) -> MultiService:
         log.warn("start-up: {notice}", notice=notice)
     tokens = TokenAuthority(
         prepared.secret,
-        node=config.server.node or socket.gethostname(),
+        node=config.cluster.node_name or config.server.node or socket.gethostname(),
         clock=reactor,
         ttl=config.console.token_ttl,
         allow_originless=config.console.allow_originless,
@@ -589,12 +589,22 @@ def makeService(options: Options) -> MultiService:
     if config.sandbox.pool_size:
         pool = SandboxPool(starter, reactor, config.sandbox.pool_size, room=admission.room,
                            metrics=metrics)
+    # The web and console layers see only IAdmission: this node's, or a cluster's.
+    decisions, cluster = admission, None
+    if config.cluster.enabled:
+        from shellserver.cluster.node import cluster_node
+
+        decisions, cluster = cluster_node(
+            reactor, config.cluster, admission=admission,
+            end_all=lambda message: consoles.end_all_by_kill_switch(message),
+            idle=lambda: not consoles.sessions,
+            most_wait=config.console.shutdown_grace + FLUSH_DELAY + 5, metrics=metrics)
     consoles = ConsoleFactory(
         reactor,
         tokens,
         pool or starter,
         console_settings_of(config),
-        admission,
+        decisions,
         users,
         metrics=metrics,
     )
@@ -610,7 +620,7 @@ def makeService(options: Options) -> MultiService:
     ), input_dropped=metrics.input_dropped.inc)
     tree = build_resource(
         web_dir=options["web-dir"], tokens=tokens, clock=reactor, sockjs=sockjs,
-        admission=admission, users=users,
+        admission=decisions, users=users,
         host_origins=config.embed.host_origins + config.server.public_origins,
         selector=config.embed.selector, status_max_age=config.embed.status_max_age,
     )
@@ -641,6 +651,8 @@ def makeService(options: Options) -> MultiService:
                                budget=budget, packages=config.sandbox.packages)
     sandboxes.setServiceParent(top)
     KillSwitchService(switch).setServiceParent(top)
+    if cluster is not None:
+        cluster.setServiceParent(top)
     for index, description in enumerate(listen):
         listener = listener_service(reactor, description, guarded)
         listener.setName(f"listen-{index}")

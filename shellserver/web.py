@@ -18,10 +18,10 @@ from twisted.logger import Logger
 from twisted.web.http import combinedLogFormatter
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
-from shellserver.admission import RATE_LIMITED, Admission, AdmissionStatus
+from shellserver.admission import AdmissionStatus, IAdmission, PagePlan
 from shellserver.auth import TokenAuthority, new_unregistered_user
 from shellserver.limits import ConnectionLimits, LimitedHTTPChannel, LimitedRequest
 from shellserver.logs import ClientEventLog
@@ -67,6 +67,14 @@ def with_frame_ancestors(csp: str, host_origins: Sequence[str]) -> str:
     """``csp`` letting the host origins frame the page besides our own."""
     ancestors = " ".join(["'self'", *host_origins])
     return csp.replace("frame-ancestors 'self'", f"frame-ancestors {ancestors}")
+
+
+def with_node_origins(csp: str, origins: Sequence[str]) -> str:
+    """``csp`` letting the page connect to (and frame, for SockJS's iframe
+    transports) a cluster's node origins besides its own."""
+    extra = " ".join(origins)
+    return (csp.replace("connect-src 'self'", f"connect-src 'self' {extra}")
+            .replace("frame-src 'self'", f"frame-src 'self' {extra}"))
 
 
 class MissingWebAssets(Exception):
@@ -162,7 +170,7 @@ class ConsolePage(Resource):
     isLeaf = True
 
     def __init__(self, template: str, tokens: TokenAuthority, clock: IReactorTime,
-                 *, refused_template: str, admission: Admission | None = None,
+                 *, refused_template: str, admission: IAdmission | None = None,
                  users: UnregisteredUsers | None = None,
                  host_origins: Sequence[str] = (), sockjs_url: str = "../sockjs") -> None:
         super().__init__()
@@ -192,22 +200,55 @@ class ConsolePage(Resource):
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         address = client_address(request)
-        if self._admission is not None:
-            wait = self._admission.take_page(address)
-            if wait is not None:
+        if self._admission is None:
+            return self._page(request, address, PagePlan())
+        # A cluster's admission answers later (Redis): the page is written
+        # then, unless the client went away meanwhile.
+        answered: list[bytes] = []
+        waiting = False
+        gone = False
+
+        def went_away(_) -> None:
+            nonlocal gone
+            gone = True
+
+        def deliver(body: bytes) -> None:
+            if not waiting:
+                answered.append(body)
+            elif not gone:
+                request.write(body)
+                request.finish()
+
+        def failed(failure) -> bytes:
+            log.failure("console page for {address} failed", failure, address=address)
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"The console service failed to answer; try again.\n"
+
+        decided = self._admission.plan_page(address)
+        decided.addCallback(lambda plan: self._page(request, address, plan))
+        decided.addErrback(failed)
+        decided.addCallback(deliver)
+        if answered:
+            return answered[0]
+        waiting = True
+        request.notifyFinish().addErrback(went_away)
+        return NOT_DONE_YET
+
+    def _page(self, request, address: str, plan: PagePlan) -> bytes:
+        """The console page for ``plan``, or the refusal it holds."""
+        if plan.refusal is not None:
+            if not plan.logged:
                 request.access_log_skipped = True
-                return self._refuse(request, AdmissionStatus(
-                    accepting=False, reason=RATE_LIMITED, active=self._admission.active,
-                    capacity=self._admission.capacity, retry_after=wait), logged=False)
-            status = self._admission.status(address)
-            if not status.accepting:
-                return self._refuse(request, status)
+            return self._refuse(request, plan.refusal, logged=plan.logged)
         user = new_unregistered_user(self._clock, address, self._host_origin(request))
         if self._users is not None:
             self._users.add(user)
         try:
+            # A token for another node only when the cluster placed it there.
+            elsewhere = {} if plan.node is None else {"node": plan.node}
             token = self._tokens.mint(user_id=user.user_id, origin=request_origin(request),
-                                      client_address=address)
+                                      client_address=address, **elsewhere)
         except ValueError:
             # ShellSite refuses such Host headers first; this keeps a bad one
             # from ever being a 500 here.
@@ -220,9 +261,13 @@ class ConsolePage(Resource):
         page = (
             self._template
             .replace("{{token}}", html.escape(token, quote=True))
-            .replace("{{sockjs_url}}", html.escape(self._sockjs_url, quote=True))
+            .replace("{{sockjs_url}}",
+                     html.escape(plan.sockjs_url or self._sockjs_url, quote=True))
         )
-        request.setHeader(b"content-security-policy", self._csp)
+        csp = self._csp
+        if plan.connect_origins:
+            csp = with_node_origins(csp.decode(), plan.connect_origins).encode()
+        request.setHeader(b"content-security-policy", csp)
         # Under no-referrer, browsers send "Origin: null" on the form POSTs
         # of jsonp_send, and the token is bound to the page's origin; the
         # referrer still goes to nobody but ourselves.
@@ -261,7 +306,7 @@ class StatusPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, admission: Admission, *, host_origins: Sequence[str],
+    def __init__(self, admission: IAdmission, *, host_origins: Sequence[str],
                  selector: str, max_age: int) -> None:
         super().__init__()
         self._admission = admission
@@ -288,8 +333,8 @@ class StatusPage(Resource):
 
     def render_GET(self, request) -> bytes:
         self._cors(request)
-        status = self._admission.status(client_address(request))
-        body = dict(status.to_json(), selector=self._selector)
+        body = dict(self._admission.status_json(client_address(request)),
+                    selector=self._selector)
         request.setHeader(b"content-type", b"application/json")
         # Per client address (rate limits), so private; short-lived.
         request.setHeader(b"cache-control", f"private, max-age={self._max_age}".encode())
@@ -375,7 +420,7 @@ def _read(web_dir: str, *parts: str) -> bytes:
 
 
 def build_resource(*, web_dir: str, tokens: TokenAuthority, clock: IReactorTime,
-                   sockjs: Resource, admission: Admission | None = None,
+                   sockjs: Resource, admission: IAdmission | None = None,
                    users: UnregisteredUsers | None = None,
                    host_origins: Sequence[str] = (), selector: str = "[data-shellserver]",
                    status_max_age: int = 5) -> Resource:
