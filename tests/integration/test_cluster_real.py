@@ -12,6 +12,7 @@ per-address budgets of one test never touch another's.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
 import urllib.request
@@ -27,6 +28,7 @@ from cluster_helpers import (
     console_page,
     ctl,
     leftover_processes,
+    request,
     sockjs_url,
     start_node,
     start_redis,
@@ -81,8 +83,10 @@ class Cluster:
                           timeout=timeout, interval=0.1)
 
     def wait_idle(self) -> None:
-        """Until every node says (to the others too) it runs no console."""
-        assert wait_until(lambda: all(entry["active"] == 0 for entry in
+        """Until every node says (to the others too) it runs no console and
+        takes new ones (a previous test's switch files are gone)."""
+        assert wait_until(lambda: all(entry["active"] == 0 and entry["accepting"]
+                                      and not entry["draining"] for entry in
                                       self["A"].status()["cluster"]["nodes"]),
                           timeout=20, interval=0.1), self["A"].status()
 
@@ -335,29 +339,52 @@ def test_ctl_status_lists_the_nodes(cluster):
         assert re.search(rf"\b{name}\b", done.stdout), done.stdout
 
 
+def no_console_for(cluster: Cluster, via: ClusterNode, source: str) -> str:
+    """Ask ``via`` for a console as ``source`` and expect a refusal: the page
+    is a 429, or the console it places is refused ("No console now").
+    Which of the two it was."""
+    status, page = console_page(via, source)
+    if status == 429:
+        return "page"
+    assert status == 200, page[:300]
+    target = cluster.node_at(sockjs_url(page))
+    client = ConsoleClient(target.server, origin=via.public_url, source=source)
+    try:
+        message = refused(client, TOKEN.search(page).group(1))
+    finally:
+        client.close()
+    assert "No console now" in message, message
+    return "console"
+
+
 def test_concurrent_limit_holds_across_nodes(cluster):
-    """One visitor with two consoles (per_address = 2) on the cluster gets a
-    429 from the third node; once one console ends, it may start again."""
+    """One visitor with two consoles (per_address = 2) on the cluster gets no
+    third from another node, and /status there says so for that visitor;
+    once one console ends, it may start again."""
     source = visitor()
     clients = []
     try:
         for name in "AB":
             client, _, _ = open_console(cluster, cluster[name], source)
             clients.append(client)
-        status, page = console_page(cluster["C"], source)
-        assert status == 429, page[:300]
+        no_console_for(cluster, cluster["C"], source)
         assert console_page(cluster["C"], visitor())[0] == 200  # others are not limited
+        # The contract: /status accepts "for this client" only if a node would.
+        status = json.loads(request(cluster["C"], "/status", source)[1])
+        assert (status["accepting"], status["reason"]) == (False, "rate-limited"), status
         clients[0].type("exit\r")
         assert clients[0].wait_closed(timeout=20)
         assert wait_until(lambda: accepting_for(cluster["C"], source), timeout=15)
-        assert console_page(cluster["C"], source)[0] == 200
+        client, _, _ = open_console(cluster, cluster["C"], source)
+        clients.append(client)
     finally:
         close_all(clients)
 
 
 def test_starts_per_minute_hold_across_nodes(cluster):
-    """Three consoles started by one visitor, one on each node's page
-    (per_address_per_minute = 3), and the fourth page is a 429 everywhere."""
+    """Three consoles started by one visitor, one from each node's page
+    (per_address_per_minute = 3): no fourth anywhere, and every /status says
+    so for that visitor."""
     source = visitor()
     for name in "ABC":
         client, _, _ = open_console(cluster, cluster[name], source)
@@ -366,8 +393,10 @@ def test_starts_per_minute_hold_across_nodes(cluster):
         client.close()
     # The concurrent count is back to 0: only the per-minute budget is left.
     for name in "ABC":
-        status, page = console_page(cluster[name], source)
-        assert status == 429, (name, page[:300])
+        no_console_for(cluster, cluster[name], source)
+    for name in "ABC":
+        status = json.loads(request(cluster[name], "/status", source)[1])
+        assert (status["accepting"], status["reason"]) == (False, "rate-limited"), status
 
 
 def test_console_pages_per_minute_hold_across_nodes(cluster):
@@ -590,10 +619,29 @@ def connect_as(cluster: Cluster, target: ClusterNode, visitor_address: str,
                          headers=[f"X-Forwarded-For: {visitor_address}"])
 
 
+def proxied_outcome(cluster: Cluster, answer: tuple[int, str], visitor_address: str,
+                    origin: str) -> str:
+    """What a visitor gets from a console page ``answer``: "page refused"
+    (429), "console" (it starts; closed again) or "console refused"."""
+    status, page = answer
+    if status == 429:
+        return "page refused"
+    assert status == 200, page[:300]
+    target = cluster.node_at(sockjs_url(page))
+    client = connect_as(cluster, target, visitor_address, origin)
+    try:
+        client.login(TOKEN.search(page).group(1))
+        assert client.wait_for(lambda c: c.closed or "In [1]:" in c.display(), timeout=30)
+        return "console refused" if client.closed else "console"
+    finally:
+        client.close()
+
+
 def test_proxy_protocol_visitor_is_limited_across_nodes(proxied_cluster):
     """A visitor's console started through X's PROXY header counts on Y
-    behind a trusted X-Forwarded-For (429), while another visitor is not
-    limited and an untrusted peer's X-Forwarded-For is ignored."""
+    behind a trusted X-Forwarded-For (no second console), while another
+    visitor is not limited and an untrusted peer's X-Forwarded-For is
+    ignored."""
     x, y = proxied_cluster["X"], proxied_cluster["Y"]
     first = "198.51.100.21"
     status, page = page_through_proxy(x, proxy_v1(first))
@@ -603,19 +651,33 @@ def test_proxy_protocol_visitor_is_limited_across_nodes(proxied_cluster):
     try:
         client.login(TOKEN.search(page).group(1))
         assert client.wait_for_prompt(1, timeout=30), client.display()
-        assert console_page(y, "127.0.0.1", {"X-Forwarded-For": first})[0] == 429
-        assert page_through_proxy(x, proxy_v2(first))[0] == 429
-        assert console_page(y, "127.0.0.1", {"X-Forwarded-For": "198.51.100.22"})[0] == 200
+        through_y = console_page(y, "127.0.0.1", {"X-Forwarded-For": first})
+        assert proxied_outcome(proxied_cluster, through_y, first, y.public_url) != "console"
+        through_x = page_through_proxy(x, proxy_v2(first))
+        assert proxied_outcome(proxied_cluster, through_x, first, x.public_url) != "console"
+        other = "198.51.100.22"
+        through_y = console_page(y, "127.0.0.1", {"X-Forwarded-For": other})
+        assert proxied_outcome(proxied_cluster, through_y, other, y.public_url) == "console"
         # 127.0.0.3 is no trusted proxy: its header names nobody, it is itself.
-        assert console_page(y, "127.0.0.3", {"X-Forwarded-For": first})[0] == 200
+        status, page = console_page(y, "127.0.0.3", {"X-Forwarded-For": first})
+        assert status == 200, page[:300]
+        target = proxied_cluster.node_at(sockjs_url(page))
+        assert target.name == "Y"  # X would need a PROXY header naming 127.0.0.3
+        untrusted = ConsoleClient(y.server, origin=y.public_url, source="127.0.0.3",
+                                  headers=[f"X-Forwarded-For: {first}"])
+        try:
+            untrusted.login(TOKEN.search(page).group(1))
+            assert untrusted.wait_for_prompt(1, timeout=30), untrusted.messages[-3:]
+        finally:
+            untrusted.close()
     finally:
         client.close()
-    assert f"from {first}" in target.server.log()
+    assert f"from {first}" in target.server.log() or f"from {first}" in x.server.log()
 
 
 def test_trusted_forwarded_visitor_is_limited_across_nodes(proxied_cluster):
     """A visitor's console started through Y with a trusted X-Forwarded-For
-    makes X refuse the same visitor's page through the PROXY protocol."""
+    keeps the same visitor from a second one through X's PROXY protocol."""
     x, y = proxied_cluster["X"], proxied_cluster["Y"]
     second = "203.0.113.31"
     status, page = console_page(y, "127.0.0.1", {"X-Forwarded-For": second})
@@ -625,9 +687,11 @@ def test_trusted_forwarded_visitor_is_limited_across_nodes(proxied_cluster):
     try:
         client.login(TOKEN.search(page).group(1))
         assert client.wait_for_prompt(1, timeout=30), client.display()
-        assert page_through_proxy(x, proxy_v1(second))[0] == 429
-        assert console_page(y, "127.0.0.1", {"X-Forwarded-For": second})[0] == 429
-        assert page_through_proxy(x, proxy_v1("203.0.113.32"))[0] == 200
+        through_x = page_through_proxy(x, proxy_v1(second))
+        assert proxied_outcome(proxied_cluster, through_x, second, x.public_url) != "console"
+        other = "203.0.113.32"
+        through_x = page_through_proxy(x, proxy_v1(other))
+        assert proxied_outcome(proxied_cluster, through_x, other, x.public_url) == "console"
     finally:
         client.close()
 
