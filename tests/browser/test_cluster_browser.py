@@ -60,6 +60,8 @@ def page(browser):
     page.requested = []
     # Requests of every frame (the console is an iframe of the demo page).
     context.on("request", lambda request: page.requested.append(request.url))
+    # Websockets are no requests to Playwright: the page reports them apart.
+    page.on("websocket", lambda socket: page.requested.append(socket.url))
     yield page
     context.close()
 
@@ -88,6 +90,9 @@ def test_demo_page_on_a_runs_the_console_on_b(page, cluster):
     expect(rows).to_contain_text("In [1]:", timeout=20_000)
     type_and_read_42(page, rows)
     assert sockjs_ports(page.requested) == {b.port}, page.requested
+    # The websocket itself, not a fallback after the page's CSP blocked it.
+    assert any(url.startswith(f"wss://127.0.0.1:{b.port}/") and url.endswith("/websocket")
+               for url in page.requested), page.requested
     assert wait_until(lambda: own_entry(b, "B")["active"] == 1, timeout=10)
     assert own_entry(b, "A")["active"] == 0
     assert [p for p in page.problems if "Failed to load resource" not in p] == []
@@ -104,5 +109,5 @@ def test_cross_node_http_transports(page, cluster, transport):
     type_and_read_42(page, rows)
     assert sockjs_ports(page.requested) == {b.port}, page.requested
     suffix = "xhr_streaming" if transport == "xhr-streaming" else "/xhr"
-    assert any(url.endswith(suffix) for url in page.requested), page.requested
+    assert any(urlsplit(url).path.endswith(suffix) for url in page.requested), page.requested
     assert [p for p in page.problems if "Failed to load resource" not in p] == []
