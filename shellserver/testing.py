@@ -7,11 +7,14 @@ They implement the same interfaces as the real parts (checked with
 from __future__ import annotations
 
 import errno
+import math
 import os
 
 from attrs import define, field
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from shellserver.cluster.store import IClusterStore, NodeInfo, RedisUnavailable, View
 from shellserver.sandbox.cgroups import ICgroupFiles
 from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.service import (
@@ -272,3 +275,141 @@ class FakeCgroupTree:
             raise OSError(errno.EBUSY, "Device or resource busy", path)
         del self.subtree[path]
         del self.processes[path]
+
+
+@implementer(IClusterStore)
+@define
+class FakeClusterStore:
+    """The cluster's Redis state in memory on a clock (shellserver.cluster.store).
+
+    ``up = False`` makes every call fail at once with RedisUnavailable, as the
+    real store does while its link is down; ``failing = True`` makes calls
+    fail so while ``up`` (Redis went away under a call, or was too slow);
+    ``hang = True`` holds the answers in ``waiting`` until ``answer_waiting()``.
+    ``calls`` records the operations asked for.
+    """
+
+    clock: object
+    up: bool = True
+    failing: bool = False
+    hang: bool = False
+    waiting: list = field(factory=list)
+    calls: list[str] = field(factory=list)
+    nodes: dict[str, tuple[str, float]] = field(factory=dict)
+    active: dict[str, dict[str, int]] = field(factory=dict)
+    active_expiry: dict[str, float] = field(factory=dict)
+    drains: set[str] = field(factory=set)
+    switch: str | None = None
+    starts: dict[str, list[float]] = field(factory=dict)
+    pages: dict[str, list[float]] = field(factory=dict)
+    tokens: dict[str, float] = field(factory=dict)
+
+    def _call(self, name: str, answer) -> Deferred:
+        self.calls.append(name)
+        if not self.up or self.failing:
+            return fail(RedisUnavailable("Redis is down"))
+        if self.hang:
+            d = Deferred()
+            self.waiting.append((d, answer))
+            return d
+        return succeed(answer())
+
+    def answer_waiting(self) -> None:
+        """Answer the calls held while ``hang`` was set, in order."""
+        waiting, self.waiting = self.waiting, []
+        for d, answer in waiting:
+            d.callback(answer())
+
+    def _now(self) -> float:
+        return self.clock.seconds()
+
+    def _live(self) -> dict[str, str]:
+        now = self._now()
+        return {name: text for name, (text, expires) in self.nodes.items() if expires > now}
+
+    def _view(self, name: str) -> View:
+        found = []
+        for member, text in sorted(self._live().items()):
+            node = NodeInfo.from_json(text, drained=member in self.drains)
+            if node is not None:
+                found.append(node)
+        return View(nodes=tuple(found), switch=self.switch, drained=name in self.drains)
+
+    def _active_of(self, node: str) -> dict[str, int]:
+        if self.active_expiry.get(node, 0) <= self._now():
+            self.active.pop(node, None)
+        return self.active.setdefault(node, {})
+
+    def heartbeat(self, node: NodeInfo, ttl: float, active: dict) -> Deferred:
+        def answer() -> View:
+            self.nodes[node.name] = (node.to_json(), self._now() + ttl)
+            self.active[node.name] = {a: c for a, c in active.items() if c}
+            self.active_expiry[node.name] = self._now() + ttl
+            return self._view(node.name)
+        return self._call("heartbeat", answer)
+
+    def read_view(self, name: str) -> Deferred:
+        return self._call("read_view", lambda: self._view(name))
+
+    def leave(self, name: str) -> Deferred:
+        def answer() -> None:
+            self.nodes.pop(name, None)
+            self.active.pop(name, None)
+        return self._call("leave", answer)
+
+    def _window(self, times: list[float], window: float) -> list[float]:
+        now = self._now()
+        times[:] = [t for t in times if t > now - window]
+        return times
+
+    def take_page(self, address: str, limit: int, window: float) -> Deferred:
+        def answer() -> int | None:
+            times = self._window(self.pages.setdefault(address, []), window)
+            if len(times) >= limit:
+                return max(1, math.ceil(times[0] + window - self._now()))
+            times.append(self._now())
+            return None
+        return self._call("take_page", answer)
+
+    def admit(self, node: str, address: str, live: list, per_address: int, per_minute: int,
+              window: float, ttl: float) -> Deferred:
+        def answer():
+            if sum(self._active_of(name).get(address, 0) for name in live) >= per_address:
+                return ("rate-limited", 15)
+            times = self._window(self.starts.setdefault(address, []), window)
+            if len(times) >= per_minute:
+                return ("rate-limited", max(1, math.ceil(times[0] + window - self._now())))
+            times.append(self._now())
+            mine = self._active_of(node)
+            mine[address] = mine.get(address, 0) + 1
+            self.active_expiry[node] = self._now() + ttl
+            return (None, None)
+        return self._call("admit", answer)
+
+    def release(self, node: str, address: str) -> Deferred:
+        def answer() -> None:
+            mine = self._active_of(node)
+            if mine.get(address, 0) <= 1:
+                mine.pop(address, None)
+            else:
+                mine[address] -= 1
+        return self._call("release", answer)
+
+    def spend_token(self, nonce: str, ttl: float) -> Deferred:
+        def answer() -> bool:
+            if self.tokens.get(nonce, 0) > self._now():
+                return False
+            self.tokens[nonce] = self._now() + ttl
+            return True
+        return self._call("spend_token", answer)
+
+    def set_switch(self, state: str | None) -> Deferred:
+        return self._call("set_switch", lambda: setattr(self, "switch", state))
+
+    def set_drain(self, node: str, draining: bool) -> Deferred:
+        def answer() -> None:
+            if draining:
+                self.drains.add(node)
+            else:
+                self.drains.discard(node)
+        return self._call("set_drain", answer)

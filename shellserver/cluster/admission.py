@@ -142,8 +142,17 @@ class ClusterAdmission:
             return plan
         return self._place(address)
 
-    def _place(self, address: str) -> PagePlan:
+    def _live_nodes(self):
+        """The live nodes, none accepting while the cluster's switch is off
+        (it holds on every node, whatever their last announcement said)."""
         nodes = self._membership.live_nodes()
+        if self.local.cluster_paused:
+            return tuple(NodeInfo(n.name, n.url, False, n.active, n.capacity, n.draining,
+                                  n.started_at) for n in nodes)
+        return nodes
+
+    def _place(self, address: str) -> PagePlan:
+        nodes = self._live_nodes()
         origins = tuple(sorted({node_origin(node.url) for node in nodes}))
         chosen = choose_node(nodes, self._membership.name)
         if chosen is None:
@@ -161,9 +170,8 @@ class ClusterAdmission:
         mine = self.local.status(address)
         active = sum(node.active for node in nodes)
         capacity = sum(node.capacity for node in nodes)
-        if not mine.accepting and mine.reason != FULL and len(nodes) == 1:
-            return mine
-        if self._membership.switch is not None and not mine.accepting:
+        if not mine.accepting and mine.reason != FULL and (
+                len(nodes) == 1 or self.local.cluster_paused):
             return mine
         return AdmissionStatus(accepting=False, reason=FULL, active=active,
                                capacity=capacity, retry_after=FULL_RETRY_AFTER)
@@ -226,7 +234,7 @@ class ClusterAdmission:
         return self._store.spend_token(nonce, ttl).addErrback(unavailable)
 
     def status_json(self, address: str) -> dict:
-        nodes = self._membership.live_nodes()
+        nodes = self._live_nodes()
         mine = self.local.status(address)
         chosen = choose_node(nodes, self._membership.name)
         active = sum(node.active for node in nodes)

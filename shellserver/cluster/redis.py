@@ -129,10 +129,19 @@ def redis_endpoint(reactor, address: RedisAddress, ca_file: str = ""):
 class _Protocol(txredisapi.RedisProtocol):
     """txredisapi's protocol, on the link's clock instead of the global reactor."""
 
-    def __init__(self, clock: IReactorTime, address: RedisAddress) -> None:
+    def __init__(self, clock: IReactorTime, address: RedisAddress, login_timeout: float) -> None:
         super().__init__(charset="utf-8", password=address.password, dbid=address.db,
                          convertNumbers=False, username=address.username)
         self.callLater = clock.callLater
+        self._login_timeout = login_timeout
+
+    def connectionMade(self):
+        # AUTH and SELECT must be answered in time, or the connection goes.
+        login = self.callLater(self._login_timeout, self.transport.abortConnection)
+        ready = self.whenConnected()
+        ready.addCallback(lambda _: login.active() and login.cancel())
+        self.whenDisconnected().addCallback(lambda _: login.active() and login.cancel())
+        return super().connectionMade()
 
 
 @define(eq=False)
@@ -141,10 +150,13 @@ class _LinkFactory(Factory):
 
     _link: RedisLink
     noisy = False
+    isLazy = False  # txredisapi asks, after a refused login
 
     def buildProtocol(self, addr):
-        protocol = _Protocol(self._link._clock, self._link.address)
+        link = self._link
+        protocol = _Protocol(link._clock, link.address, link.timeout * 4 + CONNECT_TIMEOUT)
         protocol.factory = self
+        protocol.whenConnected().addCallback(link._ready)
         return protocol
 
     def stopTrying(self) -> None:
@@ -169,9 +181,18 @@ class RedisLink:
     up: bool = False
     _warned: bool = False
     _last_refusal: str | None = None
+    # Connections in a row that never became usable (a refused login): they
+    # count as failed attempts for the backoff, which ClientService resets
+    # on every TCP connection.
+    _unusable: int = 0
     _up_observers: list[Callable[[], None]] = field(factory=list)
     _state_observers: list[Callable[[bool], None]] = field(factory=list)
     _pending: set[defer.Deferred] = field(factory=set)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why Redis refused our last login (AUTH, SELECT), if it did."""
+        return self._last_refusal
 
     def when_up(self, observer: Callable[[], None]) -> None:
         """Call ``observer`` every time the link comes up (a rejoin)."""
@@ -187,11 +208,16 @@ class RedisLink:
         def retry_policy(attempt: int) -> float:
             # Each failed attempt comes here first: the first one says so.
             self._went_down()
-            return retry(attempt)
+            return retry(max(attempt, self._unusable))
+
+        def connected(proxy) -> None:
+            # Unusable until its login is done (_ready resets the count).
+            if not getattr(proxy, "_protocol", proxy)._ready:
+                self._unusable += 1
 
         self._service = ClientService(self._endpoint, _LinkFactory(self),
                                       retryPolicy=retry_policy, clock=self._clock,
-                                      prepareConnection=self._prepare)
+                                      prepareConnection=connected)
         self._service.startService()
 
     def stop(self) -> defer.Deferred:
@@ -207,21 +233,11 @@ class RedisLink:
 
         return waiting.addCallback(disconnect)
 
-    def _prepare(self, protocol: _Protocol) -> defer.Deferred:
-        # Ready once AUTH and SELECT are done, within the call timeout.
-        ready = protocol.whenConnected()
-        ready.addTimeout(self.timeout * 4 + CONNECT_TIMEOUT, self._clock)
-
-        def usable(_) -> None:
-            self._protocol = protocol
-            protocol.whenDisconnected().addCallback(self._lost)
-            self._came_up()
-
-        def unusable(failure) -> None:
-            protocol.transport.abortConnection()
-            return failure
-
-        return ready.addCallbacks(usable, unusable)
+    def _ready(self, protocol: _Protocol) -> None:
+        self._unusable = 0
+        self._protocol = protocol
+        protocol.whenDisconnected().addCallback(self._lost)
+        self._came_up()
 
     def _lost(self, protocol: _Protocol) -> None:
         if self._protocol is protocol:

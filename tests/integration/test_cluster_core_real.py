@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,7 @@ def redis(tmp_path):
 def start_node(tmp: Path, name: str, redis_url: str, secret: Path, *,
                admission: str = "", port: int | None = None):
     port = port or free_port()
-    config = "\n".join([
-        "[cluster]",
+    cluster = "\n".join([
         f'redis_url = "{redis_url}"',
         f'node_name = "{name}"',
         f'public_url = "https://127.0.0.1:{port}"',
@@ -81,7 +81,7 @@ def start_node(tmp: Path, name: str, redis_url: str, secret: Path, *,
     ])
     (tmp / name).mkdir(exist_ok=True)
     return start_server(tmp / name, uid_min=UIDS[name], uid_max=UIDS[name] + 199,
-                        config=config, port=port,
+                        cluster=cluster, port=port,
                         admission=admission or "capacity = 4\nper_address = 100\n"
                         "per_address_per_minute = 10000\npages_per_address_per_minute = 0\n")
 
@@ -197,3 +197,46 @@ def test_redis_down_then_back(cluster, redis):
     assert "Redis reachable" in a.log()
     assert a.log().count("Redis unreachable") == 1
     client.close()
+
+
+def ctl(node_dir: Path, *command: str) -> subprocess.CompletedProcess:
+    """shellserver-ctl against a node's configuration file."""
+    return subprocess.run(
+        [sys.executable, "-m", "shellserver.ctl", "--config",
+         str(node_dir / "shellserver.toml"), *command],
+        capture_output=True, text=True, timeout=30)
+
+
+def test_kill_switch_and_drain_across_nodes(cluster):
+    """shellserver-ctl pause stops admission on every node, terminate ends
+    every node's consoles, and drain keeps placement off the drained node."""
+    nodes, tmp, _ = cluster
+    a, b = nodes["a"], nodes["b"]
+    token, _ = page(b)
+    on_b = login(b, token, b.origin)
+    assert on_b.wait_for_prompt(1), on_b.display()
+    done = ctl(tmp / "a", "pause")
+    assert done.returncode == 0, done.stderr
+    assert "pause" in done.stdout
+    wait_until(lambda: status(a)["reason"] == "switched-off", timeout=10)
+    wait_until(lambda: status(b)["reason"] == "switched-off", timeout=10)
+    assert on_b.run("1 + 1", 2)  # paused: running consoles go on
+    assert ctl(tmp / "a", "terminate").returncode == 0
+    assert on_b.wait_closed()
+    assert "operator" in (on_b.last_message("x") or on_b.last_message("e") or "")
+    assert ctl(tmp / "b", "resume").returncode == 0
+    wait_until(lambda: status(a)["accepting"] and status(b)["accepting"], timeout=10)
+    drained = ctl(tmp / "a", "drain", "a")
+    assert drained.returncode == 0, drained.stderr
+    wait_until(lambda: all(any(n["name"] == "a" and n["draining"]
+                               for n in status(node)["cluster"]["nodes"])
+                           for node in (a, b)), timeout=10)
+    for _ in range(3):
+        _, sockjs = page(a)
+        assert sockjs == f"https://127.0.0.1:{b.port}/sockjs"
+    assert ctl(tmp / "a", "undrain", "a").returncode == 0
+    wait_until(lambda: page(a)[1] == f"https://127.0.0.1:{a.port}/sockjs", timeout=10)
+    listed = ctl(tmp / "b", "status")
+    assert listed.returncode == 0 and "a  https://127.0.0.1" in listed.stdout, listed.stdout
+    unknown = ctl(tmp / "b", "drain", "nobody")
+    assert unknown.returncode == 0 and "no live node" in unknown.stderr
