@@ -113,8 +113,8 @@ class IAdmission(Interface):
         """True if this redeemed token's nonce was never spent before (the
         token authority checked this node's own memory already)."""
 
-    def status_json(address: str) -> dict:
-        """The body of GET /status for ``address``."""
+    def status_json(address: str) -> Deferred:
+        """The body of GET /status for ``address`` (a dict)."""
 
     def auth_failed(address: str) -> None:
         """``address`` presented a console token that was refused."""
@@ -329,8 +329,8 @@ class Admission:
     def spend_token(self, nonce: str, expires_at: float) -> Deferred:
         return succeed(True)
 
-    def status_json(self, address: str) -> dict:
-        return self.status(address).to_json()
+    def status_json(self, address: str) -> Deferred:
+        return succeed(self.status(address).to_json())
 
     def _release(self, address: str) -> None:
         self._total -= 1

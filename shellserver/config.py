@@ -537,6 +537,20 @@ def _check_key_prefix(instance: Any, attribute: attrs.Attribute, value: Any) -> 
                     f"got {_describe(value)}")
 
 
+def _ca_file_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable PEM certificate, or None."""
+    from OpenSSL import crypto
+
+    try:
+        with open(path, "rb") as file:
+            crypto.load_certificate(crypto.FILETYPE_PEM, file.read())
+    except OSError as error:
+        return f"cannot read {path}: {error.strerror or error}"
+    except crypto.Error:
+        return f"{path} holds no PEM certificate"
+    return None
+
+
 @frozen(kw_only=True)
 class ClusterConfig:
     """The ``[cluster]`` section: several nodes as one service, through Redis
@@ -567,6 +581,10 @@ class ClusterConfig:
             if not getattr(self, name):
                 raise ConfigError(key=f"cluster.{name}",
                                   message="must be set when cluster.redis_url is set")
+        if self.redis_ca_file:
+            problem = _ca_file_problem(self.redis_ca_file)
+            if problem is not None:
+                raise ConfigError(key="cluster.redis_ca_file", message=problem)
 
     @property
     def enabled(self) -> bool:

@@ -386,6 +386,17 @@ class FakeClusterStore:
             return (None, None)
         return self._call("admit", answer)
 
+    def check_address(self, address: str, live: list, per_address: int, per_minute: int,
+                      window: float) -> Deferred:
+        def answer():
+            if sum(self._active_of(name).get(address, 0) for name in live) >= per_address:
+                return ("rate-limited", 15)
+            times = self._window(self.starts.setdefault(address, []), window)
+            if len(times) >= per_minute:
+                return ("rate-limited", max(1, math.ceil(times[0] + window - self._now())))
+            return (None, None)
+        return self._call("check_address", answer)
+
     def release(self, node: str, address: str) -> Deferred:
         def answer() -> None:
             mine = self._active_of(node)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import combinedLogFormatter
@@ -75,6 +76,40 @@ def with_node_origins(csp: str, origins: Sequence[str]) -> str:
     extra = " ".join(origins)
     return (csp.replace("connect-src 'self'", f"connect-src 'self' {extra}")
             .replace("frame-src 'self'", f"frame-src 'self' {extra}"))
+
+
+def render_when_decided(request, body: Deferred):
+    """What a render method returns for a body that ``body`` gives: the body
+    itself when it is decided already (one node), else NOT_DONE_YET and the
+    body written when it comes (a cluster asks Redis), unless the client went
+    away meanwhile. A failure is a 500 with a short message, and logged."""
+    answered: list[bytes] = []
+    waiting = False
+    gone = False
+
+    def went_away(_) -> None:
+        nonlocal gone
+        gone = True
+
+    def failed(failure) -> bytes:
+        log.failure("{path} failed", failure, path=request.path)
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"The console service failed to answer; try again.\n"
+
+    def deliver(data: bytes) -> None:
+        if not waiting:
+            answered.append(data)
+        elif not gone:
+            request.write(data)
+            request.finish()
+
+    body.addErrback(failed).addCallback(deliver)
+    if answered:
+        return answered[0]
+    waiting = True
+    request.notifyFinish().addErrback(went_away)
+    return NOT_DONE_YET
 
 
 class MissingWebAssets(Exception):
@@ -202,38 +237,9 @@ class ConsolePage(Resource):
         address = client_address(request)
         if self._admission is None:
             return self._page(request, address, PagePlan())
-        # A cluster's admission answers later (Redis): the page is written
-        # then, unless the client went away meanwhile.
-        answered: list[bytes] = []
-        waiting = False
-        gone = False
-
-        def went_away(_) -> None:
-            nonlocal gone
-            gone = True
-
-        def deliver(body: bytes) -> None:
-            if not waiting:
-                answered.append(body)
-            elif not gone:
-                request.write(body)
-                request.finish()
-
-        def failed(failure) -> bytes:
-            log.failure("console page for {address} failed", failure, address=address)
-            request.setResponseCode(500)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"The console service failed to answer; try again.\n"
-
         decided = self._admission.plan_page(address)
         decided.addCallback(lambda plan: self._page(request, address, plan))
-        decided.addErrback(failed)
-        decided.addCallback(deliver)
-        if answered:
-            return answered[0]
-        waiting = True
-        request.notifyFinish().addErrback(went_away)
-        return NOT_DONE_YET
+        return render_when_decided(request, decided)
 
     def _page(self, request, address: str, plan: PagePlan) -> bytes:
         """The console page for ``plan``, or the refusal it holds."""
@@ -333,12 +339,17 @@ class StatusPage(Resource):
 
     def render_GET(self, request) -> bytes:
         self._cors(request)
-        body = dict(self._admission.status_json(client_address(request)),
-                    selector=self._selector)
-        request.setHeader(b"content-type", b"application/json")
-        # Per client address (rate limits), so private; short-lived.
-        request.setHeader(b"cache-control", f"private, max-age={self._max_age}".encode())
-        return json.dumps(body, separators=(",", ":")).encode()
+        decided = self._admission.status_json(client_address(request))
+
+        def write(status: dict) -> bytes:
+            body = dict(status, selector=self._selector)
+            request.setHeader(b"content-type", b"application/json")
+            # Per client address (rate limits), so private; short-lived.
+            request.setHeader(b"cache-control",
+                              f"private, max-age={self._max_age}".encode())
+            return json.dumps(body, separators=(",", ":")).encode()
+
+        return render_when_decided(request, decided.addCallback(write))
 
 
 class EmbedScript(Resource):

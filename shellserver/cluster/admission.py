@@ -118,12 +118,12 @@ class ClusterAdmission:
     def plan_page(self, address: str) -> defer.Deferred:
         limit = self.local.pages_per_address_per_minute
         if not limit or not address:
-            return defer.succeed(self._place(address))
+            return self._place(address)
         if not self._store.up:
             return self.local.plan_page(address).addCallback(self._placed_locally, address)
         d = self._store.take_page(address, limit, WINDOW)
 
-        def counted(wait: int | None) -> PagePlan:
+        def counted(wait: int | None):
             if wait is not None:
                 return PagePlan(refusal=AdmissionStatus(
                     accepting=False, reason=RATE_LIMITED, active=self.local.active,
@@ -136,11 +136,37 @@ class ClusterAdmission:
 
         return d.addCallbacks(counted, unavailable)
 
-    def _placed_locally(self, plan: PagePlan, address: str) -> PagePlan:
+    def _placed_locally(self, plan: PagePlan, address: str):
         # The local page count was taken; placement is on this node alone.
         if plan.refusal is not None:
             return plan
         return self._place(address)
+
+    def _address_limit(self, address: str, nodes) -> defer.Deferred:
+        """The visitor's own limits across the cluster: None, or the refusal
+        (a rate-limited AdmissionStatus). Local counts while Redis is down."""
+        def local() -> AdmissionStatus | None:
+            mine = self.local.status(address)
+            return mine if mine.reason == RATE_LIMITED else None
+
+        if not self._store.up or not address:
+            return defer.succeed(local())
+        d = self._store.check_address(address, [node.name for node in nodes],
+                                      self.local.per_address,
+                                      self.local.per_address_per_minute, WINDOW)
+
+        def checked(result) -> AdmissionStatus | None:
+            reason, retry_after = result
+            if reason is None:
+                return None
+            return AdmissionStatus(accepting=False, reason=reason, active=self.local.active,
+                                   capacity=self.local.capacity, retry_after=retry_after)
+
+        def unavailable(failure) -> AdmissionStatus | None:
+            failure.trap(RedisUnavailable)
+            return local()
+
+        return d.addCallbacks(checked, unavailable)
 
     def _live_nodes(self):
         """The live nodes, none accepting while the cluster's switch is off
@@ -151,18 +177,24 @@ class ClusterAdmission:
                                   n.started_at) for n in nodes)
         return nodes
 
-    def _place(self, address: str) -> PagePlan:
+    def _place(self, address: str) -> defer.Deferred:
         nodes = self._live_nodes()
         origins = tuple(sorted({node_origin(node.url) for node in nodes}))
         chosen = choose_node(nodes, self._membership.name)
         if chosen is None:
-            return PagePlan(refusal=self._cluster_refusal(address, nodes))
+            return defer.succeed(PagePlan(refusal=self._cluster_refusal(address, nodes)))
         if chosen.name == self._membership.name:
             status = self.local.status(address)
             if not status.accepting:
-                return PagePlan(refusal=status)
-        return PagePlan(node=chosen.name, sockjs_url=chosen.url + "/sockjs",
-                        connect_origins=origins)
+                return defer.succeed(PagePlan(refusal=status))
+
+        def limited(refusal: AdmissionStatus | None) -> PagePlan:
+            if refusal is not None:
+                return PagePlan(refusal=refusal)
+            return PagePlan(node=chosen.name, sockjs_url=chosen.url + "/sockjs",
+                            connect_origins=origins)
+
+        return self._address_limit(address, nodes).addCallback(limited)
 
     def _cluster_refusal(self, address: str, nodes) -> AdmissionStatus:
         """Why no node takes a console: this node's reason when it is one of
@@ -233,23 +265,28 @@ class ClusterAdmission:
 
         return self._store.spend_token(nonce, ttl).addErrback(unavailable)
 
-    def status_json(self, address: str) -> dict:
+    def status_json(self, address: str) -> defer.Deferred:
         nodes = self._live_nodes()
-        mine = self.local.status(address)
         chosen = choose_node(nodes, self._membership.name)
         active = sum(node.active for node in nodes)
         capacity = sum(node.capacity for node in nodes)
-        if chosen is not None and not (mine.reason == RATE_LIMITED):
-            body = AdmissionStatus(accepting=True, reason=None, active=active,
-                                   capacity=capacity, retry_after=None).to_json()
-        else:
-            refusal = mine if chosen is not None else self._cluster_refusal(address, nodes)
-            body = AdmissionStatus(accepting=False, reason=refusal.reason, active=active,
-                                   capacity=capacity,
-                                   retry_after=refusal.retry_after).to_json()
-        body["cluster"] = {
-            "node": self._membership.name,
-            "redis": "up" if self._store.up else "down",
-            "nodes": [node.public_json() for node in nodes],
-        }
-        return body
+
+        def answer(limit: AdmissionStatus | None) -> dict:
+            if chosen is not None and limit is None:
+                body = AdmissionStatus(accepting=True, reason=None, active=active,
+                                       capacity=capacity, retry_after=None).to_json()
+            else:
+                refusal = limit or self._cluster_refusal(address, nodes)
+                body = AdmissionStatus(accepting=False, reason=refusal.reason, active=active,
+                                       capacity=capacity,
+                                       retry_after=refusal.retry_after).to_json()
+            body["cluster"] = {
+                "node": self._membership.name,
+                "redis": "up" if self._store.up else "down",
+                "nodes": [node.public_json() for node in nodes],
+            }
+            return body
+
+        if chosen is None:
+            return defer.succeed(answer(None))
+        return self._address_limit(address, nodes).addCallback(answer)

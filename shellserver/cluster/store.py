@@ -105,6 +105,11 @@ class IClusterStore(Interface):
     def release(node: str, address: str) -> defer.Deferred:
         """One console of ``address`` on ``node`` ended."""
 
+    def check_address(address: str, live: list, per_address: int, per_minute: int,
+                      window: float) -> defer.Deferred:
+        """What L{admit} would decide for ``address`` now, changing nothing:
+        (None, None) or (reason, retry_after)."""
+
     def spend_token(nonce: str, ttl: float) -> defer.Deferred:
         """Record a redeemed token's nonce for ``ttl`` seconds: True the first
         time anywhere in the cluster, False after."""
@@ -197,6 +202,26 @@ redis.call('PEXPIRE', p .. 'active:' .. node, ttl)
 return {'', 0}
 """
 
+# The checks of _ADMIT, changing nothing (ARGV: prefix, address, per_address,
+# per_minute, window ms, then the live nodes).
+_CHECK_ADDRESS = """
+local p, address = ARGV[1], ARGV[2]
+local per_address, per_minute, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local active = 0
+for i = 6, #ARGV do
+  active = active + tonumber(redis.call('HGET', p .. 'active:' .. ARGV[i], address) or '0')
+end
+if active >= per_address then return {'rate-limited', 15} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local recent = redis.call('ZRANGEBYSCORE', p .. 'starts:' .. address, now - window + 1, '+inf',
+                          'WITHSCORES', 'LIMIT', 0, per_minute)
+if #recent / 2 >= per_minute then
+  return {'rate-limited', math.max(1, math.ceil((tonumber(recent[2]) + window - now) / 1000))}
+end
+return {'', 0}
+"""
+
 # ARGV: active hash key, address.
 _RELEASE = """
 if redis.call('HINCRBY', ARGV[1], ARGV[2], -1) <= 0 then redis.call('HDEL', ARGV[1], ARGV[2]) end
@@ -257,6 +282,12 @@ class RedisClusterStore:
         d = self._link.eval(_ADMIT, [], [
             self.prefix, node, address, per_address, per_minute, _ms(window), _ms(ttl),
             f"{node}:{secrets.token_hex(8)}", *live])
+        return d.addCallback(lambda reply: (reply[0] or None, int(reply[1]) or None))
+
+    def check_address(self, address: str, live: list, per_address: int, per_minute: int,
+                      window: float) -> defer.Deferred:
+        d = self._link.eval(_CHECK_ADDRESS, [], [
+            self.prefix, address, per_address, per_minute, _ms(window), *live])
         return d.addCallback(lambda reply: (reply[0] or None, int(reply[1]) or None))
 
     def release(self, node: str, address: str) -> defer.Deferred:

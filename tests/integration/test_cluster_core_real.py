@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,8 @@ def test_token_single_use_across_restart_and_nodes(cluster, redis):
 
 def test_per_address_limit_across_nodes(tmp_path, redis):
     """With per_address = 1, a console on node a makes node b refuse the
-    same address a second one, and b's page places it there (a is busier)."""
+    same address a second one: b's /status and page say rate-limited, and a
+    token b minted before is refused on b."""
     secret = tmp_path / "secret"
     limits = ("capacity = 4\nper_address = 1\nper_address_per_minute = 10000\n"
               "pages_per_address_per_minute = 0\n")
@@ -156,13 +158,16 @@ def test_per_address_limit_across_nodes(tmp_path, redis):
     try:
         wait_until(lambda: sees(a, {"a", "b"}) and sees(b, {"a", "b"}), timeout=10)
         token, _ = page(a)
+        early, sockjs = page(b)  # before a has a console: an idle b places on itself
         first = login(a, token, a.origin)
         assert first.wait_for_prompt(1), first.display()
-        wait_until(lambda: any(n["name"] == "a" and n["active"] == 1
-                               for n in status(b)["cluster"]["nodes"]), timeout=10)
-        token, sockjs = page(b)
+        body = status(b)
+        assert (body["accepting"], body["reason"]) == (False, "rate-limited"), body
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            page(b)
+        assert refused.value.code == 429
         assert sockjs == f"https://127.0.0.1:{b.port}/sockjs"
-        second = login(b, token, b.origin)
+        second = login(b, early, b.origin)
         assert second.wait_closed()
         assert "too many consoles" in (second.last_message("e") or ""), second.messages
         first.close()

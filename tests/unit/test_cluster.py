@@ -212,13 +212,23 @@ class ClusterAdmissionTests(SynchronousTestCase):
         self.successResultOf(b.cluster.console_slot("198.51.100.1"))
         self.successResultOf(b.membership.beat())
         self.successResultOf(a.membership.beat())
-        body = a.cluster.status_json(CLIENT)
+        body = self.successResultOf(a.cluster.status_json(CLIENT))
         self.assertEqual((body["accepting"], body["active"], body["capacity"]), (True, 1, 8))
         self.assertEqual(body["cluster"]["node"], "a")
         self.assertEqual(body["cluster"]["redis"], "up")
         self.assertEqual([n["name"] for n in body["cluster"]["nodes"]], ["a", "b"])
         self.assertEqual(set(body["cluster"]["nodes"][0]),
                          {"name", "url", "accepting", "active", "capacity", "draining"})
+
+    def test_status_and_page_for_a_limited_visitor(self) -> None:
+        """A visitor at its per-address limit on node a gets "rate-limited"
+        from b's /status and a refused page from b; others do not."""
+        a, b = self.nodes(per_address=1)
+        self.successResultOf(a.cluster.console_slot(CLIENT))
+        body = self.successResultOf(b.cluster.status_json(CLIENT))
+        self.assertEqual((body["accepting"], body["reason"]), (False, RATE_LIMITED))
+        self.assertEqual(self.successResultOf(b.page()).refusal.reason, RATE_LIMITED)
+        self.assertTrue(self.successResultOf(b.cluster.status_json("198.51.100.5"))["accepting"])
 
     def test_full_cluster_refuses_with_sums(self) -> None:
         """When no node accepts, /status and the page say full, summed."""
@@ -227,7 +237,7 @@ class ClusterAdmissionTests(SynchronousTestCase):
         self.successResultOf(b.cluster.console_slot("198.51.100.2"))
         for each in (b, a, b):
             self.successResultOf(each.membership.beat())
-        body = a.cluster.status_json(CLIENT)
+        body = self.successResultOf(a.cluster.status_json(CLIENT))
         self.assertEqual((body["accepting"], body["reason"], body["active"], body["capacity"]),
                          (False, "full", 2, 2))
         self.assertEqual(self.successResultOf(b.page()).refusal.reason, "full")
@@ -256,7 +266,7 @@ class FallbackTests(SynchronousTestCase):
         self.assertEqual(plan.connect_origins, ("https://b.example",))
         self.successResultOf(self.b.cluster.console_slot(CLIENT))  # a's count unseen
         self.assertTrue(self.successResultOf(self.b.cluster.spend_token("n", 1060.0)))
-        body = self.b.cluster.status_json(CLIENT)
+        body = self.successResultOf(self.b.cluster.status_json(CLIENT))
         self.assertEqual(body["cluster"]["redis"], "down")
         self.assertEqual([n["name"] for n in body["cluster"]["nodes"]], ["b"])
 
@@ -422,7 +432,9 @@ class AsyncAdmissionTests(SynchronousTestCase):
         self.assertEqual(body, b"")
         self.assertFalse(request.finished)
         channel = request.channel
-        self.store.answer_waiting()
+        self.store.answer_waiting()  # the page count
+        self.assertFalse(request.finished)
+        self.store.answer_waiting()  # the visitor's limits across the cluster
         self.assertTrue(request.finished)
         written = channel.transport.written.getvalue()
         self.assertIn(b"https://b.example/sockjs", written)
@@ -436,6 +448,7 @@ class AsyncAdmissionTests(SynchronousTestCase):
         channel = gone.channel
         gone.connectionLost(Exception("client went away"))
         self.store.answer_waiting()
+        self.store.answer_waiting()
         self.assertNotIn(b"sockjs", channel.transport.written.getvalue())
 
 
@@ -443,3 +456,65 @@ def _settings():
     from shellserver.console import ConsoleSettings
 
     return ConsoleSettings(auth_timeout=5.0, idle_timeout=600.0, max_age=1800.0)
+
+
+class _StubLink:
+    """The part of RedisLink that its service drives."""
+
+    def __init__(self) -> None:
+        self.started = self.stopped = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self):
+        self.stopped = True
+        return defer.succeed(None)
+
+
+class ClusterServiceTests(SynchronousTestCase):
+    def test_stop_drains_then_leaves(self) -> None:
+        """On stop (SIGTERM) the node announces draining at once, keeps
+        beating while its consoles finish, then leaves and disconnects."""
+        from shellserver.cluster.membership import ClusterService
+
+        clock = Clock()
+        store = FakeClusterStore(clock)
+        a, b = Node(store, clock, "a"), Node(store, clock, "b")
+        consoles = {"running": True}
+        link = _StubLink()
+        service = ClusterService(link, a.membership, interval=1.0, clock=clock,
+                                 idle=lambda: not consoles["running"], most_wait=30.0)
+        service.startService()
+        self.assertTrue(link.started)
+        self.successResultOf(b.membership.beat())
+        stopped = service.stopService()
+        self.successResultOf(b.membership.beat())
+        self.assertEqual([(n.name, n.draining) for n in b.membership.live_nodes()],
+                         [("a", True), ("b", False)])
+        beats = store.calls.count("heartbeat")
+        clock.advance(3.0)
+        self.assertGreater(store.calls.count("heartbeat"), beats)  # still announced
+        self.assertNoResult(stopped)
+        consoles["running"] = False
+        clock.advance(1.0)
+        self.successResultOf(stopped)
+        self.assertIn("leave", store.calls)
+        self.assertTrue(link.stopped)
+        self.assertNotIn("a", store.nodes)
+
+    def test_stop_waits_at_most_its_bound(self) -> None:
+        """A node whose consoles never finish still leaves after most_wait."""
+        from shellserver.cluster.membership import ClusterService
+
+        clock = Clock()
+        store = FakeClusterStore(clock)
+        a = Node(store, clock, "a")
+        service = ClusterService(_StubLink(), a.membership, interval=1.0, clock=clock,
+                                 idle=lambda: False, most_wait=10.0)
+        service.startService()
+        stopped = service.stopService()
+        clock.advance(9.0)
+        self.assertNoResult(stopped)
+        clock.advance(1.5)
+        self.successResultOf(stopped)

@@ -1,5 +1,9 @@
 """Tests for the [cluster] section of shellserver.config and the Redis URL parser."""
 
+import os
+import shutil
+import tempfile
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from shellserver.cluster.redis import RedisAddressError, parse_redis_url
@@ -93,6 +97,19 @@ class ClusterConfigTests(SynchronousTestCase):
                             "absolute")
         self.assert_refused(CLUSTER + 'redis_ca_file = "ca.pem"\n', "cluster.redis_ca_file",
                             "absolute")
+
+
+    def test_ca_file_must_be_a_certificate(self) -> None:
+        """redis_ca_file must be a readable PEM certificate, checked at start-up."""
+        self.assert_refused(CLUSTER + 'redis_ca_file = "/nonexistent/ca.pem"\n',
+                            "cluster.redis_ca_file", "cannot read")
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        junk = os.path.join(directory, "ca.pem")
+        with open(junk, "w") as file:
+            file.write("not a certificate\n")
+        self.assert_refused(CLUSTER + f'redis_ca_file = "{junk}"\n',
+                            "cluster.redis_ca_file", "no PEM certificate")
 
 
 class RedisUrlTests(SynchronousTestCase):
