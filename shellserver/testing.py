@@ -292,6 +292,8 @@ class FakeClusterStore:
     clock: object
     up: bool = True
     failing: bool = False
+    # When set, every call fails with it (a bug, or an answer nobody expected).
+    error: Exception | None = None
     hang: bool = False
     waiting: list = field(factory=list)
     calls: list[str] = field(factory=list)
@@ -308,6 +310,8 @@ class FakeClusterStore:
         self.calls.append(name)
         if not self.up or self.failing:
             return fail(RedisUnavailable("Redis is down"))
+        if self.error is not None:
+            return fail(self.error)
         if self.hang:
             d = Deferred()
             self.waiting.append((d, answer))

@@ -64,9 +64,8 @@ class Membership:
         me = self.me()
         if not self._store.up or not self._joined:
             return (me,)
-        return tuple(me if node.name == self.name else node for node in self.nodes) \
-            if any(node.name == self.name for node in self.nodes) \
-            else tuple(sorted((*self.nodes, me), key=lambda n: n.name))
+        others = [node for node in self.nodes if node.name != self.name]
+        return tuple(sorted((*others, me), key=lambda node: node.name))
 
     def beat(self) -> defer.Deferred:
         """Announce this node and read the cluster back (one round trip).
@@ -77,7 +76,8 @@ class Membership:
         if not self._store.up:
             self._forget()
             return defer.succeed(None)
-        d = self._store.heartbeat(self.me(), self.ttl, self._active_by_address())
+        d = defer.maybeDeferred(
+            lambda: self._store.heartbeat(self.me(), self.ttl, self._active_by_address()))
         self._beating = d
 
         def learnt(view: View) -> None:
@@ -90,7 +90,9 @@ class Membership:
             self._on_view(self)
 
         def failed(failure) -> None:
-            failure.trap(RedisUnavailable)
+            # Never fails: a failed beat would stop the heartbeat's timer.
+            if not failure.check(RedisUnavailable):
+                log.failure("cluster heartbeat failed", failure)
             self._forget()
 
         def done(result):

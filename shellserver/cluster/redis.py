@@ -181,6 +181,7 @@ class RedisLink:
     up: bool = False
     _warned: bool = False
     _last_refusal: str | None = None
+    _last_call_error: str | None = None
     # Connections in a row that never became usable (a refused login): they
     # count as failed attempts for the backoff, which ClientService resets
     # on every TCP connection.
@@ -305,7 +306,14 @@ class RedisLink:
                     protocol.transport.abortConnection()
                 raise RedisUnavailable(f"no answer within {self.timeout}s")
             if failure.check(txredisapi.ResponseError):
-                return failure
+                # Redis refused this call (out of memory, read-only replica,
+                # a script error): decided locally like any other failure,
+                # and said (once per kind of answer), since it is not a blip.
+                error = failure.getErrorMessage()
+                if error != self._last_call_error:
+                    self._last_call_error = error
+                    log.error("Redis {redis} refused a call: {error}",
+                              redis=self.address.describe(), error=error)
             raise RedisUnavailable(failure.getErrorMessage())
 
         return d.addBoth(done).addErrback(failed)

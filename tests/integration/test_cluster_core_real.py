@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -245,3 +246,23 @@ def test_kill_switch_and_drain_across_nodes(cluster):
     assert listed.returncode == 0 and "a  https://127.0.0.1" in listed.stdout, listed.stdout
     unknown = ctl(tmp / "b", "drain", "nobody")
     assert unknown.returncode == 0 and "no live node" in unknown.stderr
+
+
+def test_redis_frozen_is_down_without_blocking(cluster, redis):
+    """Redis frozen (SIGSTOP): calls time out, the node says "down" and keeps
+    answering pages and /status; thawed (SIGCONT), it is up again by itself."""
+    nodes, _, _ = cluster
+    a = nodes["a"]
+    os.kill(redis.process.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: status(a)["cluster"]["redis"] == "down", timeout=10)
+        token, sockjs = page(a)
+        assert sockjs == f"https://127.0.0.1:{a.port}/sockjs"
+        client = login(a, token, a.origin)
+        assert client.wait_for_prompt(1), client.display()
+        client.close()
+    finally:
+        os.kill(redis.process.pid, signal.SIGCONT)
+    wait_until(lambda: all(sees(node, {"a", "b"}) for node in nodes.values()), timeout=20)
+    assert status(a)["cluster"]["redis"] == "up"
+    assert a.log().count("Redis unreachable") == 1

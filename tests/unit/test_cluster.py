@@ -518,3 +518,33 @@ class ClusterServiceTests(SynchronousTestCase):
         self.assertNoResult(stopped)
         clock.advance(1.5)
         self.successResultOf(stopped)
+
+
+class RefusedCallTests(SynchronousTestCase):
+    def test_refused_call_is_unavailable(self) -> None:
+        """A call Redis answers with an error (out of memory, say) fails as
+        RedisUnavailable, so callers decide locally, and is logged as an error."""
+        clock = Clock()
+        endpoint = _Endpoint()
+        link = RedisLink(clock, endpoint, parse_redis_url("redis://r:1"), 0.5)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        link.start()
+        d = link.execute("SET", "k", "v")
+        endpoint.protocols[0].dataReceived(b"-OOM command not allowed\r\n")
+        self.failureResultOf(d, RedisUnavailable)
+        self.assertTrue(any("refused a call" in (e.get("log_format") or "") for e in events))
+        self.assertTrue(link.up)
+
+    def test_beat_survives_an_unexpected_failure(self) -> None:
+        """A heartbeat that fails in an unexpected way leaves the node alone
+        and never fails itself (the timer would stop)."""
+        clock = Clock()
+        store = FakeClusterStore(clock)
+        a = Node(store, clock, "a")
+        self.successResultOf(a.membership.beat())
+        store.error = ValueError("an answer nobody expected")
+        self.successResultOf(a.membership.beat())
+        self.assertEqual([n.name for n in a.membership.live_nodes()], ["a"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
