@@ -73,9 +73,13 @@ def with_frame_ancestors(csp: str, host_origins: Sequence[str]) -> str:
 def with_node_origins(csp: str, origins: Sequence[str]) -> str:
     """``csp`` letting the page connect to (and frame, for SockJS's iframe
     transports) a cluster's node origins besides its own."""
-    extra = " ".join(origins)
-    return (csp.replace("connect-src 'self'", f"connect-src 'self' {extra}")
-            .replace("frame-src 'self'", f"frame-src 'self' {extra}"))
+    frames = " ".join(origins)
+    # An https: source does not match wss: URLs (only 'self' does both), so
+    # each node's websocket origin is listed beside it.
+    sockets = " ".join(f"{origin} {origin.replace('https://', 'wss://', 1)}"
+                       if origin.startswith("https://") else origin for origin in origins)
+    return (csp.replace("connect-src 'self'", f"connect-src 'self' {sockets}")
+            .replace("frame-src 'self'", f"frame-src 'self' {frames}"))
 
 
 def render_when_decided(request, body: Deferred):

@@ -439,7 +439,9 @@ class AsyncAdmissionTests(SynchronousTestCase):
         written = channel.transport.written.getvalue()
         self.assertIn(b"https://b.example/sockjs", written)
         csp = request.responseHeaders.getRawHeaders(b"content-security-policy")[0]
-        self.assertIn(b"connect-src 'self' https://a.example https://b.example", csp)
+        self.assertIn(b"connect-src 'self' https://a.example wss://a.example https://b.example "
+                      b"wss://b.example;", csp)
+        self.assertIn(b"frame-src 'self' https://a.example https://b.example;", csp)
         token = TOKEN.search(written.decode()).group(1)
         claims = TokenAuthority(b"k" * 32, node="b", clock=self.clock, ttl=60.0).redeem(
             token, origin="https://console.example:8443", client_address=PEER)
