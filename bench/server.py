@@ -101,6 +101,8 @@ def bench_config(state: Path, *, pool: int | None, cpu_quota: float,
 
 
 def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)

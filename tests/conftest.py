@@ -24,6 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 RUNTIME = os.environ.get("SHELLSERVER_RUNTIME", "/var/lib/shellserver/runtime")
 TWISTD = str(Path(sys.executable).parent / "twistd")
 # Tests open many consoles from 127.0.0.1 in a row.
+# Which sandbox path real servers use unless a test's config says: the fork
+# server (the default) or, with SHELLSERVER_TEST_FORK_SERVER=false, the
+# classic launcher, so every real suite can run on either.
+FORK_SERVER = os.environ.get("SHELLSERVER_TEST_FORK_SERVER", "true").lower()
+if FORK_SERVER not in ("true", "false"):
+    raise ValueError(f"SHELLSERVER_TEST_FORK_SERVER must be true or false, not {FORK_SERVER!r}")
 GENEROUS_ADMISSION = ("per_address = 100\nper_address_per_minute = 10000\n"
                       "pages_per_address_per_minute = 0\n")
 
@@ -107,6 +113,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
         f"[admission]\n{admission or GENEROUS_ADMISSION}",
         f"[sandbox]\nuid_min = {uid_min}\nuid_max = {uid_max}",
         "" if "pool_size" in config else "pool_size = 0",
+        "" if "fork_server" in config else f"fork_server = {FORK_SERVER}",
         f'runtime = "{runtime}"' if runtime else "",
         config,
         f"[embed]\n{embed}",

@@ -310,7 +310,7 @@ def drop_privileges(spec):
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_init(spec, go_fd, out_fd):
+def run_init(spec, go_fd, out_fd, console_entry=None):
     """Pid 1 of the sandbox: build it, start the console, reap, exit with it."""
     # Wait until the launcher has moved us into the session's cgroups, so the
     # cgroup namespace is rooted there.
@@ -340,18 +340,19 @@ def run_init(spec, go_fd, out_fd):
         os._exit(SETUP_FAILED)
 
     try:
-        master, console, wake = start_console(spec)
+        master, console, wake = start_console(spec, console_entry)
     except OSError as e:
         os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n".encode())
         os._exit(SETUP_FAILED)
     os._exit(relay(master, out_fd, console, wake))
 
 
-def start_console(spec):
+def start_console(spec, console_entry=None):
     """The console on a terminal of the sandbox's own.
 
     Returns the terminal's master, the console's pid, and the pipe signals
-    arrive on (a byte each, to wake relay's poll).
+    arrive on (a byte each, to wake relay's poll). ``console_entry`` (the
+    fork server's) is called instead of execve, with everything else done.
     The launcher's terminal (the server's PTY) stays with init and carries
     keystrokes in; the console's output leaves through the output pipe.
     """
@@ -375,6 +376,8 @@ def start_console(spec):
             # Nothing of init's: not the server's terminal, not the output pipe.
             os.closerange(3, MAX_FD)
             os.chdir(spec["cwd"])
+            if console_entry is not None:
+                console_entry(spec)
             os.execve(spec["argv"][0], spec["argv"], spec["env"])
         except OSError as e:
             os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n"
@@ -514,7 +517,15 @@ def reap(console):
 # -- launcher -----------------------------------------------------------------
 
 def main(argv):
-    spec = json.loads(argv[1])
+    return run(json.loads(argv[1]))
+
+
+def run(spec, console_entry=None, close_in_init=()):
+    """Build and run the sandbox; its exit status.
+
+    The fork server calls this in its forked child with its ``console_entry``
+    and the descriptors init must not keep (``close_in_init``).
+    """
     for sig in TERMINAL_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     cgroups = spec["cgroups"]
@@ -542,7 +553,9 @@ def main(argv):
     pid = os.fork()
     if pid == 0:
         os.close(go_write)
-        run_init(spec, go_read, out)
+        for fd in close_in_init:
+            os.close(fd)
+        run_init(spec, go_read, out, console_entry)
         os._exit(SETUP_FAILED)  # not reached
     os.close(go_read)
     os.close(out)

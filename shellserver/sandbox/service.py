@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from shellserver.sandbox.cgroups import CgroupLayout, CgroupReaper
+from shellserver.sandbox.forked import ForkServer, ForkServerUnavailable
 from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.spec import SandboxLimits, SandboxSpec, build_spec
 from shellserver.sandbox.uids import UidPool, UidsExhausted
@@ -306,6 +307,9 @@ class SandboxStarter:
     _next_teardown: float = 0.0
     reaper: CgroupReaper | None = None
     read_pty: Callable[[int, int], bytes] = os.read
+    # sandbox.fork_server: launchers forked by the template (forked.py);
+    # None, or a template not ready, spawns the classic launcher.
+    fork_server: ForkServer | None = None
     running: dict[str, RunningSandbox] = field(factory=dict)
     _ready: bool = True
     _unavailable_reason: str = ""
@@ -357,10 +361,7 @@ class SandboxStarter:
         argv = [self.system_python, "-I", "-S", self.launcher, spec.to_json()]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
         try:
-            sandbox._transport = self.reactor.spawnProcess(
-                SandboxProcessProtocol(sandbox), self.system_python, argv,
-                env=env, path="/", usePTY=True,
-            )
+            sandbox._transport = self._launch(SandboxProcessProtocol(sandbox), spec, argv, env)
         except Exception as e:
             self.uids.release(uid)
             sandbox._output.finish()
@@ -372,6 +373,18 @@ class SandboxStarter:
         sandbox.resize(cols, rows)
         log.info("console {session} started as uid {uid}", session=session, uid=uid)
         return sandbox
+
+    def _launch(self, protocol: SandboxProcessProtocol, spec: SandboxSpec,
+                argv: list[str], env: dict[str, str]):
+        """The launcher's transport: forked by the template, or else spawned."""
+        if self.fork_server is not None and self.fork_server.ready:
+            try:
+                return self.fork_server.spawn(protocol, spec.to_json())
+            except ForkServerUnavailable as e:
+                log.warn("console {session}: fork server unavailable ({error}); "
+                         "starting it the classic way", session=spec.session, error=str(e))
+        return self.reactor.spawnProcess(protocol, self.system_python, argv,
+                                         env=env, path="/", usePTY=True)
 
     def space_teardown(self, action: Callable[[], None]) -> None:
         """Run ``action`` now, or ``teardown_spacing`` after the last one."""
