@@ -37,6 +37,26 @@ FIRST_RESTART = 0.5
 MAX_RESTART = 30.0
 
 
+# What a console costs in memory, measured with bench/console_cost.py (PSS:
+# shared pages split among their sharers; the table is in docs/sandbox.md):
+# an idle console, everything counted (launcher, init, IPython, the server's
+# share), on each path; the template, once per server.
+FORKED_CONSOLE_MB = 10.0
+CLASSIC_CONSOLE_MB = 37.0
+TEMPLATE_MB = 40.0
+# What a console in use adds over an idle one, for sizing: completions
+# (jedi's caches), tracebacks, a few modules and some data. A console that
+# uses more is bounded by sandbox.memory_mb, not by this.
+CONSOLE_IN_USE_MB = 16.0
+
+
+def console_cost_mb(fork_server: bool) -> tuple[float, float]:
+    """(fixed, per console) memory in MB the admission capacity is derived from."""
+    if fork_server:
+        return TEMPLATE_MB, FORKED_CONSOLE_MB + CONSOLE_IN_USE_MB
+    return 0.0, CLASSIC_CONSOLE_MB + CONSOLE_IN_USE_MB
+
+
 class ForkServerUnavailable(Exception):
     """The template could not fork a launcher; str() says why."""
 
