@@ -58,7 +58,16 @@ def console_cost_mb(fork_server: bool) -> tuple[float, float]:
 
 
 class ForkServerUnavailable(Exception):
-    """The template could not fork a launcher; str() says why."""
+    """The template could not fork a launcher; str() says why.
+
+    ``sent``: the request had reached the template, which may have forked a
+    launcher for it after all: that spec's uid and cgroups must not be used
+    again (nor the spec started another way).
+    """
+
+    def __init__(self, message: str, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 @implementer(IReadDescriptor)
@@ -253,11 +262,13 @@ class ForkServer:
         master, slave = pty.openpty()
         os.set_inheritable(master, False)
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sent = False
         try:
             connection.settimeout(self.answer_timeout)
             connection.connect(self.socket_path)
             connection.sendmsg([spec_json.encode()], [
                 (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [slave]))])
+            sent = True
             answer, ancillary, _, _ = connection.recvmsg(64, socket.CMSG_SPACE(4))
             fds = array.array("i")
             for level, kind, data in ancillary:
@@ -267,14 +278,15 @@ class ForkServer:
                 for fd in fds:
                     os.close(fd)
                 raise ForkServerUnavailable(
-                    f"the template answered {answer.decode('utf-8', 'replace')!r}")
+                    f"the template answered {answer.decode('utf-8', 'replace')!r}", sent=True)
         except (OSError, ForkServerUnavailable) as e:
             os.close(master)
             connection.close()
             if isinstance(e, OSError):
                 # Not answering in time, or gone: have it replaced.
                 self._replace_template()
-                raise ForkServerUnavailable(f"the template did not answer: {e}") from e
+                raise ForkServerUnavailable(f"the template did not answer: {e}",
+                                            sent=sent) from e
             raise
         finally:
             os.close(slave)

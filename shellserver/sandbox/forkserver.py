@@ -89,6 +89,14 @@ def preload():
     gc.freeze()
 
 
+class Stopping(Exception):
+    """SIGTERM (the server stopping, or gone): no more requests."""
+
+
+def stop(signum, frame):
+    raise Stopping()
+
+
 def reap_children(signum=None, frame=None):
     while True:
         try:
@@ -108,6 +116,7 @@ def run_launcher(launcher, listener, connection, slave, request):
     """The forked child: the per-console root launcher on the server's PTY."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     listener.close()
     os.setsid()
     import fcntl
@@ -189,6 +198,9 @@ def serve(launcher, listener):
     while True:
         connection, _ = listener.accept()
         slave = None
+        # A request is answered whole: SIGTERM waits until it is (a launcher
+        # forked but not reported would run unwatched).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             # The socket is root's alone (0600 in a 0700 directory); the
             # peer's uid is checked as well, as the belt.
@@ -232,6 +244,7 @@ def serve(launcher, listener):
             if slave is not None:
                 os.close(slave)
             connection.close()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def main(argv):
@@ -257,9 +270,25 @@ def main(argv):
     finally:
         os.umask(old_umask)
     listener.listen(64)
+    signal.signal(signal.SIGTERM, stop)
     print("ready", flush=True)
-    serve(launcher, listener)
-    return 0
+    try:
+        serve(launcher, listener)
+    except Stopping:
+        pass
+    # Stay the launchers' parent until they have all ended (the server ends
+    # their consoles as it stops): orphans would be left to the host's init.
+    listener.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 0
 
 
 if __name__ == "__main__":

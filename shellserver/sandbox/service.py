@@ -363,7 +363,13 @@ class SandboxStarter:
         try:
             sandbox._transport = self._launch(SandboxProcessProtocol(sandbox), spec, argv, env)
         except Exception as e:
-            self.uids.release(uid)
+            if isinstance(e, ForkServerUnavailable) and e.sent:
+                # The template may have forked a launcher for this spec after
+                # all: its uid is never reused, its cgroups are killed.
+                self.uids.quarantine(uid)
+                self.reaper.reap(spec.cgroups)
+            else:
+                self.uids.release(uid)
             sandbox._output.finish()
             log.failure("could not spawn the launcher for {session}", session=session)
             raise SandboxUnavailable("the console could not be started") from e
@@ -381,6 +387,8 @@ class SandboxStarter:
             try:
                 return self.fork_server.spawn(protocol, spec.to_json())
             except ForkServerUnavailable as e:
+                if e.sent:
+                    raise
                 log.warn("console {session}: fork server unavailable ({error}); "
                          "starting it the classic way", session=spec.session, error=str(e))
         return self.reactor.spawnProcess(protocol, self.system_python, argv,

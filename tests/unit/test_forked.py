@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from attrs import define, field
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
@@ -13,7 +15,7 @@ from shellserver.sandbox.forked import (
     ForkServer,
     ForkServerUnavailable,
 )
-from shellserver.sandbox.service import LAUNCHER, SandboxStarter
+from shellserver.sandbox.service import LAUNCHER, SandboxStarter, SandboxUnavailable
 from shellserver.sandbox.uids import UidPool
 from shellserver.testing import FakeOutputPipes
 from tests.unit.test_sandbox_service import (
@@ -107,11 +109,12 @@ class RefusingForkServer:
     """A ready fork server whose every request fails."""
 
     ready: bool = True
+    sent: bool = False
     asked: list = field(factory=list)
 
     def spawn(self, protocol, spec_json):
         self.asked.append(spec_json)
-        raise ForkServerUnavailable("the template did not answer")
+        raise ForkServerUnavailable("the template did not answer", sent=self.sent)
 
 
 def starter(reactor, fork_server_) -> SandboxStarter:
@@ -143,6 +146,23 @@ class StarterPathTests(SynchronousTestCase):
         self.assertEqual(reactor.spawned[-1].args[3], LAUNCHER)
 
 
+    def test_request_lost_after_sending_quarantines_uid(self):
+        """A request the template got but did not answer starts nothing else and
+        its uid is never handed out again (a launcher may run with it)."""
+        reactor = FakeProcessReactor()
+        refusing = RefusingForkServer(sent=True)
+        subject = starter(reactor, refusing)
+        self.assertRaises(SandboxUnavailable, subject.start, _Events(), 80, 24)
+        self.assertEqual(reactor.spawned, [])
+        self.assertEqual(len(self.flushLoggedErrors(ForkServerUnavailable)), 1)
+        uid = json.loads(refusing.asked[0])["uid"]
+        refusing.ready = False  # the rest start the classic way
+        handed_out = []
+        for _ in range(9):
+            handed_out.append(subject.start(_Events(), 80, 24).uid)
+        self.assertNotIn(uid, handed_out)
+
+
 class _Events:
     def output(self, data):
         pass
@@ -155,4 +175,3 @@ class _Events:
 
     def ending(self, message):
         pass
-
