@@ -55,7 +55,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.shellserver-stamp 2>/dev/null)" 
   # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins.
   if ! { .venv/bin/pip install --disable-pip-version-check --upgrade pip &&
          .venv/bin/pip install --disable-pip-version-check \
-           --config-settings editable_mode=compat -e ".[test,lint]"; } > .venv/install.log 2>&1; then
+           --config-settings editable_mode=compat -e ".[test,lint,bench]"; } > .venv/install.log 2>&1; then
     tail -n 40 .venv/install.log >&2
     echo "setup.sh: installing the Python packages failed (full log: .venv/install.log)" >&2
     exit 1

@@ -45,6 +45,19 @@ RELAY_HIGH = 65536
 RELAY_BATCH = 32768
 RELAY_FLOOD_READ = 4000  # a PTY read returns at most 4 KiB
 RELAY_HOLD_MS = 1
+# A stream of output (print in a loop, IPython's `!` passing on a pipeline
+# line by line): while output keeps coming within RELAY_STREAM_GAP, init
+# passes on what it read and then sleeps a rest, so that the console's writes
+# gather in the PTY and cost one read, one pipe write and one wake-up of the
+# server per rest instead of one each per write. A lone write (an echo) still
+# goes at once. The PTY holds about 20 KB before the console blocks in its
+# write, so the rest adapts: shorter when a read brings RELAY_REST_FULL or
+# more (a fast writer, which a long rest would block), longer when it brings
+# less than RELAY_REST_THIN; at 0 the flood hold above applies instead.
+RELAY_STREAM_GAP = 0.002
+RELAY_RESTS = (0.0, 0.0005, 0.001, 0.002)  # seconds
+RELAY_REST_FULL = 12288
+RELAY_REST_THIN = 3072
 RELAY_FLUSH_BYTES = 1 << 20
 RELAY_FLUSH_SECONDS = 2.0
 
@@ -419,6 +432,8 @@ def relay(master, out, console, wake):
     poller.register(wake, select.POLLIN)
     keys_open = True
     holding = False  # gathering a flood's output into one write
+    last_read = -RELAY_STREAM_GAP  # when output last came, or a rest ended
+    rest = 0  # index into RELAY_RESTS, adapted to the console's pace
     status = None
     while status is None:
         poller.register(master, (select.POLLIN if len(pending) < RELAY_HIGH else 0)
@@ -429,6 +444,7 @@ def relay(master, out, console, wake):
             poller.register(0, select.POLLIN if len(typed) < RELAY_HIGH else 0)
         events = dict(poller.poll(RELAY_HOLD_MS if holding else None))
         holding = False
+        resting = False
         if wake in events:
             try:
                 signals = os.read(wake, 256)
@@ -438,11 +454,20 @@ def relay(master, out, console, wake):
                 copy_size(master)
             status = reap(console)
         if events.get(master, 0) & select.POLLIN:
-            # A full read means a flood: write once RELAY_BATCH is together
-            # (or nothing came for RELAY_HOLD_MS), not at each 4 KiB; every
-            # write wakes the server. Anything less (an echo) goes at once.
-            flood = read_output(master, pending) >= RELAY_FLOOD_READ
-            holding = flood and len(pending) < RELAY_BATCH
+            got = read_output(master, pending)
+            now = time.monotonic()
+            if got and now - last_read < RELAY_STREAM_GAP:
+                if got >= RELAY_REST_FULL:
+                    rest = max(0, rest - 1)
+                elif got < RELAY_REST_THIN:
+                    rest = min(len(RELAY_RESTS) - 1, rest + 1)
+                resting = rest > 0
+            if got:
+                last_read = now
+            # Without a rest, a full read means a flood: write once
+            # RELAY_BATCH is together (or nothing came for RELAY_HOLD_MS),
+            # not at each 4 KiB; every write wakes the server.
+            holding = not resting and got >= RELAY_FLOOD_READ and len(pending) < RELAY_BATCH
         if pending and out >= 0 and not holding:
             out = write_output(out, pending)
         if out < 0:
@@ -464,8 +489,12 @@ def relay(master, out, console, wake):
                 del typed[:os.write(master, typed)]
             except BlockingIOError:
                 pass
+        if resting and status is None:
+            # Keystrokes and signals wait too, at most the rest (2 ms).
+            time.sleep(RELAY_RESTS[rest])
+            last_read = time.monotonic()
     # The console has exited: what it wrote last, then its status.
-    read_output(master, pending, limit=RELAY_FLUSH_BYTES)
+    read_output(master, pending, limit=RELAY_FLUSH_BYTES, drain=True)
     deadline = time.monotonic() + RELAY_FLUSH_SECONDS
     while pending and out >= 0 and time.monotonic() < deadline:
         select.select([], [out], [], max(0.0, deadline - time.monotonic()))
@@ -473,8 +502,13 @@ def relay(master, out, console, wake):
     return status
 
 
-def read_output(master, pending, limit=RELAY_HIGH):
-    """Read what the console's terminal has (up to ``limit`` held); how much."""
+def read_output(master, pending, limit=RELAY_HIGH, drain=False):
+    """Read what the console's terminal has (up to ``limit`` held); how much.
+
+    A read shorter than a PTY's 4 KiB took all there was: stop there unless
+    ``drain``. A console writing small pieces as fast as it can would
+    otherwise keep this loop reading them one by one, a read per write.
+    """
     got = 0
     while len(pending) < limit:
         try:
@@ -485,6 +519,8 @@ def read_output(master, pending, limit=RELAY_HIGH):
             return got
         pending += data
         got += len(data)
+        if len(data) < RELAY_FLOOD_READ and not drain:
+            return got
     return got
 
 

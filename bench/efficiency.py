@@ -1,0 +1,586 @@
+"""Issue 17: efficiency on what consoles really print, against peers, in one run.
+
+    .venv/bin/python bench/efficiency.py [--quick] [--megabytes N] [--runs N]
+
+Three targets, the same IPython behind each (the runtime's, with the argv
+and environment of shellserver.sandbox.spec): a raw PTY read by this process
+(no server), terminado (bench/terminado_peer.py: a fresh PTY per websocket,
+installed with the `bench` extra) and shellserver (twistd on loopback, plain
+TCP, uids 250000-250999, read by bench/wire.py acknowledging as the page
+does). Workloads, interleaved target by target, median of ``--runs``:
+
+- pipeline: ``!head -c N /dev/zero | base64`` through IPython's ``!``
+  (written as ``get_ipython().system(...)``, which is what ``!`` becomes);
+- prints: ``for i in range(N): print(i)``;
+- blocks: today's 64 KB blocks of 1023 ``x`` and a newline.
+
+Every byte between ``BEGIN 42`` and ``DONE 42`` is counted and hashed
+against the expected stream. CPU is per MB delivered, split by process:
+the server (twistd / terminado), init's relay, the launcher, the console's
+program (IPython and its children), the client (this process) and the whole
+machine (/proc/stat). Then keystroke echo: through a raw-mode read/write
+loop in IPython (``tty.setraw``, one byte in, the same byte out) and at
+IPython's prompt. See bench/README.md for the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+import scenarios as s  # noqa: E402
+import server as bench_server  # noqa: E402
+import wire  # noqa: E402
+
+from shellserver.sandbox.spec import console_env  # noqa: E402
+
+# This bench's own uids, apart from run.py's (240000-240499) and the tests'.
+bench_server.UID_MIN, bench_server.UID_MAX = 250000, 250999
+
+BEGIN, DONE = "BEGIN 42\r\n", "DONE 42\r\n"
+BASE64_LINE = 76  # base64(1) wraps its output at 76 columns
+WORKLOADS = ("pipeline", "prints", "blocks")
+NS = 1e-9
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- the workloads: the IPython line and the exact bytes expected -------------
+
+
+def workload(name: str, megabytes: float) -> tuple[str, int, str]:
+    """(IPython line, expected length, expected sha256) of ~``megabytes`` of output."""
+    digest = hashlib.sha256()
+    length = 0
+
+    def add(text: str) -> None:
+        nonlocal length
+        data = text.encode()
+        digest.update(data)
+        length += len(data)
+
+    if name == "pipeline":
+        zeros = int(megabytes * 1e6 * 0.75 * BASE64_LINE / (BASE64_LINE + 2)) // 3 * 3
+        chars = zeros // 3 * 4  # base64 of zeros is all "A"
+        full, rest = divmod(chars, BASE64_LINE)
+        line = "A" * BASE64_LINE + "\r\n"
+        for _ in range(full // 1000):
+            add(line * 1000)
+        add(line * (full % 1000))
+        if rest:
+            add("A" * rest + "\r\n")
+        body = f"get_ipython().system('head -c {zeros} /dev/zero | base64')"
+    elif name == "prints":
+        total, count = 0, 0
+        while total < megabytes * 1e6:
+            step = 10000
+            total += sum(len(str(i)) + 2 for i in range(count, count + step))
+            count += step
+        for start in range(0, count, 10000):
+            add("".join(f"{i}\r\n" for i in range(start, min(count, start + 10000))))
+        body = f'exec("for i in range({count}): print(i)")'
+    elif name == "blocks":
+        blocks = max(1, round(megabytes * 1e6 / (s.BLOCK_LINES * len(s.LINE_ON_WIRE))))
+        for _ in range(blocks):
+            add(s.LINE_ON_WIRE * s.BLOCK_LINES)
+        body = ("import sys; w=sys.stdout.write; b=('x'*1023+'\\n')*64; "
+                f"any(w(b) and 0 for _ in range({blocks}))")
+    else:
+        raise ValueError(name)
+    return f"print('BEGIN',6*7); {body}; print('DONE',6*7)", length, digest.hexdigest()
+
+
+class HashVerifier:
+    """Hashes exactly ``length`` bytes after BEGIN, then expects DONE."""
+
+    def __init__(self, length: int, sha256: str) -> None:
+        self.length, self.sha256 = length, sha256
+        self.digest = hashlib.sha256()
+        self.body = 0
+        self.state = "before"
+        self.head = ""
+        self.tail = ""
+        self.error: str | None = None
+        self.began_at = self.done_at = 0.0
+        loop = asyncio.get_running_loop()
+        self.began: asyncio.Future[float] = loop.create_future()
+        self.done: asyncio.Future[float] = loop.create_future()
+
+    def feed(self, text: str, at: float) -> None:
+        if self.state == "before":
+            joined = self.head + text
+            index = joined.find(BEGIN)
+            if index < 0:
+                self.head = joined[-len(BEGIN):]
+                return
+            self.state, self.began_at = "body", at
+            self.began.set_result(at)
+            text = joined[index + len(BEGIN):]
+        if self.state == "body":
+            data = text.encode()
+            take = min(len(data), self.length - self.body)
+            self.digest.update(data[:take])
+            self.body += take
+            if self.body < self.length:
+                return
+            self.state = "after"
+            text = data[take:].decode(errors="replace")
+        if self.state == "after" and text:
+            self.tail += text
+            if len(self.tail) >= len(DONE) or not DONE.startswith(self.tail):
+                if self.digest.hexdigest() != self.sha256:
+                    self.error = f"{self.body} bytes, but not the expected ones (sha256)"
+                elif not self.tail.startswith(DONE):
+                    self.error = f"after {self.body} bytes: {self.tail[:60]!r}, not DONE"
+                self.state, self.done_at = "finished", at
+                self.done.set_result(at)
+
+
+# -- CPU per process -----------------------------------------------------------
+
+
+def children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(root: int, children: dict[int, list[int]]) -> list[tuple[int, int]]:
+    """(pid, depth below root) of every descendant."""
+    found, todo = [], [(pid, 1) for pid in children.get(root, [])]
+    while todo:
+        pid, depth = todo.pop()
+        found.append((pid, depth))
+        todo += [(child, depth + 1) for child in children.get(pid, [])]
+    return found
+
+
+def cpu_ns(pid: int) -> int:
+    """On-CPU time of every thread of ``pid`` (schedstat: nanoseconds), 0 if gone."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def activity(pid: int) -> tuple[int, int, int]:
+    """(wake-ups, read calls, write calls) of ``pid`` so far, (0, 0, 0) if gone.
+
+    Wake-ups are the main thread's voluntary context switches: each is a
+    sleep in poll or a blocking call, ended by an event.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            wakeups = next(int(line.split()[1]) for line in f
+                           if line.startswith("voluntary_ctxt_switches"))
+        with open(f"/proc/{pid}/io") as f:
+            io = dict(line.split(": ") for line in f.read().splitlines())
+        return wakeups, int(io["syscr"]), int(io["syscw"])
+    except (OSError, StopIteration, KeyError, ValueError):
+        return 0, 0, 0
+
+
+class Roles:
+    """The processes of one console, by role, read together."""
+
+    def __init__(self, roles: dict[str, list[int]]) -> None:
+        self.roles = roles
+
+    def sample(self) -> dict[str, int]:
+        return {role: sum(cpu_ns(pid) for pid in pids) for role, pids in self.roles.items()}
+
+    def counts(self) -> dict[str, tuple[int, int, int]]:
+        return {role: tuple(sum(c) for c in zip(*(activity(pid) for pid in pids),
+                                                 (0, 0, 0), strict=False))
+                for role, pids in self.roles.items()}
+
+
+# -- targets ---------------------------------------------------------------------
+
+
+class PtyTarget(s.PtyTarget):
+    label = "raw PTY"
+
+    def roles(self, console: wire.PtyConsole) -> Roles:
+        pid = console.process.pid
+        tree = [pid] + [p for p, _ in descendants(pid, children_map())]
+        return Roles({"console": tree})
+
+
+class ShellserverTarget(s.WireTarget):
+    label = "shellserver"
+
+    def roles(self, console) -> Roles:
+        """twistd; the launcher, init (the relay) and the console below them."""
+        children = children_map()
+        known = getattr(self, "_seen", set())
+        launchers = [p for p in children.get(self.server.pid, []) if p not in known]
+        if len(launchers) != 1:
+            raise RuntimeError(f"expected one new launcher under twistd, found {launchers}")
+        self._seen = known | set(launchers)
+        launcher = launchers[0]
+        inits = children.get(launcher, [])
+        console_pids = [p for init in inits for p in children.get(init, [])]
+        console_pids += [p for c in console_pids for p, _ in descendants(c, children)]
+        return Roles({"server": [self.server.pid], "launcher": [launcher], "relay": inits,
+                      "console": console_pids})
+
+
+class TerminadoConsole(wire.Terminal):
+    """One terminado terminal over its websocket: JSON ["stdout", text] messages."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.port = port
+        self.name = "terminado console"
+        self.protocol: wire._WebSocketProtocol | None = None
+
+    async def open(self, cols: int = 100, rows: int = 30, timeout: float = 30.0) -> float:
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        request = (
+            f"GET /websocket HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Origin: http://127.0.0.1:{self.port}\r\n\r\n").encode()
+        loop = asyncio.get_running_loop()
+        expectation = self.expect(wire.PROMPT)
+        start = wire.now()
+        _, self.protocol = await asyncio.wait_for(loop.create_connection(
+            lambda: wire._WebSocketProtocol(self, request, key), "127.0.0.1", self.port),
+            timeout)
+        await asyncio.wait_for(self.protocol.handshake, timeout)
+        self.send(["set_size", rows, cols, rows, cols])
+        return await self.wait_prompt(timeout, expectation) - start
+
+    def send(self, message: list) -> None:
+        self.protocol.send_frame(0x1, json.dumps(message).encode())
+
+    def _message(self, message: str) -> None:
+        kind, *rest = json.loads(message)
+        if kind == "stdout":
+            self._output(rest[0])
+
+    def send_keys(self, text: str) -> None:
+        self.send(["stdin", text])
+
+    def pause_reading(self) -> None:
+        self.protocol.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.protocol.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.protocol and self.protocol.transport:
+            self.protocol.transport.abort()
+
+
+class TerminadoTarget(s.Target):
+    name = "terminado"
+    label = "terminado"
+
+    def __init__(self, tmp: Path) -> None:
+        self.home = tmp / "terminado-home"
+        self.home.mkdir()
+        self.port = bench_server.free_port()
+        env = console_env(bench_server.RUNTIME, os.getuid())
+        env.update(HOME=str(self.home), IPYTHONDIR=f"{self.home}/.ipython",
+                   MPLCONFIGDIR=str(self.home))
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "terminado_peer.py"), str(self.port),
+             bench_server.RUNTIME, str(self.home)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("terminado_peer.py did not start (is the `bench` extra "
+                               "installed? pip install -e '.[bench]')")
+
+    async def console(self, source: str | None = None) -> wire.Terminal:
+        console = TerminadoConsole(self.port)
+        try:
+            console.open_seconds = await console.open()
+        except BaseException:
+            console.close()
+            raise
+        return console
+
+    def roles(self, console: TerminadoConsole) -> Roles:
+        children = children_map()
+        tree = [p for p, _ in descendants(self.process.pid, children)]
+        return Roles({"server": [self.process.pid], "console": tree})
+
+    async def settle(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while children_map().get(self.process.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def cleanup(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+# -- measurements ----------------------------------------------------------------
+
+
+def machine_ns() -> int:
+    """Busy time of every CPU so far, in nanoseconds (/proc/stat)."""
+    all_ticks, idle = s.machine_cpu()
+    return (all_ticks - idle) * 10**9 // bench_server.CLK_TCK
+
+
+async def flood(target, name: str, line: str, length: int, sha256: str) -> dict:
+    """One workload on a fresh console: MB/s from BEGIN to DONE, CPU per MB by process."""
+    console = await target.console()
+    try:
+        await console.quiet(0.2)
+        roles = target.roles(console)
+        verifier = HashVerifier(length, sha256)
+        console.sink = verifier.feed
+        marks: list[tuple[dict[str, int], int, float]] = []
+
+        counts: list[dict[str, tuple[int, int, int]]] = []
+
+        def mark(_=None) -> None:
+            marks.append((roles.sample(), machine_ns(), s.cpu_self()))
+            counts.append(roles.counts())
+        verifier.began.add_done_callback(mark)
+        verifier.done.add_done_callback(mark)
+        prompt = console.expect(wire.PROMPT)
+        console.send_keys(line + "\r")
+        await asyncio.wait_for(asyncio.shield(verifier.done), 60 + length / 1e6)
+        await console.wait_prompt(30, prompt)
+    finally:
+        console.sink = None
+        await target.finish([console])
+    (before, machine0, client0), (after, machine1, client1) = marks
+    mb = verifier.body / 1e6
+    seconds = verifier.done_at - verifier.began_at
+    cpu = {role: (after[role] - before[role]) * NS * 1000 / mb for role in before}
+    cpu["client"] = (client1 - client0) * 1000 / mb
+    cpu["machine"] = (machine1 - machine0) * NS * 1000 / mb
+    cpu["outside"] = sum(cpu.get(role, 0.0) for role in ("server", "launcher", "relay"))
+    # wake-ups, reads and writes per MB of each role
+    calls = {role: tuple((a - b) / mb for a, b in zip(counts[1][role], counts[0][role],
+                                                       strict=True))
+             for role in counts[0]}
+    return {"mb_per_s": mb / seconds, "bytes": verifier.body, "expected": length,
+            "error": verifier.error, "cpu": cpu, "calls": calls,
+            "messages": console.messages}
+
+
+RAW_ECHO = ("import os,tty,termios,time; a=termios.tcgetattr(0); tty.setraw(0); "
+            "os.write(1,b'RAW READY\\r\\n'); "
+            'exec("n=0\\nt=time.time()+120\\nwhile n<{count} and time.time()<t:\\n'
+            " b=os.read(0,1)\\n os.write(1,b)\\n n+=1\\n if b==b'q': break\"); "
+            "termios.tcsetattr(0,termios.TCSADRAIN,a)")
+
+
+async def raw_echo(target, count: int, gap: float = 0.003) -> dict:
+    """Echo through a raw-mode loop in IPython: one byte in, the same byte out."""
+    console = await target.console()
+    try:
+        await console.quiet(0.2)
+        ready = console.expect("RAW READY")
+        console.send_keys(RAW_ECHO.format(count=count + 1) + "\r")
+        await ready.wait(10)
+        await console.quiet(0.1)
+        samples = []
+        for i in range(count):
+            key = "abcdefghij"[i % 10]
+            arrival = console.expect(key)
+            sent = wire.now()
+            console.send_keys(key)
+            samples.append(await arrival.wait(5) - sent)
+            await asyncio.sleep(gap)
+        prompt = console.expect(wire.PROMPT)
+        console.send_keys("q")
+        await console.wait_prompt(10, prompt)
+    finally:
+        await target.finish([console])
+    return {"p50": s.percentile(samples, 50), "p99": s.percentile(samples, 99)}
+
+
+# -- the run and its table ---------------------------------------------------------
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["mb_per_s"])[len(runs) // 2]
+
+
+def render(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for index, r in enumerate(rows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if index == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "—"
+
+
+async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
+    notes: list[str] = []
+    pty = PtyTarget()
+    log("starting terminado and shellserver")
+    peer = TerminadoTarget(tmp)
+    srv = bench_server.start(tmp / "shellserver", pool=0)
+    servers.append(srv)
+    ours = ShellserverTarget(srv, tls=False)
+    targets = [pty, peer, ours]
+    expected = {name: workload(name, args.megabytes) for name in WORKLOADS}
+    results: dict[str, dict[str, list[dict]]] = {t.label: {w: [] for w in WORKLOADS}
+                                                 for t in targets}
+    echoes: dict[str, dict] = {}
+    try:
+        for i in range(args.runs):
+            for name in WORKLOADS:
+                for target in targets:
+                    log(f"{target.label}: {name}, run {i + 1}")
+                    results[target.label][name].append(await flood(target, name,
+                                                                   *expected[name]))
+        for target in targets:
+            log(f"{target.label}: echo (raw loop, then the prompt)")
+            echoes[target.label] = {"raw": await raw_echo(target, args.echo),
+                                    "prompt": await s.echo(target, args.echo // 2)}
+    finally:
+        pty.cleanup()
+        peer.cleanup()
+    log("stopping the server")
+    srv.stop()
+
+    header = ["row", "raw PTY", "terminado", "shellserver", "shellserver / PTY",
+              "shellserver / terminado", "goal"]
+    rows = [header]
+    for name in WORKLOADS:
+        med = {label: median_run(results[label][name]) for label in results}
+        p, t, o = med["raw PTY"], med["terminado"], med["shellserver"]
+        mb = p["expected"] / 1e6
+        goal = ">= 0.9x PTY" if name != "blocks" else ">= today"
+        rows.append([f"{name} ({mb:.0f} MB): MB/s", f"{p['mb_per_s']:.1f}",
+                     f"{t['mb_per_s']:.1f}", f"{o['mb_per_s']:.1f}",
+                     ratio(o["mb_per_s"], p["mb_per_s"]), ratio(o["mb_per_s"], t["mb_per_s"]),
+                     goal])
+        rows.append([f"{name}: CPU ms/MB outside the console's program", "—",
+                     f"{t['cpu']['outside']:.1f}", f"{o['cpu']['outside']:.1f}", "",
+                     ratio(o["cpu"]["outside"], t["cpu"]["outside"]), "<= 0.5x terminado"])
+        for role in ("server", "relay", "launcher", "console", "client", "machine"):
+            rows.append([f"  {name}: CPU ms/MB, {role}",
+                         f"{p['cpu'][role]:.1f}" if role in p["cpu"] else "—",
+                         f"{t['cpu'][role]:.1f}" if role in t["cpu"] else "—",
+                         f"{o['cpu'][role]:.1f}", "", "", ""])
+        for role in ("console", "relay", "server"):
+            rows.append([f"  {name}: {role} wake-ups / reads / writes per MB",
+                         *("/".join(f"{v:.0f}" for v in m["calls"][role])
+                           if role in m["calls"] else "—" for m in (p, t, o)), "", "", ""])
+        rows.append([f"  {name}: messages to the client per MB",
+                     f"{p['messages'] / mb:.0f}", f"{t['messages'] / mb:.0f}",
+                     f"{o['messages'] / mb:.0f}", "", "", ""])
+        verified = {label: all(r["error"] is None and r["bytes"] == r["expected"]
+                               for r in results[label][name]) for label in results}
+        rows.append([f"  {name}: bytes verified (count + sha256, every run)",
+                     *("exact" if verified[label] else "WRONG" for label in results),
+                     "", "", "exact"])
+        for label in results:
+            errors = [r["error"] for r in results[label][name] if r["error"]]
+            if errors:
+                notes.append(f"{label} {name}: {errors[0]}")
+            notes.append(f"{label} {name} MB/s per run: "
+                         + ", ".join(f"{r['mb_per_s']:.1f}" for r in results[label][name]))
+    for kind, what in (("raw", "raw-mode echo loop"), ("prompt", "echo at the prompt")):
+        p, t, o = (echoes[label][kind] for label in ("raw PTY", "terminado", "shellserver"))
+        for q, goal in (("p50", "<= 2x PTY"), ("p99", "<= 3x PTY")):
+            rows.append([f"{what} {q} (ms)", f"{p[q] * 1000:.2f}", f"{t[q] * 1000:.2f}",
+                         f"{o[q] * 1000:.2f}", ratio(o[q], p[q]), ratio(o[q], t[q]),
+                         goal if kind == "raw" else ""])
+    return render(rows), notes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10 MB, one run, 100 echoes")
+    parser.add_argument("--megabytes", type=float, default=30.0, help="output per workload")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--echo", type=int, default=300, help="raw-mode echoes")
+    args = parser.parse_args()
+    if args.quick:
+        args.megabytes, args.runs, args.echo = 10.0, 1, 100
+    if os.geteuid() != 0:
+        print("bench/efficiency.py needs root: the server builds real sandboxes",
+              file=sys.stderr)
+        return 2
+    if bench_server.processes_of_uids(bench_server.UID_MIN, bench_server.UID_MAX):
+        print("processes already run in the bench's uid range: another bench? stop it first",
+              file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="shellserver-efficiency-"))
+    servers: list = []
+    started = time.monotonic()
+    table = None
+    load_before = os.getloadavg()[0]
+    try:
+        table, notes = asyncio.run(run(args, tmp, servers))
+    except KeyboardInterrupt:
+        log("interrupted")
+    finally:
+        problems = [p for srv in servers for p in srv.stop()]
+        killed = bench_server.kill_leftover_processes()
+        problems += [p for srv in servers for p in bench_server.leftovers(srv)]
+        if table is not None and not problems:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log(f"logs kept in {tmp}")
+    if table is None:
+        return 130
+    print(f"shellserver efficiency bench ({args.megabytes:g} MB per workload, median of "
+          f"{args.runs} interleaved runs, {os.cpu_count()} CPUs, load average "
+          f"{load_before:.1f} before, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{time.monotonic() - started:.0f} s)")
+    print()
+    print(table)
+    print()
+    for note in notes:
+        print(f"- {note}")
+    if killed:
+        print(f"- cleanup: killed leftover processes {killed}")
+    if problems:
+        print(f"- cleanup: left behind: {problems}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
