@@ -566,7 +566,12 @@ def run(spec, console_entry=None, close_in_init=()):
         signal.signal(sig, signal.SIG_IGN)
     cgroups = spec["cgroups"]
 
+    stopping = []
+
     def stop(signum, frame):
+        # Before init is in the cgroups, killing them misses it: noted, and
+        # init is not let go (below).
+        stopping.append(signum)
         kill_cgroups(cgroups)
         yield_cpu()
 
@@ -597,7 +602,10 @@ def run(spec, console_entry=None, close_in_init=()):
     os.close(out)
     try:
         join_cgroups(cgroups, pid)
-        os.write(go_write, b"g")
+        if stopping:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            os.write(go_write, b"g")
     except OSError as e:
         os.write(2, f"\r\nshellserver: the sandbox could not be built: {e}\r\n".encode())
         os.kill(pid, signal.SIGKILL)
