@@ -250,6 +250,9 @@ def serve(launcher, listener):
 def main(argv):
     path = argv[1]
     launcher = load_launcher()
+    # Init builds the seccomp filter: the module and libseccomp loaded here
+    # once are shared with every sandbox instead of loaded by each.
+    launcher._load_sibling("seccomp").Filter().release()
     preload()
     # Reap the launchers: they are our children (the server watches them
     # through their pidfds).

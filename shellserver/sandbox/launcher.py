@@ -104,11 +104,17 @@ def _load_sibling(name):
     ``-I`` keeps the script's directory off sys.path, which is what we want
     for everything else: load this one file by its path instead.
     """
+    if name in _SIBLINGS:  # loaded before the fork (the fork server's template)
+        return _SIBLINGS[name]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
     module_spec = importlib.util.spec_from_file_location("shellserver_" + name, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    _SIBLINGS[name] = module
     return module
+
+
+_SIBLINGS = {}
 
 
 def _check(result, what):
