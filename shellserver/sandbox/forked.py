@@ -28,6 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from shellserver.sandbox.spec import console_env
+
 log = Logger()
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forkserver.py")
@@ -212,9 +214,11 @@ class ForkServer:
     def start(self) -> None:
         self._stopping = False
         self._protocol = _TemplateProtocol(self)
+        # The console's environment: modules that read it at import (where
+        # caches go, the terminal type) see what a console would.
         self._transport = self.reactor.spawnProcess(
             self._protocol, self.python, [self.python, "-I", self.template, self.socket_path],
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}, path="/",
+            env=console_env(os.path.dirname(os.path.dirname(self.python)), 0), path="/",
         )
         self.pid = self._transport.pid
         log.info("fork server template starting (pid {pid})", pid=self.pid)

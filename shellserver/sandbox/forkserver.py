@@ -97,6 +97,29 @@ def stop(signum, frame):
     raise Stopping()
 
 
+def preload_on_a_terminal():
+    """``preload`` with a terminal on 0, 1 and 2, as a console has.
+
+    Some modules decide at import whether they run on a terminal (IPython's
+    default ``simple_prompt``, for one: without a terminal at import, every
+    console would get the plain prompt, without prompt_toolkit). The
+    template's environment is the console's (the server starts it so) for
+    the same reason.
+    """
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    master, slave = os.openpty()
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        preload()
+    finally:
+        for fd, copy in zip((0, 1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(slave)
+        os.close(master)
+
+
 def reap_children(signum=None, frame=None):
     while True:
         try:
@@ -253,7 +276,7 @@ def main(argv):
     # Init builds the seccomp filter: the module and libseccomp loaded here
     # once are shared with every sandbox instead of loaded by each.
     launcher._load_sibling("seccomp").Filter().release()
-    preload()
+    preload_on_a_terminal()
     # Reap the launchers: they are our children (the server watches them
     # through their pidfds).
     signal.signal(signal.SIGCHLD, reap_children)

@@ -71,6 +71,9 @@ def test_console_is_a_fork_of_the_template(forking):
         launcher = parent_of(init)
         assert parent_of(launcher) == ready_template(forking)
         assert "42" in client.run("6*7", 3)
+        # As a console exec'd on its terminal: prompt_toolkit, not the plain
+        # prompt (IPython decides that at import, in the template).
+        assert "SIMPLE False" in client.run("print('SIMPLE', get_ipython().simple_prompt)", 4)
     finally:
         client.close()
     assert wait_until(lambda: not processes_of_uids(uid, uid), timeout=15)

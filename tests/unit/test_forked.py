@@ -16,6 +16,7 @@ from shellserver.sandbox.forked import (
     ForkServerUnavailable,
 )
 from shellserver.sandbox.service import LAUNCHER, SandboxStarter, SandboxUnavailable
+from shellserver.sandbox.spec import console_env
 from shellserver.sandbox.uids import UidPool
 from shellserver.testing import FakeOutputPipes
 from tests.unit.test_sandbox_service import (
@@ -37,12 +38,12 @@ def fork_server(reactor) -> ForkServer:
 
 class ForkServerTests(SynchronousTestCase):
     def test_starts_template_with_runtime_python(self):
-        """The template is the runtime's Python, isolated, on the socket, with an explicit env."""
+        """The template is the runtime's Python, isolated, on the socket, in a console's env."""
         reactor = FakeProcessReactor()
         fork_server(reactor)
         spawned = reactor.spawned[0]
         self.assertEqual(spawned.args, [PYTHON, "-I", TEMPLATE, SOCKET])
-        self.assertEqual(set(spawned.env), {"PATH", "LANG"})
+        self.assertEqual(spawned.env, console_env("/runtime", 0))
         self.assertFalse(spawned.usePTY)
 
     def test_ready_only_after_template_says_so(self):
