@@ -111,6 +111,11 @@ async def measure_path(tmp: Path, name: str, sandbox: dict, count: int, burst: i
     consoles: list[wire.Terminal] = []
     try:
         result["notes"] = bench.notes
+        deadline = time.monotonic() + 30
+        while sandbox.get("fork_server") and "template ready" not in bench.log():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the fork server's template was not ready within 30 s")
+            await asyncio.sleep(0.1)
         target = scenarios.WireTarget(bench, tls=False)
         seconds = []
         for _ in range(cold):
@@ -148,6 +153,8 @@ async def measure_path(tmp: Path, name: str, sandbox: dict, count: int, burst: i
         result["left"] = server.leftovers(bench) if not bench.stop() else ["cgroups"]
     bench = server.start(tmp / f"{name}-pool", pool=2, sandbox=sandbox)
     try:
+        while sandbox.get("fork_server") and "template ready" not in bench.log():
+            await asyncio.sleep(0.1)
         warm = await scenarios.warm_auth_to_prompt(bench, False, 2, pooled)
         result["pooled"] = warm
     finally:

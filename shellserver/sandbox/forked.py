@@ -43,9 +43,9 @@ MAX_RESTART = 30.0
 # shared pages split among their sharers; the table is in docs/sandbox.md):
 # an idle console, everything counted (launcher, init, IPython, the server's
 # share), on each path; the template, once per server.
-FORKED_CONSOLE_MB = 10.0
+FORKED_CONSOLE_MB = 23.0
 CLASSIC_CONSOLE_MB = 37.0
-TEMPLATE_MB = 40.0
+TEMPLATE_MB = 38.0
 # What a console in use adds over an idle one, for sizing: completions
 # (jedi's caches), tracebacks, a few modules and some data. A console that
 # uses more is bounded by sandbox.memory_mb, not by this.
