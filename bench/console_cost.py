@@ -44,6 +44,7 @@ MIB = 1024 * 1024
 UID_MIN, UID_MAX = 251000, 252199  # this bench's own (1000 consoles need 1000 uids)
 PER_ADDRESS = 40  # consoles per loopback source address (SockJS per-address limit)
 OPEN_AT_ONCE = 8
+PER_CONSOLE_MB = 40  # what the memory guard assumes a console may take
 
 
 def pss_bytes(pid: int) -> int:
@@ -135,10 +136,20 @@ async def measure_path(tmp: Path, name: str, sandbox: dict, count: int, burst: i
         consoles += opened
         progress(f"{name}: burst of {burst}: {result['burst']['seconds']:.1f} s")
         while len(consoles) < count and not failures:
-            wanted = min(count - len(consoles), 100)
+            # Never past what the machine's free memory holds (2 GB kept
+            # spare): other work shares it, and a host out of memory
+            # measures nothing.
+            wanted = scenarios.memory_fits(min(count - len(consoles), 100), PER_CONSOLE_MB)
+            if wanted < min(count - len(consoles), 100):
+                result["limit"] = (f"memory: stopped at {len(consoles) + wanted} consoles, "
+                                   f"the machine's available memory less 2 GB")
+                if wanted <= 1:
+                    break
             opened, failures = await open_consoles(target, len(consoles), wanted, OPEN_AT_ONCE)
             consoles += opened
             progress(f"{name}: {len(consoles)} idle consoles")
+            if result.get("limit", "").startswith("memory"):
+                break
         if failures:
             result["limit"] = f"{len(failures)} failed to open: {failures[0]!r}"
         await asyncio.sleep(3.0)
