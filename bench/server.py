@@ -61,14 +61,15 @@ def pool_key(known: dict[str, dict]) -> tuple[str, str] | None:
 
 
 def bench_config(state: Path, *, pool: int | None, cpu_quota: float,
-                 console: dict[str, object] | None = None) -> tuple[str, list[str]]:
+                 console: dict[str, object] | None = None,
+                 sandbox: dict[str, object] | None = None) -> tuple[str, list[str]]:
     """The TOML for a bench server, and notes on what was set (for the report)."""
     known = example_keys()
     sections: dict[str, dict[str, object]] = {
         "server": {"state_dir": str(state)},
         "console": {"idle_timeout": 0, "max_age": 0, **(console or {})},
         "sandbox": {"uid_min": UID_MIN, "uid_max": UID_MAX, "runtime": RUNTIME,
-                    "cpu_quota": cpu_quota},
+                    "cpu_quota": cpu_quota, **(sandbox or {})},
     }
     notes = [f"sandbox.cpu_quota = {cpu_quota} (the PTY baseline has no CPU cap)"]
     admission = known.get("admission")
@@ -79,7 +80,7 @@ def bench_config(state: Path, *, pool: int | None, cpu_quota: float,
                 continue
             if key == "capacity":
                 # start-up refuses a capacity the open-files limit cannot serve
-                raised[key] = 1000
+                raised[key] = max(1000, UID_MAX - UID_MIN + 1)
             elif "per_address" in key or key.startswith("max"):
                 raised[key] = 100_000
         sections["admission"] = raised
@@ -100,6 +101,8 @@ def bench_config(state: Path, *, pool: int | None, cpu_quota: float,
 
 
 def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
@@ -196,6 +199,7 @@ class BenchServer:
 
 def start(tmp: Path, *, pool: int | None = None, cpu_quota: float = 2.0,
           console: dict[str, object] | None = None,
+          sandbox: dict[str, object] | None = None,
           source: Path | None = None) -> BenchServer:
     """Start a server in ``tmp`` with TCP and TLS listeners; wait until it answers.
 
@@ -208,7 +212,8 @@ def start(tmp: Path, *, pool: int | None = None, cpu_quota: float = 2.0,
     state.mkdir(mode=0o700, parents=True)
     cert, key = ensure_self_signed(str(tmp / "tls"))
     tcp_port, tls_port = free_port(), free_port()
-    config, notes = bench_config(state, pool=pool, cpu_quota=cpu_quota, console=console)
+    config, notes = bench_config(state, pool=pool, cpu_quota=cpu_quota, console=console,
+                                 sandbox=sandbox)
     config_path = tmp / "shellserver.toml"
     config_path.write_text(config)
     log_path = tmp / "twistd.log"

@@ -403,3 +403,16 @@ def _read_switch(path: str) -> str | None:
         log.warn("kill switch {path} unreadable ({error}): treated as on",
                  path=path, error=e)
         return ""
+
+
+def capacity_for_cost(meminfo: str, *, console_mb: float, fixed_mb: float,
+                      memory_mb: int) -> int:
+    """How many consoles 80% of the machine's memory holds (pure): less the
+    fixed part (the fork server's template), divided by what one console
+    costs as measured, a cost never counted above its memory limit."""
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            total_mb = int(line.split()[1]) / 1024
+            per_console = min(float(memory_mb), console_mb)
+            return max(1, int((total_mb * 0.8 - fixed_mb) // per_console))
+    raise ValueError("/proc/meminfo has no MemTotal line")

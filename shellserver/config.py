@@ -457,6 +457,9 @@ class SandboxConfig:
     # PTYs one console may have (its devpts max=); all consoles draw on the
     # host's kernel.pty.max less kernel.pty.reserve (shellserver.sandbox.hostpools).
     max_ptys: int = field(default=8, validator=_integer(minimum=1, maximum=1024))
+    # Consoles forked from a template that has imported IPython once
+    # (shellserver/sandbox/forkserver.py), not each started afresh.
+    fork_server: bool = field(default=True, validator=_check_boolean)
     # Extra pip requirements installed into the console runtime when it is
     # built; the runtime is rebuilt when this list changes.
     packages: tuple[str, ...] = field(

@@ -37,9 +37,11 @@ EXIT_HOST_REFUSED = 78
 EXIT_CONFIG_INVALID = EXIT_HOST_REFUSED
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
 # Open files the server holds for each console besides its connection (the
-# launcher's PTY, the output pipe, one spare), and for everything else
-# (listeners, the log, the state directory, the reactor's own).
-FILES_PER_CONSOLE = 3
+# launcher's PTY, the output pipe, and, on the fork server's path, the
+# launcher's pidfd and status connection; the classic path has one spare),
+# and for everything else (listeners, the log, the state directory, the
+# reactor's own).
+FILES_PER_CONSOLE = 4
 FILES_RESERVED = 256
 FEWEST_CONNECTIONS = 16
 
@@ -305,12 +307,15 @@ def connection_budget(max_connections: int, capacity: int,
 
 def admission_capacity(config: Config) -> int:
     """``admission.capacity``, or else derived from the machine's memory."""
-    from shellserver.admission import derived_capacity
+    from shellserver.admission import capacity_for_cost
+    from shellserver.sandbox.forked import console_cost_mb
 
     if config.admission.capacity:
         return config.admission.capacity
     with open("/proc/meminfo") as f:
-        return derived_capacity(config.sandbox.memory_mb, f.read())
+        fixed_mb, console_mb = console_cost_mb(config.sandbox.fork_server)
+        return capacity_for_cost(f.read(), console_mb=console_mb, fixed_mb=fixed_mb,
+                                 memory_mb=config.sandbox.memory_mb)
 
 
 def admin_token(config: Config) -> str:

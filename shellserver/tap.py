@@ -205,6 +205,22 @@ def makeService(options: Options, *, reactor=None,
         outputs=FifoPipes(reactor, prepared.pipes),
         system_python=config.sandbox.system_python,
     )
+    fork_server = None
+    if config.sandbox.fork_server:
+        from shellserver.sandbox.forked import ForkServer
+
+        fork_server = ForkServer(
+            reactor, os.path.join(runtime, "bin", "python"),
+            os.path.join(os.path.dirname(prepared.pipes), "forkserver.sock"))
+        starter.fork_server = fork_server
+    fork_server = None
+    if config.sandbox.fork_server:
+        from shellserver.sandbox.forked import ForkServer
+
+        fork_server = ForkServer(
+            reactor, os.path.join(runtime, "bin", "python"),
+            os.path.join(os.path.dirname(prepared.pipes), "forkserver.sock"))
+        starter.fork_server = fork_server
     admission = Admission(
         reactor,
         capacity=connections.capacity,
@@ -279,6 +295,10 @@ def makeService(options: Options, *, reactor=None,
     sandboxes = SandboxService(reactor, starter, runtime, build, pool=pool, consoles=consoles,
                                admission=admission, grace=config.console.shutdown_grace,
                                packages=config.sandbox.packages)
+    if fork_server is not None:
+        from shellserver.sandbox.forked import ForkServerService
+
+        ForkServerService(fork_server).setServiceParent(top)
     sandboxes.setServiceParent(top)
     # After the sandboxes, so that it stops before they drain.
     budget_checks = budget.service()

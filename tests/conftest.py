@@ -24,6 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 RUNTIME = os.environ.get("SHELLSERVER_RUNTIME", "/var/lib/shellserver/runtime")
 TWISTD = str(Path(sys.executable).parent / "twistd")
 # Tests open many consoles from 127.0.0.1 in a row.
+# Which sandbox path real servers use unless a test's config says: the fork
+# server (the default) or, with SHELLSERVER_TEST_FORK_SERVER=false, the
+# classic launcher, so every real suite can run on either.
+FORK_SERVER = os.environ.get("SHELLSERVER_TEST_FORK_SERVER", "true").lower()
+if FORK_SERVER not in ("true", "false"):
+    raise ValueError(f"SHELLSERVER_TEST_FORK_SERVER must be true or false, not {FORK_SERVER!r}")
 GENEROUS_ADMISSION = ("per_address = 100\nper_address_per_minute = 10000\n"
                       "pages_per_address_per_minute = 0\n")
 
@@ -111,6 +117,7 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
         f"[admission]\n{admission or GENEROUS_ADMISSION}",
         f"[sandbox]\nuid_min = {uid_min}\nuid_max = {uid_max}",
         "" if "pool_size" in config else "pool_size = 0",
+        "" if "fork_server" in config else f"fork_server = {FORK_SERVER}",
         f'runtime = "{runtime}"' if runtime else "",
         config,
         f"[embed]\n{embed}",
@@ -137,12 +144,21 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()
             else:
                 running.get(ready_path).read()
-            return running
+            break
         except OSError:
             if time.monotonic() > deadline:
                 running.stop()
                 raise RuntimeError("server did not answer within 30 s") from None
             time.sleep(0.1)
+    # On the fork server's path, consoles start forked only once its template
+    # is ready (before, the classic way): wait, so tests run on the path asked.
+    fork_server = re.search(r"^fork_server\s*=\s*(\w+)", config, re.M)
+    if runtime and (fork_server.group(1) if fork_server else FORK_SERVER) == "true":
+        if not wait_until(lambda: "fork server template ready" in running.log(), timeout=30):
+            running.stop()
+            raise RuntimeError("the fork server's template was not ready within 30 s:\n"
+                               + running.log())
+    return running
 
 
 @pytest.fixture(scope="session")
@@ -173,6 +189,58 @@ def processes_of_uids(first: int, last: int) -> list[int]:
         if first <= uid <= last:
             pids.append(int(entry))
     return pids
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def sandbox_inits(uid: int) -> list[int]:
+    """Host pids of the sandbox inits of ``uid``: its processes whose parent
+    (the root launcher) is not of that uid. By parentage, not by command
+    line: a fork server's processes all show the template's."""
+    pids = processes_of_uids(uid, uid)
+    return [pid for pid in pids if parent_of(pid) not in pids]
+
+
+def sandbox_ipythons(uid: int) -> list[int]:
+    """Host pids of the IPython of ``uid``'s sandboxes: init's children that
+    run IPython (exec'd, or started in a fork of the fork server's template)."""
+    inits = sandbox_inits(uid)
+    found = []
+    for pid in processes_of_uids(uid, uid):
+        if parent_of(pid) not in inits:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except FileNotFoundError:
+            continue
+        if b"IPython" in cmdline or b"forkserver.py" in cmdline:
+            found.append(pid)
+    return found
+
+
+def session_launcher(session: str) -> int:
+    """Host pid of a session's root launcher: the root-owned parent of its
+    init (the process in the session's cgroup whose parent is not in it)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cgroup") as f:
+                if f"/{session}" not in f.read():
+                    continue
+            parent = parent_of(int(entry))
+            if parent is not None and os.stat(f"/proc/{parent}").st_uid == 0:
+                return parent
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    raise AssertionError(f"no launcher for {session}")
 
 
 def session_cgroups(server: RunningServer) -> list[str]:

@@ -104,12 +104,18 @@ def _load_sibling(name):
     ``-I`` keeps the script's directory off sys.path, which is what we want
     for everything else: load this one file by its path instead.
     """
+    if name in _SIBLINGS:  # loaded before the fork (the fork server's template)
+        return _SIBLINGS[name]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
     module_spec = importlib.util.spec_from_file_location("shellserver_" + name, path)
     assert module_spec is not None and module_spec.loader is not None  # a .py file's
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    _SIBLINGS[name] = module
     return module
+
+
+_SIBLINGS = {}
 
 
 def _check(result, what):
@@ -324,7 +330,7 @@ def drop_privileges(spec):
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_init(spec, go_fd, out_fd):
+def run_init(spec, go_fd, out_fd, console_entry=None):
     """Pid 1 of the sandbox: build it, start the console, reap, exit with it."""
     # Wait until the launcher has moved us into the session's cgroups, so the
     # cgroup namespace is rooted there.
@@ -354,18 +360,19 @@ def run_init(spec, go_fd, out_fd):
         os._exit(SETUP_FAILED)
 
     try:
-        master, console, wake = start_console(spec)
+        master, console, wake = start_console(spec, console_entry)
     except OSError as e:
         os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n".encode())
         os._exit(SETUP_FAILED)
     os._exit(relay(master, out_fd, console, wake))
 
 
-def start_console(spec):
+def start_console(spec, console_entry=None):
     """The console on a terminal of the sandbox's own.
 
     Returns the terminal's master, the console's pid, and the pipe signals
-    arrive on (a byte each, to wake relay's poll).
+    arrive on (a byte each, to wake relay's poll). ``console_entry`` (the
+    fork server's) is called instead of execve, with everything else done.
     The launcher's terminal (the server's PTY) stays with init and carries
     keystrokes in; the console's output leaves through the output pipe.
     """
@@ -389,6 +396,8 @@ def start_console(spec):
             # Nothing of init's: not the server's terminal, not the output pipe.
             os.closerange(3, MAX_FD)
             os.chdir(spec["cwd"])
+            if console_entry is not None:
+                console_entry(spec)
             os.execve(spec["argv"][0], spec["argv"], spec["env"])
         except OSError as e:
             os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n"
@@ -552,12 +561,25 @@ def reap(console):
 # -- launcher -----------------------------------------------------------------
 
 def main(argv):
-    spec = json.loads(argv[1])
+    return run(json.loads(argv[1]))
+
+
+def run(spec, console_entry=None, close_in_init=()):
+    """Build and run the sandbox; its exit status.
+
+    The fork server calls this in its forked child with its ``console_entry``
+    and the descriptors init must not keep (``close_in_init``).
+    """
     for sig in TERMINAL_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     cgroups = spec["cgroups"]
 
+    stopping = []
+
     def stop(signum, frame):
+        # Before init is in the cgroups, killing them misses it: noted, and
+        # init is not let go (below).
+        stopping.append(signum)
         kill_cgroups(cgroups)
         yield_cpu()
 
@@ -580,13 +602,18 @@ def main(argv):
     pid = os.fork()
     if pid == 0:
         os.close(go_write)
-        run_init(spec, go_read, out)
+        for fd in close_in_init:
+            os.close(fd)
+        run_init(spec, go_read, out, console_entry)
         os._exit(SETUP_FAILED)  # not reached
     os.close(go_read)
     os.close(out)
     try:
         join_cgroups(cgroups, pid)
-        os.write(go_write, b"g")
+        if stopping:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            os.write(go_write, b"g")
     except OSError as e:
         os.write(2, f"\r\nshellserver: the sandbox could not be built: {e}\r\n".encode())
         os.kill(pid, signal.SIGKILL)

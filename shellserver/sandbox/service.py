@@ -34,6 +34,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from shellserver.interfaces import IProcessReactor, IPTYProcessTransport
 from shellserver.sandbox.cgroups import CgroupLayout, CgroupReaper
+from shellserver.sandbox.forked import ForkServer, ForkServerUnavailable
 from shellserver.sandbox.output import IOutputPipe, IOutputPipes
 from shellserver.sandbox.spec import SandboxLimits, SandboxSpec, build_spec
 from shellserver.sandbox.uids import UidPool, UidsExhausted
@@ -320,6 +321,9 @@ class SandboxStarter:
     reaper: CgroupReaper = field(
         default=Factory(lambda self: CgroupReaper(self.reactor), takes_self=True))
     read_pty: Callable[[int, int], bytes] = os.read
+    # sandbox.fork_server: launchers forked by the template (forked.py);
+    # None, or a template not ready, spawns the classic launcher.
+    fork_server: ForkServer | None = None
     running: dict[str, RunningSandbox] = field(factory=dict)
     _ready: bool = True
     _unavailable_reason: str = ""
@@ -368,12 +372,16 @@ class SandboxStarter:
         argv = [self.system_python, "-I", "-S", self.launcher, spec.to_json()]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
         try:
-            transport = cast(IPTYProcessTransport, self.reactor.spawnProcess(
-                SandboxProcessProtocol(sandbox), self.system_python, argv,
-                env=env, path="/", usePTY=True,
-            ))
+            transport = cast(IPTYProcessTransport, self._launch(
+                SandboxProcessProtocol(sandbox), spec, argv, env))
         except Exception as e:
-            self.uids.release(uid)
+            if isinstance(e, ForkServerUnavailable) and e.sent:
+                # The template may have forked a launcher for this spec after
+                # all: its uid is never reused, its cgroups are killed.
+                self.uids.quarantine(uid)
+                self.reaper.reap(spec.cgroups)
+            else:
+                self.uids.release(uid)
             output.finish()
             log.failure("could not spawn the launcher for {session}", session=session)
             raise SandboxUnavailable("the console could not be started") from e
@@ -384,6 +392,20 @@ class SandboxStarter:
         sandbox.resize(cols, rows)
         log.info("console {session} started as uid {uid}", session=session, uid=uid)
         return sandbox
+
+    def _launch(self, protocol: SandboxProcessProtocol, spec: SandboxSpec,
+                argv: list[str], env: dict[str, str]) -> object:
+        """The launcher's transport: forked by the template, or else spawned."""
+        if self.fork_server is not None and self.fork_server.ready:
+            try:
+                return self.fork_server.spawn(protocol, spec.to_json())
+            except ForkServerUnavailable as e:
+                if e.sent:
+                    raise
+                log.warn("console {session}: fork server unavailable ({error}); "
+                         "starting it the classic way", session=spec.session, error=str(e))
+        return self.reactor.spawnProcess(protocol, self.system_python, argv,
+                                         env=env, path="/", usePTY=True)
 
     def space_teardown(self, action: Callable[[], None]) -> None:
         """Run ``action`` now, or ``teardown_spacing`` after the last one."""

@@ -13,9 +13,11 @@ import time
 import pytest
 from conftest import (
     processes_of_uids,
+    sandbox_inits,
     sandbox_leftovers,
     server_pipe_fds,
     session_cgroups,
+    session_launcher,
     wait_until,
 )
 from console_client import ConsoleClient, fetch_token
@@ -149,7 +151,7 @@ def test_output_pipe_and_terminals(console, server):
     st = os.stat(f"/proc/{server.process.pid}/fd/{fd}")
     pipe = (st.st_dev, st.st_ino)
     pids = processes_of_uids(uid, uid)
-    inits = [pid for pid in pids if "launcher.py" in open(f"/proc/{pid}/cmdline").read()]
+    inits = sandbox_inits(uid)
     consoles = [pid for pid in pids if pid not in inits]
     assert len(inits) == 1 and consoles, pids
     assert holders_of(pipe, pids) == inits
@@ -269,16 +271,7 @@ def test_an_ending_sandbox_runs_on_spare_cpu_only(server):
 
 
 def find_launcher(session: str) -> int:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            except FileNotFoundError:
-                continue
-            if (len(argv) > 4 and argv[3].endswith(b"launcher.py")
-                    and session.encode() in argv[4]):
-                return int(entry)
-    raise AssertionError(f"no launcher for {session}")
+    return session_launcher(session)
 
 
 def test_twenty_consoles_leave_nothing_behind(server):

@@ -34,10 +34,21 @@ def open_consoles(server, count: int) -> list[ConsoleClient]:
     return clients
 
 
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(child) for child in out.split()]
+
+
 def launcher_pids(server) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True,
-                         text=True).stdout
-    return [int(pid) for pid in out.split()]
+    """The server's root launchers: its children, or its fork server template's."""
+    launchers = []
+    for child in children_of(server.process.pid):
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"forkserver.py" in f.read():
+                launchers += children_of(child)
+            else:
+                launchers.append(child)
+    return launchers
 
 
 def test_sigkill_then_restart_leaves_nothing(tmp_path):

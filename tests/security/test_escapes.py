@@ -22,7 +22,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import start_server, wait_until
+from conftest import sandbox_inits, sandbox_ipythons, start_server, wait_until
 from escape_helpers import (
     Sandbox,
     attack_console,
@@ -87,14 +87,7 @@ def console(hostile_server):
 
 def host_pid_of_ipython(uid: int) -> int:
     """The host pid of a console's IPython (its uid's newest python process)."""
-    candidates = []
-    for pid in pids_of_uid(uid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"IPython" in f.read():
-                    candidates.append(pid)
-        except OSError:
-            pass
+    candidates = sandbox_ipythons(uid)
     assert candidates, f"no IPython of uid {uid}"
     return max(candidates)
 
@@ -128,8 +121,7 @@ def test_filter_and_privileges_in_place(console):
     """)
     console_fields, init_visible = result
     assert init_visible == "ENOENT"
-    inits = [pid for pid in pids_of_uid(console.uid)
-             if b"launcher.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    inits = sandbox_inits(console.uid)
     assert len(inits) == 1, inits
     init_fields = process_status(inits[0])
     for fields in (console_fields, init_fields):

@@ -10,9 +10,11 @@ from shellserver.admission import (
     Admission,
     KillSwitch,
     Refused,
+    capacity_for_cost,
     derived_capacity,
 )
 from shellserver.auth import new_unregistered_user
+from shellserver.sandbox.forked import console_cost_mb
 from shellserver.users import UnregisteredUsers
 
 A, B, C = "192.0.2.1", "192.0.2.2", "192.0.2.3"
@@ -244,3 +246,37 @@ class UnregisteredUsersTests(SynchronousTestCase):
         self.users.forget(user.user_id)
         self.assertEqual(len(self.users), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class CapacityForCostTests(SynchronousTestCase):
+    MEMINFO = "MemTotal:       24684000 kB\n"
+
+    def test_fixed_part_and_cost_per_console(self):
+        """80% of 24 GB less a 40 MB template, at 26 MB a console, holds 740 consoles."""
+        self.assertEqual(capacity_for_cost(self.MEMINFO, console_mb=26, fixed_mb=40,
+                                           memory_mb=256), 740)
+
+    def test_memory_limit_bounds_the_cost(self):
+        """A console is never counted above its memory limit."""
+        self.assertEqual(capacity_for_cost(self.MEMINFO, console_mb=500, fixed_mb=0,
+                                           memory_mb=256),
+                         capacity_for_cost(self.MEMINFO, console_mb=256, fixed_mb=0,
+                                           memory_mb=256))
+
+    def test_at_least_one(self):
+        """A machine too small for the fixed part still admits one console."""
+        self.assertEqual(capacity_for_cost("MemTotal: 1024 kB\n", console_mb=26,
+                                           fixed_mb=40, memory_mb=256), 1)
+
+    def test_fork_server_admits_more_than_classic(self):
+        """The derived capacity follows the path's measured cost: forked consoles are cheaper."""
+        forked = capacity_for_cost(self.MEMINFO, **dict(zip(
+            ("fixed_mb", "console_mb"), console_cost_mb(True), strict=True)), memory_mb=256)
+        classic = capacity_for_cost(self.MEMINFO, **dict(zip(
+            ("fixed_mb", "console_mb"), console_cost_mb(False), strict=True)), memory_mb=256)
+        self.assertGreater(forked, classic)
+
+    def test_no_memtotal(self):
+        """meminfo without MemTotal is an error, not a guess."""
+        self.assertRaises(ValueError, capacity_for_cost, "nothing\n", console_mb=1,
+                          fixed_mb=0, memory_mb=1)

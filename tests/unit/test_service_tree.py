@@ -64,7 +64,7 @@ class ServiceTreeTests(ServiceTreeTestCase):
         the sandboxes first, so listeners stop before the consoles drain and the
         CPU-budget checks stop before that; SIGHUP's handler last."""
         top = self.build("--listen", LISTEN[0], "--listen", LISTEN[1])
-        self.assertEqual(self.names(top), ["sandboxes", "cpu-budget", "kill-switch",
+        self.assertEqual(self.names(top), ["fork-server", "sandboxes", "cpu-budget", "kill-switch",
                                            "listen-0", "listen-1", "reload"])
 
     def test_nothing_started_or_scheduled(self):
@@ -90,7 +90,7 @@ class ServiceTreeTests(ServiceTreeTestCase):
 
         self.tls = ensure_self_signed(os.path.join(self.directory, "tls"))
         top = self.build()
-        self.assertEqual(self.names(top), ["sandboxes", "cpu-budget", "kill-switch",
+        self.assertEqual(self.names(top), ["fork-server", "sandboxes", "cpu-budget", "kill-switch",
                                            "listen-0", "reload"])
         endpoint = top.getServiceNamed("listen-0").endpoint
         self.assertEqual(endpoint._port, DEFAULT_PORT)
@@ -113,7 +113,7 @@ class OptionalPartsTests(ServiceTreeTestCase):
         """--metrics adds its own listener after the site's; without it there is none."""
         self.assertNotIn("metrics", self.names(self.build("--listen", LISTEN[0])))
         top = self.build("--listen", LISTEN[0], "--metrics", "tcp:0:interface=127.0.0.1")
-        self.assertEqual(self.names(top)[3:], ["listen-0", "metrics", "reload"])
+        self.assertEqual(self.names(top)[4:], ["listen-0", "metrics", "reload"])
         self.assertIsInstance(top.getServiceNamed("metrics"), StreamServerEndpointService)
 
     def test_pool_only_when_sized(self):
@@ -130,7 +130,7 @@ class OptionalPartsTests(ServiceTreeTestCase):
     def test_no_cpu_budget_no_checks(self):
         """sandbox.cpu_budget = 0 leaves the CPU-budget loop out."""
         top = self.build("--listen", LISTEN[0], config="[sandbox]\ncpu_budget = 0\n")
-        self.assertEqual(self.names(top), ["sandboxes", "kill-switch", "listen-0", "reload"])
+        self.assertEqual(self.names(top), ["fork-server", "sandboxes", "kill-switch", "listen-0", "reload"])
 
     def test_no_systemd_services_outside_systemd(self):
         """Without NOTIFY_SOCKET there is no readiness or watchdog service, even
@@ -146,7 +146,7 @@ class OptionalPartsTests(ServiceTreeTestCase):
                    "WATCHDOG_PID": "4242"}
         top = self.build("--listen", LISTEN[0], "--metrics", "tcp:0:interface=127.0.0.1",
                          environ=environ)
-        self.assertEqual(self.names(top)[3:], ["listen-0", "metrics", "systemd-readiness",
+        self.assertEqual(self.names(top)[4:], ["listen-0", "metrics", "systemd-readiness",
                                                "systemd-watchdog", "reload"])
         self.assertIsInstance(top.getServiceNamed("systemd-readiness"), ReadinessService)
         watchdog = top.getServiceNamed("systemd-watchdog")
@@ -161,3 +161,11 @@ class OptionalPartsTests(ServiceTreeTestCase):
                                   "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"})
         self.assertIn("systemd-readiness", self.names(top))
         self.assertNotIn("systemd-watchdog", self.names(top))
+
+    def test_fork_server_only_when_on(self):
+        """sandbox.fork_server (on by default) adds the template's service before
+        the sandboxes, so it stops after they drain; off, there is none."""
+        self.assertEqual(self.names(self.build("--listen", LISTEN[0]))[:2],
+                         ["fork-server", "sandboxes"])
+        top = self.build("--listen", LISTEN[0], config="[sandbox]\nfork_server = false\n")
+        self.assertNotIn("fork-server", self.names(top))
