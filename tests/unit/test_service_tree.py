@@ -130,7 +130,8 @@ class OptionalPartsTests(ServiceTreeTestCase):
     def test_no_cpu_budget_no_checks(self):
         """sandbox.cpu_budget = 0 leaves the CPU-budget loop out."""
         top = self.build("--listen", LISTEN[0], config="[sandbox]\ncpu_budget = 0\n")
-        self.assertEqual(self.names(top), ["fork-server", "sandboxes", "kill-switch", "listen-0", "reload"])
+        self.assertEqual(self.names(top),
+                         ["fork-server", "sandboxes", "kill-switch", "listen-0", "reload"])
 
     def test_no_systemd_services_outside_systemd(self):
         """Without NOTIFY_SOCKET there is no readiness or watchdog service, even
