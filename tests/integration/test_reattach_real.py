@@ -113,7 +113,9 @@ def flood_cut_and_resume(server, client: ConsoleClient, cut, lines: int = 20000)
     and check that the whole stream arrived exactly once."""
     detached = detached_count(server)
     client.type(FLOOD.replace("{lines}", str(lines)))
-    assert client.wait_for(lambda c: c.written > 200_000, timeout=60)
+    # Cut with some output written but not yet acknowledged (as the page's
+    # acknowledgements lag its writes), and more in flight.
+    assert client.wait_for(lambda c: c.written > 200_000 and c.written > c._acked, timeout=60)
     cut()
     client.closed = True
     # The server sees the connection go; the console waits, detached.
