@@ -312,5 +312,12 @@ class ConsoleClient:
         return None
 
     def close(self) -> None:
+        """Close the console as the page's close button does: ``q`` ends it at
+        once (a lost connection would leave it waiting for a reattach)."""
+        if not self.closed and any(m in ("sready", "sresumed") for m in self.messages):
+            try:
+                self.send("q")
+            except Exception:
+                pass
         self.wire.close()
         self.closed = True
