@@ -113,15 +113,19 @@ def flood_cut_and_resume(server, client: ConsoleClient, cut, lines: int = 20000)
     and check that the whole stream arrived exactly once."""
     detached = detached_count(server)
     client.type(FLOOD.replace("{lines}", str(lines)))
+    assert client.wait_for(lambda c: c.written > 200_000, timeout=60)
     # Cut with some output written but not yet acknowledged (as the page's
-    # acknowledgements lag its writes), and more in flight.
-    assert client.wait_for(lambda c: c.written > 200_000 and c.written > c._acked, timeout=60)
+    # acknowledgements lag its writes), and more in flight: without further
+    # acknowledgements the flood cannot end before the cut.
+    client.acknowledge = False
+    assert client.wait_for(lambda c: c.written > c._acked, timeout=30)
     cut()
     client.closed = True
     # The server sees the connection go; the console waits, detached.
     assert wait_until(lambda: detached_count(server) > detached, timeout=GRACE)
     assert client.grace == GRACE
     before = client.written
+    client.acknowledge = True
     client.reconnect()
     assert client.wait_for(lambda c: "sresumed" in c.messages, timeout=10), client.messages[-3:]
     assert client.wait_for(lambda c: STREAM.search(output(c)), timeout=90), output(client)[-300:]
@@ -174,7 +178,7 @@ def test_detached_past_grace_ends_and_cleans_up(server):
 
 def test_wrong_replayed_or_foreign_secret_refused_console_unaffected(server):
     """A wrong secret, a used one, and the right one from another origin get 4005,
-    and the console goes on for its owner."""
+    and the console goes on for its owner; no secret reaches the log."""
     client = started(server)
     used = client.secret
     client.cut()
@@ -190,6 +194,9 @@ def test_wrong_replayed_or_foreign_secret_refused_console_unaffected(server):
         assert "resumed" not in thief.messages
     assert client.run("print(6 * 7)", 2) and "42" in client.display()
     assert client.close_code is None
+    # Refusals are logged, secrets never.
+    assert "reattach refused" in server.log()
+    assert used not in server.log() and client.secret not in server.log()
     client.close()
 
 
