@@ -90,6 +90,7 @@ class SandboxService(Service):
                 "The server is shutting down: this console ends in "
                 f"{describe_duration(grace)}. Save anything you need now."
             )
+            self._consoles.warn_all("shutdown", grace)
         log.info("draining {count} consoles for {grace}s", count=len(self.starter.running),
                  grace=grace)
         d = deferLater(self._reactor, grace, lambda: None)

@@ -359,10 +359,10 @@ class LocalNodeTests(SynchronousTestCase):
 
     def start_console(self):
         connection = FakeConnection(origin=ORIGIN)
-        session = self.consoles(connection)
+        attachment = self.consoles(connection)
         token = self.tokens.mint(user_id="u1", origin=ORIGIN, client_address="192.0.2.7")
-        session.message_received("a" + token)
-        session.output(b"In [1]: ")
+        attachment.message_received("a" + token)
+        attachment.console.output(b"In [1]: ")
         return connection, self.starter.started[-1]
 
     def test_provides_both_interfaces(self):

@@ -380,13 +380,14 @@ class AsyncAdmissionTests(SynchronousTestCase):
         factory = ConsoleFactory(self.clock, self.tokens, starter,
                                  _settings(), self.node.cluster)
         connection = FakeConnection(origin=ORIGIN)
-        session = factory(connection)
-        session.message_received("a" + self.tokens.mint(user_id="u", origin=ORIGIN,
-                                                         client_address=CLIENT))
+        attachment = factory(connection)
+        session = attachment.console
+        attachment.message_received("a" + self.tokens.mint(user_id="u", origin=ORIGIN,
+                                                            client_address=CLIENT))
         self.assertEqual(session.state, "admitting")
         self.store.answer_waiting()  # the token is spent; admission is asked
         self.assertEqual(session.state, "admitting")
-        session.closed()
+        attachment.closed()
         self.store.hang = False
         self.store.answer_waiting()
         self.assertEqual(self.node.local.active, 0)
