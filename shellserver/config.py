@@ -342,6 +342,10 @@ class ConsoleConfig:
     input_bytes_per_second: int = field(default=262144, validator=_integer(minimum=1024))
     input_burst_messages: int = field(default=10000, validator=_integer())
     input_burst_bytes: int = field(default=1048576, validator=_integer(minimum=1024))
+    # How long a console whose connection went away waits for a reattach
+    # (docs/protocol.md, "Reattach"); 0: it ends with its connection. A grace
+    # longer than max_age is cut to it.
+    reattach_grace: float = field(default=60.0, validator=_seconds(zero_means_never=True))
 
 
 _NOBODY = 65534

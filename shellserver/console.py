@@ -1,16 +1,26 @@
-"""A console session: one SockJS connection joined to one sandboxed IPython.
+"""A console: one sandboxed IPython, and the SockJS connections it is seen through.
 
-The session speaks the console protocol (docs/protocol.md): it waits for the
-token, redeems it, starts a sandbox, then shuttles keystrokes, resizes and
-output, and enforces the authentication, idle and maximum-age timeouts on the
-injected clock. It holds no transport or process details: the connection and
-the sandbox are given to it.
+A ``ConsoleSession`` owns the console: it waits for the token, redeems it,
+starts a sandbox, then shuttles keystrokes, resizes and output, keeps the
+output that is sent but not yet acknowledged, and enforces the
+authentication, idle, maximum-age and reattach-grace timeouts on the injected
+clock. An ``Attachment`` is the console protocol over one SockJS connection
+(the SockJS handler): it hands messages to its console, and handles the
+reattach (``A``) that moves a console to a new connection (docs/protocol.md,
+"Reattach"). A console outlives its attachment for
+``console.reattach_grace`` seconds. Neither holds transport or process
+details: the connection and the sandbox are given to them.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
+import hmac
+import math
 import re
+import secrets
+from collections import deque
 from collections.abc import Callable
 
 from attrs import define, field
@@ -39,6 +49,14 @@ CLOSE_AUTH_FAILED = 4001
 CLOSE_SANDBOX_FAILED = 4002
 CLOSE_PROTOCOL_ERROR = 4003
 CLOSE_NOT_ADMITTED = 4004
+CLOSE_REATTACH_REFUSED = 4005
+CLOSE_TAKEN_OVER = 4006
+
+TAKEN_OVER_MESSAGE = "This console was opened in another window."
+# A warning goes out this long before an idle or maximum-age ending (half the
+# limit when the limit is shorter than twice this).
+WARNING_LEAD = 60.0
+_REATTACH = re.compile(r"\A([A-Za-z0-9_-]{43}),([0-9]{1,15})\Z")
 
 DEFAULT_COLS, DEFAULT_ROWS = 80, 24
 # Output read within this window after a send is coalesced into one message
@@ -133,6 +151,86 @@ class ConsoleSettings:
     output_high_water: int = 262144
     output_low_water: int = 65536
     node: str = ""  # this node's name, in the lifecycle log events
+    # How long a console whose connection went away waits for a reattach;
+    # 0: it ends with its connection.
+    reattach_grace: float = 0.0
+
+
+def _utf16_tail(text: str, units: int) -> str | None:
+    """``text`` without its first ``units`` UTF-16 code units; None when
+    that would split a surrogate pair (a character outside the BMP)."""
+    if text.isascii():
+        return text[units:]
+    encoded = text.encode("utf-16-le", "surrogatepass")
+    if units * 2 < len(encoded) and 0xDC00 <= int.from_bytes(
+            encoded[units * 2:units * 2 + 2], "little") <= 0xDFFF:
+        return None
+    return encoded[units * 2:].decode("utf-16-le", "surrogatepass")
+
+
+@define
+class ReattachSecrets:
+    """The current reattach secret of each running console, as a SHA-256.
+
+    A console holds at most one secret (issuing a new one forgets the old),
+    and ending it forgets it: the registry is bounded by the console count.
+    The secrets themselves are never kept, so they cannot leak from memory
+    or into a log.
+    """
+
+    _by_digest: dict[bytes, tuple[ConsoleSession, str | None]] = field(factory=dict)
+    _digest_of: dict[ConsoleSession, bytes] = field(factory=dict)
+
+    def issue(self, console: ConsoleSession, origin: str | None) -> str:
+        """A new secret for ``console`` opened from ``origin``; the old one stops working."""
+        self.forget(console)
+        secret = secrets.token_urlsafe(32)
+        digest = hashlib.sha256(secret.encode("ascii")).digest()
+        self._by_digest[digest] = (console, origin)
+        self._digest_of[console] = digest
+        return secret
+
+    def find(self, secret: str) -> tuple[ConsoleSession, str | None] | None:
+        """The console ``secret`` is the current secret of, with its origin."""
+        digest = hashlib.sha256(secret.encode("ascii", "replace")).digest()
+        entry = self._by_digest.get(digest)
+        if entry is None or not hmac.compare_digest(self._digest_of.get(entry[0], b""), digest):
+            return None
+        return entry
+
+    def holds(self, console: ConsoleSession) -> bool:
+        return console in self._digest_of
+
+    def forget(self, console: ConsoleSession) -> None:
+        digest = self._digest_of.pop(console, None)
+        if digest is not None:
+            self._by_digest.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._digest_of)
+
+
+@define
+class DetachedLine:
+    """Where a detached console's messages go: nowhere. It remembers who
+    the console was last seen through, for the log events."""
+
+    peer_host: str
+    origin: str | None
+    transport_name: str
+    is_open: bool = False
+
+    def send(self, text: str) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        pass
+
+    def unregister_producer(self) -> None:
+        pass
 
 
 @implementer(IConsoleProcessEvents)
@@ -176,6 +274,13 @@ class ConsoleSession:
     _start_time: float | None = None
     _start_source: str = "cold"
     _end_reason: str | None = None
+    # Reattach: the registry of secrets, the output sent and not yet
+    # acknowledged (chunks of (units, text) from the count _retained_from on),
+    # and the warnings out (kind -> when the console ends).
+    _secrets: ReattachSecrets | None = None
+    _retained: deque[tuple[int, str]] = field(factory=deque)
+    _retained_from: int = 0
+    _warned: dict[str, float] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._start_timer("auth", self._settings.auth_timeout, self._auth_timed_out)
@@ -186,6 +291,30 @@ class ConsoleSession:
         self._cancel_timer(name)
         if delay > 0:
             self._timers[name] = self._clock.callLater(delay, action)
+        if name in ("idle", "age"):
+            self._schedule_warning(name, delay)
+
+    def _schedule_warning(self, kind: str, delay: float) -> None:
+        """Warn of the ``kind`` ending due in ``delay``; withdraw a warning out."""
+        if self._warned.pop(kind, None) is not None:
+            self._connection.send("c" + kind)
+        self._cancel_timer(kind + "_warning")
+        if delay > 0:
+            lead = min(WARNING_LEAD, delay / 2)
+            self._timers[kind + "_warning"] = self._clock.callLater(
+                delay - lead, self._warning_due, kind, lead)
+
+    def _warning_due(self, kind: str, seconds: float) -> None:
+        self._timers.pop(kind + "_warning", None)
+        self.warn(kind, seconds)
+
+    def warn(self, kind: str, seconds: float) -> None:
+        """Tell the user the console ends in ``seconds`` for ``kind``."""
+        if self.state == "ended":
+            return
+        self._warned[kind] = self._clock.seconds() + seconds
+        self._flush_output()
+        self._connection.send(f"w{kind},{math.ceil(seconds)}")
 
     def _cancel_timer(self, name: str) -> None:
         call = self._timers.pop(name, None)
@@ -230,6 +359,8 @@ class ConsoleSession:
                     self.sandbox.resize(*self._size)
             elif kind == "k":
                 self._acknowledged(payload)
+            elif kind == "q" and not payload:
+                self.end("The console was closed.", reason="client_left")
             elif kind == "a":
                 raise ProtocolError("already authenticated")
             else:
@@ -240,7 +371,38 @@ class ConsoleSession:
             self._fail(CLOSE_PROTOCOL_ERROR, f"Protocol error: {e}.")
 
     def closed(self) -> None:
-        """The connection is gone: end the sandbox."""
+        """The connection is gone: wait for a reattach, or end the sandbox."""
+        if (self.state == "running" and self._settings.reattach_grace > 0
+                and self._secrets is not None and self._secrets.holds(self)):
+            self._detach()
+            return
+        self._gone()
+
+    def _detach(self) -> None:
+        """Keep running without a connection for the reattach grace."""
+        self._flush_output()  # into the retained output: a reattach replays it
+        connection = self._connection
+        self._connection = DetachedLine(connection.peer_host, connection.origin,
+                                        connection.transport_name)
+        if self._gate is not None:
+            # The old connection's pause is over; the flow control's holds,
+            # and holds whatever the client acknowledged (memory stays flat).
+            self._gate.resume("transport")
+            if self._sent_units - self._acked_units > self._settings.output_high_water:
+                self._gate.pause("client")
+        self._start_timer("grace", self._settings.reattach_grace, self._grace_expired)
+        log.info("console {console} detached: it waits {grace}s for a reattach",
+                 grace=self._settings.reattach_grace,
+                 **self._lifecycle_fields("console_detached"))
+
+    def _grace_expired(self) -> None:
+        self._timers.pop("grace", None)
+        self._gone()
+
+    def _gone(self) -> None:
+        """Nobody will see this console again: end the sandbox."""
+        if self._secrets is not None:
+            self._secrets.forget(self)
         if self.state != "ended":
             self._ended_for("client_left")
             if self.sandbox is not None:
@@ -255,8 +417,84 @@ class ConsoleSession:
         if self.sandbox is None:
             self._release()
 
+    def abandon(self) -> None:
+        """This never-authenticated console is not needed (its connection
+        reattaches to another): drop it without a trace."""
+        if self.state == "authenticating":
+            self.state = "ended"
+            for name in list(self._timers):
+                self._cancel_timer(name)
+            self._release()
+
+    def reattach(self, attachment: Attachment, count: int) -> str | None:
+        """Continue on ``attachment``, replaying the output from ``count`` on;
+        or why not (the console is then unaffected)."""
+        if self.state != "running":
+            return "the console has ended"
+        self._flush_output()  # everything read so far counts as sent
+        first = max(self._acked_units, self._retained_from)
+        if not first <= count <= self._sent_units:
+            return (f"the terminal's output count {count} is outside "
+                    f"{first}..{self._sent_units}")
+        replay, skip = [], count - self._retained_from
+        for units, text in self._retained:
+            if skip >= units:
+                skip -= units
+                continue
+            tail = _utf16_tail(text, skip) if skip else text
+            if tail is None:
+                return f"the output count {count} splits a character"
+            replay.append(tail)
+            skip = 0
+        previous = self._connection
+        if isinstance(previous, Attachment):
+            previous.taken_over()
+        self._cancel_timer("grace")
+        self._connection = attachment
+        attachment.send("sresumed")
+        for text in replay:
+            attachment.send("o" + text)
+        self._acked_units = count
+        self._acks_enabled = True
+        self._trim_retained()
+        if self._gate is not None:
+            self._gate.resume("transport")
+            if self._sent_units - self._acked_units < self._settings.output_low_water:
+                self._gate.resume("client")
+            attachment.register_producer(self._gate)
+        self._issue_secret()
+        now = self._clock.seconds()
+        for kind, ends in self._warned.items():
+            if ends > now:
+                attachment.send(f"w{kind},{math.ceil(ends - now)}")
+        log.info("console {console} reattached from {client} over {transport}"
+                 " ({takeover}), {replayed} units replayed",
+                 takeover="takeover" if isinstance(previous, Attachment) else "detached",
+                 replayed=self._sent_units - count,
+                 **self._lifecycle_fields("console_reattached"))
+        return None
+
+    def _issue_secret(self) -> None:
+        """Send a new reattach secret (``t``): the old one stops working."""
+        grace = self._settings.reattach_grace
+        if self._secrets is None or grace <= 0:
+            return
+        secret = self._secrets.issue(self, self._connection.origin)
+        self._connection.send(f"t{max(1, int(grace))},{secret}")
+
+    def _trim_retained(self) -> None:
+        """Forget retained output the terminal has acknowledged."""
+        while self._retained:
+            units = self._retained[0][0]
+            if self._retained_from + units > self._acked_units:
+                break
+            self._retained.popleft()
+            self._retained_from += units
+
     def _release(self) -> None:
         """Give back what this console held: its admission slot, its user."""
+        if self._secrets is not None:
+            self._secrets.forget(self)
         if self._slot is not None:
             self._slot.release()
             self._slot = None
@@ -383,6 +621,7 @@ class ConsoleSession:
         if self.state == "starting":
             self.state = "running"
             self._connection.send("sready")
+            self._issue_secret()
             log.info("console {console} started for {user} from {client} over {transport}",
                      source=self._start_source,
                      **self._lifecycle_fields("console_started"))
@@ -415,8 +654,18 @@ class ConsoleSession:
 
     def _send_output(self, text: str) -> None:
         self._connection.send("o" + text)
-        self._sent_units += utf16_units(text)
-        if (self._acks_enabled and self._gate is not None
+        units = utf16_units(text)
+        self._sent_units += units
+        if self._secrets is not None and self._settings.reattach_grace > 0:
+            # Kept until acknowledged, for a reattach to replay.
+            self._retained.append((units, text))
+            if not self._acks_enabled:
+                # A client that never acknowledges: keep the last high-water's worth.
+                while (self._retained and self._sent_units - self._retained_from
+                       - self._retained[0][0] >= self._settings.output_high_water):
+                    self._retained_from += self._retained.popleft()[0]
+        detached = isinstance(self._connection, DetachedLine)
+        if ((self._acks_enabled or detached) and self._gate is not None
                 and self._sent_units - self._acked_units > self._settings.output_high_water):
             self._gate.pause("client")
 
@@ -432,6 +681,7 @@ class ConsoleSession:
             )
         self._acked_units = units
         self._acks_enabled = True
+        self._trim_retained()
         if (self._gate is not None
                 and self._sent_units - self._acked_units < self._settings.output_low_water):
             self._gate.resume("client")
@@ -488,9 +738,84 @@ class ConsoleSession:
         self._connection.close(code, message)
 
 
+@define(eq=False)
+class Attachment:
+    """The console protocol over one SockJS connection: the SockJS handler.
+
+    It hands the messages to its console, and moves a detached (or
+    another connection's) console to this connection on ``A``. To its
+    console it stands for the connection (send, close, who is at the other
+    end); once the connection is gone, or a newer one took the console
+    over, it has no console.
+    """
+
+    _connection: object  # shellserver.sockjs.SockJSConnection
+    _factory: ConsoleFactory
+    console: ConsoleSession | None = None
+    _first: bool = True
+
+    @property
+    def peer_host(self) -> str:
+        return self._connection.peer_host
+
+    @property
+    def origin(self) -> str | None:
+        return self._connection.origin
+
+    @property
+    def transport_name(self) -> str:
+        return self._connection.transport_name
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection.is_open
+
+    def send(self, text: str) -> None:
+        if self._connection.is_open:
+            self._connection.send(text)
+
+    def close(self, code: int, reason: str) -> None:
+        self._connection.close(code, reason)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        self._connection.register_producer(producer)
+
+    def unregister_producer(self) -> None:
+        self._connection.unregister_producer()
+
+    # -- the SockJS handler ---------------------------------------------------
+
+    def message_received(self, text: str) -> None:
+        first, self._first = self._first, False
+        if first and text[:1] == "A":
+            # This connection continues a console: the one made for it is not needed.
+            fresh, self.console = self.console, None
+            if fresh is not None:
+                fresh.abandon()
+            refusal = self._factory.reattach(self, text[1:])
+            if refusal is not None:
+                message = f"Console not resumed: {refusal}."
+                self.send("e" + message)
+                self.close(CLOSE_REATTACH_REFUSED, message)
+        elif self.console is not None:
+            self.console.message_received(text)
+
+    def closed(self) -> None:
+        console, self.console = self.console, None
+        if console is not None:
+            console.closed()
+
+    def taken_over(self) -> None:
+        """A newer connection took the console: tell this one, and close it."""
+        self.console = None
+        self.send("e" + TAKEN_OVER_MESSAGE)
+        self.close(CLOSE_TAKEN_OVER, TAKEN_OVER_MESSAGE)
+
+
 @define
 class ConsoleFactory:
-    """Makes a ConsoleSession for each new SockJS connection (its open_session)."""
+    """Makes an Attachment, with a new ConsoleSession for it, for each new
+    SockJS connection (its open_session)."""
 
     _clock: IReactorTime
     _tokens: TokenAuthority
@@ -500,18 +825,61 @@ class ConsoleFactory:
     _users: UnregisteredUsers | None = None
     sessions: set[ConsoleSession] = field(factory=set)
     metrics: Metrics = field(factory=Metrics)
+    secrets: ReattachSecrets = field(factory=ReattachSecrets)
     _client_events: ClientEventLog = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._client_events = ClientEventLog(log, self._clock)
 
-    def __call__(self, connection) -> ConsoleSession:
+    def __call__(self, connection) -> Attachment:
         self.metrics.connection_opened(connection.transport_name)
-        session = ConsoleSession(connection, self._clock, self._tokens, self._sandboxes,
+        attachment = Attachment(connection, self)
+        session = ConsoleSession(attachment, self._clock, self._tokens, self._sandboxes,
                                  self._settings, self._admission, self._users,
-                                 self.sessions.discard, self._client_events, self.metrics)
+                                 self.sessions.discard, self._client_events, self.metrics,
+                                 secrets=self.secrets)
+        attachment.console = session
         self.sessions.add(session)
-        return session
+        return attachment
+
+    def reattach(self, attachment: Attachment, payload: str) -> str | None:
+        """``A`` on ``attachment``: move the console its secret names to it;
+        or why not (the console, if any, is then unaffected)."""
+        peer = attachment.peer_host
+        wait = self._admission.auth_retry_after(peer) if self._admission else None
+        if wait is not None:
+            self._client_events.info(peer, "reattach refused",
+                                     "reattach refused for {client}: too many wrong secrets",
+                                     client=peer)
+            return ("too many wrong console tokens came from your address; "
+                    f"try again in {wait} seconds")
+        match = _REATTACH.match(payload)
+        found = self.secrets.find(match.group(1)) if match else None
+        if match is None:
+            wrong = "the reattach message needs SECRET,COUNT"
+        elif found is None:
+            wrong = "the console has ended, or its secret was used or is unknown"
+        elif found[1] != attachment.origin:
+            wrong = "the console was opened from another origin"
+        else:
+            wrong = None
+        if wrong is not None:
+            # A wrong secret is a wrong token: the same per-address limit.
+            if self._admission is not None:
+                self._admission.auth_failed(peer)
+            self._client_events.info(peer, "reattach refused",
+                                     "reattach refused for {client}: {reason}",
+                                     client=peer, reason=wrong)
+            return wrong
+        console = found[0]
+        refusal = console.reattach(attachment, int(match.group(2)))
+        if refusal is None:
+            attachment.console = console
+        else:
+            self._client_events.info(peer, "reattach refused",
+                                     "reattach refused for {client}: {reason}",
+                                     client=peer, reason=refusal)
+        return refusal
 
     def use_settings(self, settings: ConsoleSettings) -> None:
         """Give consoles started from now on these settings (a reload);
@@ -522,6 +890,11 @@ class ConsoleFactory:
         """Tell every running console's user something (they go on)."""
         for session in list(self.sessions):
             session.notice(message)
+
+    def warn_all(self, kind: str, seconds: float) -> None:
+        """Warn every console's user that it ends in ``seconds`` (``w``)."""
+        for session in list(self.sessions):
+            session.warn(kind, seconds)
 
     def end_all(self, message: str, reason: str = "shutdown") -> None:
         """End every console (the kill switch's terminate, a shutdown)."""

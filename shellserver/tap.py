@@ -396,6 +396,7 @@ class SandboxService(Service):
                 "The server is shutting down: this console ends in "
                 f"{describe_duration(grace)}. Save anything you need now."
             )
+            self._consoles.warn_all("shutdown", grace)
         log.info("draining {count} consoles for {grace}s", count=len(self.starter.running),
                  grace=grace)
         d = deferLater(self._reactor, grace, lambda: None)
@@ -522,6 +523,8 @@ def console_settings_of(config: Config):
         output_high_water=config.console.output_high_water,
         output_low_water=config.console.output_low_water,
         node=config.server.node_name(),
+        reattach_grace=(min(config.console.reattach_grace, config.console.max_age)
+                        if config.console.max_age else config.console.reattach_grace),
     )
 
 

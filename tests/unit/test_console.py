@@ -32,9 +32,9 @@ class ConsoleTestCase(SynchronousTestCase):
 
     def open(self, origin=ORIGIN):
         connection = FakeConnection(origin=origin)
-        session = self.factory(connection)
-        connection.handler = session
-        return connection, session
+        attachment = self.factory(connection)
+        connection.handler = attachment
+        return connection, attachment.console
 
     def token(self):
         return self.tokens.mint(user_id="u1", origin=ORIGIN, client_address=CLIENT)

@@ -71,7 +71,7 @@ class LifecycleEventTests(SynchronousTestCase):
         factory = ConsoleFactory(clock, tokens, starter, ConsoleSettings(
             auth_timeout=5.0, idle_timeout=600.0, max_age=1800.0, node="node-1"))
         connection = FakeConnection(origin=ORIGIN)
-        session = factory(connection)
+        session = factory(connection).console
         token = tokens.mint(user_id="u1", origin=ORIGIN, client_address=CLIENT)
         with capturedLogs() as events:
             session.message_received("a" + token)

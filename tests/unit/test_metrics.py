@@ -46,9 +46,9 @@ class ConsoleMetricsTests(SynchronousTestCase):
     def open(self, transport="websocket"):
         connection = FakeConnection(origin=ORIGIN)
         connection.transport_name = transport
-        session = self.factory(connection)
-        connection.handler = session
-        return connection, session
+        attachment = self.factory(connection)
+        connection.handler = attachment
+        return connection, attachment.console
 
     def running(self, delay=0.0):
         connection, session = self.open()

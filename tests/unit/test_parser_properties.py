@@ -29,6 +29,7 @@ from shellserver.auth import TokenAuthority, TokenClaims, TokenError
 from shellserver.console import (
     CLOSE_AUTH_FAILED,
     CLOSE_PROTOCOL_ERROR,
+    CLOSE_REATTACH_REFUSED,
     ConsoleFactory,
     ConsoleSettings,
     ProtocolError,
@@ -327,25 +328,27 @@ class ConsoleMessageTests(SynchronousTestCase):
 
     @PROPERTY
     @given(kind=st.sampled_from(list("airkxz\u00b2 ")), payloads=st.lists(
-        st.tuples(st.sampled_from(list("irka\u00b2\x00")), CLIENT_TEXT), max_size=6),
+        st.tuples(st.sampled_from(list("irkaAq\u00b2\x00")), CLIENT_TEXT), max_size=6),
         first=CLIENT_TEXT, authenticate=st.booleans())
     def test_any_console_messages(self, kind, payloads, first, authenticate):
         """Any sequence of console messages keeps the console running or closes
-        it with 4001 or 4003 and a message; nothing escapes to the transport."""
+        it with 4001, 4003 or 4005 and a message; nothing escapes to the transport."""
         connection = FakeConnection(origin=ORIGIN)
         session = self.factory(connection)
         connection.handler = session
+        console = session.console
         with capturedLogs() as events:
             if authenticate:
                 session.message_received("a" + self.tokens.mint(user_id="u", origin=ORIGIN,
                                                                  client_address=PEER))
-                session.output(b"In [1]: ")
+                console.output(b"In [1]: ")
                 self.clock.advance(0.01)
             session.message_received(kind + first)
             for message_kind, payload in payloads:
                 session.message_received(message_kind + payload)
         self.assertEqual(unexpected_failures(events), [])
-        self.assertIn(connection.close_code, (None, CLOSE_AUTH_FAILED, CLOSE_PROTOCOL_ERROR))
+        self.assertIn(connection.close_code, (None, CLOSE_AUTH_FAILED, CLOSE_PROTOCOL_ERROR,
+                                                 CLOSE_REATTACH_REFUSED))
         if connection.close_code is not None:
             self.assertTrue(connection.close_reason)
         session.closed()
@@ -359,7 +362,7 @@ class ConsoleMessageTests(SynchronousTestCase):
         connection.handler = session
         session.message_received("a" + self.tokens.mint(user_id="u", origin=ORIGIN,
                                                                  client_address=PEER))
-        session.output(b"x" * 100)
+        session.console.output(b"x" * 100)
         self.clock.advance(0.01)
         session.message_received("k" + payload)
         if connection.close_code is not None:
