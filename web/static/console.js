@@ -65,6 +65,10 @@
   var droppedAt = null;       // Date.now() when the connection went, if it has
   var reconnectDelay = RECONNECT_FIRST_MS;
   var leaving = false;        // pagehide: the screen is saved, touch nothing
+  // An `e` during a reattach waits for its close: with 4005 it only means
+  // "start a new console" (the server sends `e` before 4005 as well).
+  var reattaching = false;    // `A` sent, no `s resumed` yet
+  var reattachError = null;
   var userTyped = false;
   var lastSize = "";
 
@@ -543,7 +547,11 @@
         finish("ended", payload);
         break;
       case "e":
-        finish("error", payload);
+        if (reattaching) {
+          reattachError = payload;
+        } else {
+          finish("error", payload);
+        }
         break;
       default:
         // Unknown types are ignored, so that the server can add messages
@@ -581,8 +589,13 @@
       return;  // `x` or `e` came first and said why
     }
     var reason = event.reason || "";
+    var refusal = reattachError;
+    reattaching = false;
+    reattachError = null;
     if (event.code === REFUSED) {
       reattachRefused();
+    } else if (refusal !== null) {
+      finish("error", refusal);
     } else if (attached !== null && !FINAL_CLOSES[event.code]) {
       reconnectLater();
     } else if (event.code === 3000) {
@@ -646,12 +659,15 @@
       }
       receivedUnits = writtenUnits;
       ackedUnits = writtenUnits;  // COUNT acknowledges everything before it
+      reattaching = true;
+      reattachError = null;
       send("A", attached.secret + "," + writtenUnits);
     });
   }
 
   // `s resumed`: the output from COUNT on follows, then live output.
   function resumed() {
+    reattaching = false;
     authenticated = true;
     droppedAt = null;
     reconnectDelay = RECONNECT_FIRST_MS;
