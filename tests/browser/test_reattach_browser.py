@@ -10,9 +10,11 @@ the host page's Close ends the console at once (`q`).
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
+import time
 
 import pytest
 from conftest import free_port, start_server, wait_until
@@ -141,8 +143,8 @@ def context(browser):
     context.close()
 
 
-def console_page(context, url: str):
-    """A tab on the console page, ready at its first prompt; errors collected."""
+def console_page(context, url: str, prompt: str = "In [1]:"):
+    """A tab on the console page, ready at ``prompt``; errors collected."""
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda error: page.errors.append(str(error)))
@@ -150,7 +152,7 @@ def console_page(context, url: str):
     page.on("dialog", lambda dialog: dialog.accept())
     page.goto(url)
     expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=READY_MS)
-    expect(page.locator(".xterm-rows")).to_contain_text("In [1]:", timeout=READY_MS)
+    expect(page.locator(".xterm-rows")).to_contain_text(prompt, timeout=READY_MS)
     return page
 
 
@@ -300,3 +302,46 @@ def test_saved_screen_of_a_full_scrollback(context, server):
     expect(page.locator(".xterm-rows")).to_contain_text("line 1199", timeout=READY_MS)
     run(page, "print(i)", 3)
     assert "1199" in screen_lines(page)
+
+
+def utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def test_taken_over_page_says_so_and_does_not_reconnect(browser, context, server):
+    """A page whose console is taken over (4006) shows the server's message and never
+    reconnects: the newer window keeps the console."""
+    received = []  # `o` units that reached the first page, as the page counts them
+
+    def count_output(frame) -> None:
+        if isinstance(frame, str) and frame.startswith("a["):
+            received.extend(utf16_units(m[1:]) for m in json.loads(frame[1:]) if m[:1] == "o")
+
+    page = context.new_page()
+    page.on("websocket", lambda ws: ws.on("framereceived", count_output))
+    page.goto(server.base_url + "/console/")
+    expect(page.locator(".xterm-rows")).to_contain_text("In [1]:", timeout=READY_MS)
+    run(page, "shared = 'taken' + '-over'", 2)
+    before = len(server.log())
+    # What a duplicated tab would hold (duplicating a tab copies sessionStorage),
+    # left as a reload leaves it; its COUNT is all the output the first page got.
+    stored = json.loads(page.evaluate("() => sessionStorage.getItem('shellserver.consoles')"))
+    for entry in stored.values():
+        entry.update(held=False, count=sum(received), leftAt=int(time.time() * 1000))
+    copy = browser.new_context(ignore_https_errors=True)
+    copy.add_init_script("if (!sessionStorage.length) sessionStorage.setItem("
+                         f"'shellserver.consoles', {json.dumps(json.dumps(stored))});")
+    try:
+        # Nothing to replay, no saved screen: prompt_toolkit redraws its prompt.
+        second = console_page(copy, server.base_url + "/console/", prompt="In [2]:")
+        expect(page.locator("body")).to_have_attribute("data-state", "error", timeout=10_000)
+        expect(page.locator("#status-text")).to_have_text(
+            "This console was opened in another window.")
+        run(second, "print(shared)", 3)
+        assert "taken-over" in screen_lines(second)
+        run(second, "print(len(shared))", 4)
+        # One reattach (the second window's): the first page never came back.
+        assert server.log()[before:].count("reattached from") == 1
+        expect(page.locator("body")).to_have_attribute("data-state", "error")
+    finally:
+        copy.close()
