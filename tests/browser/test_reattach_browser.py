@@ -185,10 +185,12 @@ def test_reload_takes_the_console_back(context, server):
     assert page.errors == []
 
 
-def test_dropped_connection_reconnects_with_screen_intact(context, server, proxy):
+@pytest.mark.parametrize("transport", ["websocket", "xhr-streaming"])
+def test_dropped_connection_reconnects_with_screen_intact(context, server, proxy, transport):
     """Cut mid-output: "reconnecting..." shows, then the console resumes with every
     number of a running loop on screen exactly once and its variables alive."""
-    page = console_page(context, f"https://127.0.0.1:{proxy.port}/console/")
+    page = console_page(context,
+                        f"https://127.0.0.1:{proxy.port}/console/?transports={transport}")
     run(page, "import time; kept = 'still' + '-here'", 2)
     page.keyboard.type("for i in range(400): print(i, end=','); time.sleep(0.01)")
     page.keyboard.press("Enter")
