@@ -32,6 +32,8 @@ class DroppingProxy:
 
     While ``refusing`` is set, new connections are closed as soon as they are
     accepted, so a test can watch the page reconnect before letting it in.
+    While ``discarding`` is set, what the server sends is swallowed: output
+    the server counts as sent never reaches the page (lost in flight).
     """
 
     def __init__(self, target_port: int) -> None:
@@ -40,6 +42,8 @@ class DroppingProxy:
         self.listener.settimeout(0.2)
         self.port = self.listener.getsockname()[1]
         self.refusing = threading.Event()
+        self.discarding = threading.Event()
+        self.discarded = 0  # bytes from the server swallowed
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.open: list[socket.socket] = []
@@ -67,13 +71,18 @@ class DroppingProxy:
                 continue
             with self.lock:
                 self.open += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, inbound in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, inbound),
+                                 daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, inbound: bool) -> None:
         try:
             source.settimeout(None)
             while data := source.recv(65536):
+                if inbound and self.discarding.is_set():
+                    with self.lock:
+                        self.discarded += len(data)
+                    continue
                 sink.sendall(data)
         except OSError:
             pass
@@ -192,13 +201,18 @@ def test_dropped_connection_reconnects_with_screen_intact(context, server, proxy
     page = console_page(context,
                         f"https://127.0.0.1:{proxy.port}/console/?transports={transport}")
     run(page, "import time; kept = 'still' + '-here'", 2)
-    page.keyboard.type("for i in range(400): print(i, end=','); time.sleep(0.01)")
+    page.keyboard.type("for i in range(400): print(i, end=',', flush=True); time.sleep(0.01)")
     page.keyboard.press("Enter")
     rows = page.locator(".xterm-rows")
     expect(rows).to_contain_text("40,41,42,", timeout=READY_MS)
 
+    # Output the server sends from here on is lost in flight, then the
+    # connection goes: the page must ask for exactly what it has written.
+    proxy.discarding.set()
+    assert wait_until(lambda: proxy.discarded > 2000, timeout=10), proxy.discarded
     proxy.refusing.set()
     proxy.drop_all()
+    proxy.discarding.clear()
     expect(page.locator("body")).to_have_attribute("data-state", "reconnecting", timeout=10_000)
     expect(page.locator("#status-text")).to_contain_text("reconnecting", ignore_case=True)
     accepted = proxy.accepted
@@ -214,6 +228,8 @@ def test_dropped_connection_reconnects_with_screen_intact(context, server, proxy
     assert output.count("399,") == 1, output
     run(page, "print(kept)", 4)
     assert "still-here" in screen_lines(page)
+    replayed = re.findall(r"reattached from .* (\d+) units replayed", server.log())
+    assert int(replayed[-1]) > 0, replayed  # the lost output came again
     assert page.errors == []
 
 
