@@ -452,6 +452,9 @@ class ConsoleSession:
         self._cancel_timer("grace")
         self._connection = attachment
         attachment.send("sresumed")
+        # The new secret first: a connection lost during the replay can
+        # reattach with it (the old one is spent).
+        self._issue_secret()
         for text in replay:
             attachment.send("o" + text)
         self._acked_units = count
@@ -462,7 +465,6 @@ class ConsoleSession:
             if self._sent_units - self._acked_units < self._settings.output_low_water:
                 self._gate.resume("client")
             attachment.register_producer(self._gate)
-        self._issue_secret()
         now = self._clock.seconds()
         for kind, ends in self._warned.items():
             if ends > now:

@@ -310,3 +310,15 @@ class HostRefusalTests(OptionsTestCase):
         with open(unit) as f:
             lines = [line.strip() for line in f]
         self.assertIn(f"RestartPreventExitStatus={EXIT_HOST_REFUSED}", lines)
+
+
+class ConsoleSettingsTests(SynchronousTestCase):
+    def test_reattach_grace_cut_to_max_age(self):
+        """A reattach grace longer than max_age is cut to it; 0 max_age leaves it."""
+        from attrs import evolve
+
+        config = Config()
+        short = evolve(config, console=evolve(config.console, max_age=30.0))
+        self.assertEqual(tap.console_settings_of(short).reattach_grace, 30.0)
+        never = evolve(config, console=evolve(config.console, max_age=0.0))
+        self.assertEqual(tap.console_settings_of(never).reattach_grace, 60.0)
