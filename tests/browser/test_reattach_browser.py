@@ -215,11 +215,13 @@ def test_dropped_connection_reconnects_with_screen_intact(context, server, proxy
     proxy.discarding.clear()
     expect(page.locator("body")).to_have_attribute("data-state", "reconnecting", timeout=10_000)
     expect(page.locator("#status-text")).to_contain_text("reconnecting", ignore_case=True)
+    expect(page.locator("#new-console")).to_be_visible()  # giving up is allowed
     accepted = proxy.accepted
     assert wait_until(lambda: proxy.accepted >= accepted + 2, timeout=10)  # backoff retries
     proxy.refusing.clear()
 
     expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=15_000)
+    expect(page.locator("#new-console")).to_be_hidden()
     expect(rows).to_contain_text("In [3]:", timeout=READY_MS)
     # The loop's output wraps over rows: joined, it is the whole sequence once.
     output = "".join(line.strip() for line in screen_lines(page))

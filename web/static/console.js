@@ -267,7 +267,9 @@
     body.setAttribute("data-state", next);
     statusText.textContent = message || STATUS_TEXT[next];
     var finished = next === "ended" || next === "error";
-    newConsoleButton.hidden = !finished;
+    // While reconnecting, the visitor may give up waiting (the server may be
+    // down for longer than the grace) and start afresh.
+    newConsoleButton.hidden = !finished && next !== "reconnecting";
     if (finished) {
       authenticated = false;
       cancelReconnect();
@@ -897,6 +899,9 @@
         // refusal page would explain too, but here the visitor keeps the
         // transcript of the console that ended).
         if (!status || status.accepting !== false) {
+          // Asked for a new console: the reload must not take this one back.
+          forgetConsole();
+          cancelReconnect();
           window.location.reload();
           return;
         }
