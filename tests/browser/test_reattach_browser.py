@@ -365,3 +365,28 @@ def test_taken_over_page_says_so_and_does_not_reconnect(browser, context, server
         expect(page.locator("body")).to_have_attribute("data-state", "error")
     finally:
         copy.close()
+
+
+def test_refused_reattach_falls_back_to_a_new_console(browser, server):
+    """A saved secret the server refuses (4005) gives a new console with the page's
+    token, on a clean terminal, instead of an error."""
+    stale = {"c0ffee": {"secret": "A" * 43, "grace": 60, "url": "../sockjs", "held": False,
+                        "count": 0, "leftAt": int(time.time() * 1000)}}
+    context = browser.new_context(ignore_https_errors=True)
+    context.add_init_script(
+        "if (!sessionStorage.length) {"
+        f"sessionStorage.setItem('shellserver.consoles', {json.dumps(json.dumps(stale))});"
+        "sessionStorage.setItem('shellserver.screen.c0ffee',"
+        " JSON.stringify({count: 0, screen: 'stale-screen'}));}")
+    try:
+        before = len(server.log())
+        page = console_page(context, server.base_url + "/console/")
+        assert "stale-screen" not in page.locator(".xterm-rows").inner_text()
+        run(page, "print(6 * 7)", 2)
+        assert "42" in screen_lines(page)
+        assert "refused" in server.log()[before:]
+        stored = json.loads(page.evaluate("() => sessionStorage.getItem('shellserver.consoles')"))
+        assert "c0ffee" not in stored and len(stored) == 1  # the new console's secret
+        assert page.errors == []
+    finally:
+        context.close()
