@@ -810,6 +810,7 @@ class Attachment:
     def taken_over(self) -> None:
         """A newer connection took the console: tell this one, and close it."""
         self.console = None
+        self._connection.unregister_producer()  # the console's output is no longer ours
         self.send("e" + TAKEN_OVER_MESSAGE)
         self.close(CLOSE_TAKEN_OVER, TAKEN_OVER_MESSAGE)
 

@@ -104,6 +104,9 @@ def start_server(tmp: Path, *, uid_min: int, uid_max: int, config: str = "",
         f'[server]\nstate_dir = "{state}"\n{server}',
         f"[console]\n{console}",
         "" if "shutdown_grace" in console else "shutdown_grace = 0",
+        # Consoles whose connection drops (a closed browser page) wait this
+        # long for a reattach, not the default minute: tests count leftovers.
+        "" if "reattach_grace" in console else "reattach_grace = 10",
         f"[admission]\n{admission or GENEROUS_ADMISSION}",
         f"[sandbox]\nuid_min = {uid_min}\nuid_max = {uid_max}",
         "" if "pool_size" in config else "pool_size = 0",

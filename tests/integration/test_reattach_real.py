@@ -96,7 +96,7 @@ def started(server, **options) -> ConsoleClient:
     client.login()
     client.send("k0")
     assert client.wait_for_prompt(1, timeout=30), client.display()
-    assert client.secret and client.grace == GRACE
+    assert client.secret and client.grace
     return client
 
 
@@ -120,6 +120,7 @@ def flood_cut_and_resume(server, client: ConsoleClient, cut, lines: int = 20000)
     client.closed = True
     # The server sees the connection go; the console waits, detached.
     assert wait_until(lambda: detached_count(server) > detached, timeout=GRACE)
+    assert client.grace == GRACE
     before = client.written
     client.reconnect()
     assert client.wait_for(lambda c: "sresumed" in c.messages, timeout=10), client.messages[-3:]
@@ -204,3 +205,35 @@ def test_takeover_closes_the_older_connection(server):
     assert second.run("print(6 * 7)", 2) and "42" in second.display()
     second.close()
 
+
+
+def test_idle_warning_and_its_withdrawal(tmp_path):
+    """A real console warns before its idle ending (``w``), and a keystroke
+    withdraws the warning (``c``)."""
+    srv = start_server(tmp_path, uid_min=247100, uid_max=247109, console="idle_timeout = 6")
+    try:
+        client = started(srv)
+        assert client.wait_for(lambda c: "widle,3" in c.messages, timeout=10), client.messages
+        client.type("1")
+        assert client.wait_for(lambda c: "cidle" in c.messages, timeout=10), client.messages
+        client.close()
+    finally:
+        srv.stop()
+    assert sandbox_leftovers(srv) == []
+
+
+def test_shutdown_warning_counts_down(tmp_path):
+    """When the server stops with a shutdown grace, consoles get the notice and
+    ``wshutdown,SECONDS``, then end."""
+    srv = start_server(tmp_path, uid_min=247200, uid_max=247209,
+                       console="shutdown_grace = 3")
+    try:
+        client = started(srv)
+        srv.process.terminate()
+        assert client.wait_for(lambda c: "wshutdown,3" in c.messages, timeout=10), \
+            client.messages
+        assert client.last_message("n") and "shutting down" in client.last_message("n")
+        assert client.wait_closed(timeout=20)
+    finally:
+        srv.stop()
+    assert sandbox_leftovers(srv) == []

@@ -293,6 +293,7 @@ class ReattachTests(ReattachTestCase):
         connection.producer.pauseProducing()
         again = self.reattach(secret, 8)
         self.assertFalse(sandbox.paused)
+        self.assertIsNone(connection.producer)
         again.producer.pauseProducing()
         self.assertTrue(sandbox.paused)
 
