@@ -39,6 +39,7 @@ VENDOR_FILES = {
     b"xterm.css": ("@xterm", "xterm", "css", "xterm.css"),
     b"addon-fit.js": ("@xterm", "addon-fit", "lib", "addon-fit.js"),
     b"addon-web-links.js": ("@xterm", "addon-web-links", "lib", "addon-web-links.js"),
+    b"addon-serialize.js": ("@xterm", "addon-serialize", "lib", "addon-serialize.js"),
     b"sockjs.min.js": ("sockjs-client", "dist", "sockjs.min.js"),
     # the admin page's charts (shellserver.admin)
     b"uPlot.iife.min.js": ("uplot", "dist", "uPlot.iife.min.js"),

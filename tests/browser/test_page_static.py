@@ -38,6 +38,7 @@ VENDOR_FILES = {
     "xterm.css": NODE_MODULES / "@xterm/xterm/css/xterm.css",
     "addon-fit.js": NODE_MODULES / "@xterm/addon-fit/lib/addon-fit.js",
     "addon-web-links.js": NODE_MODULES / "@xterm/addon-web-links/lib/addon-web-links.js",
+    "addon-serialize.js": NODE_MODULES / "@xterm/addon-serialize/lib/addon-serialize.js",
     "sockjs.min.js": NODE_MODULES / "sockjs-client/dist/sockjs.min.js",
 }
 

@@ -1,7 +1,7 @@
 // The terminal page: xterm.js on one side, a SockJS connection speaking the
 // console protocol (docs/protocol.md) on the other, and a status line that
 // tells the visitor what is going on. Nothing is exported; tests read the
-// state from <body data-state="connecting|ready|ended|error">.
+// state from <body data-state="connecting|ready|reconnecting|ended|error">.
 (function () {
   "use strict";
 
@@ -14,6 +14,7 @@
     connecting: "Connecting…",
     starting: "Starting Python…",
     ready: "Ready. Type Python; exit() or Ctrl-D ends the session.",
+    reconnecting: "Connection lost; reconnecting…",
     ended: "The console has ended.",
     error: "Something went wrong."
   };
@@ -43,9 +44,31 @@
   var ackedUnits = 0;
   var ackTimer = null;
 
+  // Reattach (docs/protocol.md): a console outlives its connection for its
+  // grace, so a dropped connection is retried with backoff, and a reload of
+  // this tab takes the console back with the screen saved on `pagehide`.
+  var RECONNECT_FIRST_MS = 250;
+  var RECONNECT_MAX_MS = 5000;
+  // Bounded so that saving fits sessionStorage and pagehide stays quick
+  // (docs/protocol.md has the measured size and time).
+  var SAVED_SCROLLBACK_LINES = 1000;
+  var REFUSED = 4005;  // reattach refused: the console, if any, is untouched
+  // Closes after which the console is gone or belongs elsewhere (bad token,
+  // no sandbox, not admitted, taken over by a newer window): never retried.
+  var FINAL_CLOSES = { 3000: true, 4001: true, 4002: true, 4003: true, 4004: true, 4006: true };
+
   var state = "connecting";
   var socket = null;
-  var authenticated = false;  // `a` has been sent on the open socket
+  var authenticated = false;  // `a` or a successful `A` on the open socket
+  var pageTokenUsed = false;  // the page's token is single-use
+  var attached = null;        // this tab's console: {id, secret, grace, url}
+  var droppedAt = null;       // Date.now() when the connection went, if it has
+  var reconnectDelay = RECONNECT_FIRST_MS;
+  var leaving = false;        // pagehide: the screen is saved, touch nothing
+  // An `e` during a reattach waits for its close: with 4005 it only means
+  // "start a new console" (the server sends `e` before 4005 as well).
+  var reattaching = false;    // `A` sent, no `s resumed` yet
+  var reattachError = null;
   var userTyped = false;
   var lastSize = "";
 
@@ -148,6 +171,8 @@
   term.loadAddon(fitAddon);
   // URLs in the output open in a new tab (without an opener) on click.
   term.loadAddon(new WebLinksAddon.WebLinksAddon());
+  var serializeAddon = new SerializeAddon.SerializeAddon();
+  term.loadAddon(serializeAddon);
   term.open(terminalElement);
 
   // Keys a browser would otherwise lose to the terminal: Ctrl-C with a
@@ -242,9 +267,13 @@
     body.setAttribute("data-state", next);
     statusText.textContent = message || STATUS_TEXT[next];
     var finished = next === "ended" || next === "error";
-    newConsoleButton.hidden = !finished;
+    // While reconnecting, the visitor may give up waiting (the server may be
+    // down for longer than the grace) and start afresh.
+    newConsoleButton.hidden = !finished && next !== "reconnecting";
     if (finished) {
       authenticated = false;
+      cancelReconnect();
+      clearWarnings();
       term.options.disableStdin = true;
       term.options.cursorBlink = false;
       term.options.cursorInactiveStyle = "none";
@@ -262,8 +291,222 @@
     if (state === "ended" || state === "error") {
       return;
     }
+    // An ended console cannot be taken back: a reload starts a new one.
+    forgetConsole();
     setState(next, message);
   }
+
+  // --- This tab's console in sessionStorage ---------------------------------
+  //
+  // sessionStorage is per tab (and per origin), so another tab or browser
+  // never sees the secret. One host page may frame several consoles in the
+  // same tab, so every console has an entry that the live page "holds"; a
+  // page takes over only an entry nobody holds (its own, released on
+  // pagehide just before its reload).
+  var CONSOLES_KEY = "shellserver.consoles";
+  var SCREEN_KEY_PREFIX = "shellserver.screen.";
+
+  function readEntries() {
+    try {
+      var entries = JSON.parse(window.sessionStorage.getItem(CONSOLES_KEY));
+      return entries && typeof entries === "object" ? entries : {};
+    } catch (e) {
+      return {};  // blocked storage, or not ours to parse: no reattach
+    }
+  }
+
+  function writeEntries(entries) {
+    try {
+      window.sessionStorage.setItem(CONSOLES_KEY, JSON.stringify(entries));
+    } catch (e) {
+      // Blocked storage: reconnects within this page still work.
+    }
+  }
+
+  function updateEntry(id, change) {
+    var entries = readEntries();
+    if (change === null) {
+      delete entries[id];
+    } else {
+      entries[id] = Object.assign(entries[id] || {}, change);
+    }
+    writeEntries(entries);
+  }
+
+  function newConsoleId() {
+    var bytes = new Uint8Array(8);
+    window.crypto.getRandomValues(bytes);
+    return Array.prototype.map.call(bytes, function (b) {
+      return (b + 256).toString(16).slice(1);
+    }).join("");
+  }
+
+  // `t GRACE,SECRET`: the secret for the next attach replaces the last one.
+  function rememberSecret(payload, url) {
+    var comma = payload.indexOf(",");
+    var grace = parseInt(payload.slice(0, comma), 10);
+    var secret = payload.slice(comma + 1);
+    if (comma < 1 || !(grace >= 0) || !secret) {
+      return;  // malformed: keep what we have rather than store garbage
+    }
+    if (attached === null) {
+      attached = { id: newConsoleId() };
+    }
+    attached.secret = secret;
+    attached.grace = grace;
+    attached.url = url;
+    updateEntry(attached.id, { secret: secret, grace: grace, url: url, held: true,
+                               updatedAt: Date.now() });
+  }
+
+  function forgetConsole() {
+    if (attached === null) {
+      return;
+    }
+    updateEntry(attached.id, null);
+    try {
+      window.sessionStorage.removeItem(SCREEN_KEY_PREFIX + attached.id);
+    } catch (e) {
+      // nothing stored
+    }
+    attached = null;
+  }
+
+  // The newest console of this tab that no live page holds and whose grace
+  // has not run out since it was left; it is held from now on.
+  function claimLeftConsole() {
+    var entries = readEntries();
+    var now = Date.now();
+    var best = null;
+    Object.keys(entries).forEach(function (id) {
+      var entry = entries[id];
+      if (entry.held || typeof entry.secret !== "string") {
+        return;
+      }
+      if (!(now - entry.leftAt < entry.grace * 1000)) {
+        delete entries[id];  // its console has ended by now
+        window.sessionStorage.removeItem(SCREEN_KEY_PREFIX + id);
+        return;
+      }
+      if (best === null || entry.leftAt > entries[best].leftAt) {
+        best = id;
+      }
+    });
+    var claimed = null;
+    if (best !== null) {
+      entries[best].held = true;
+      claimed = { id: best, secret: entries[best].secret, grace: entries[best].grace,
+                  url: entries[best].url, count: entries[best].count,
+                  leftAt: entries[best].leftAt };
+    }
+    writeEntries(entries);
+    return claimed;
+  }
+
+  // On pagehide: the screen as xterm.js has written it, and the COUNT of
+  // output that screen contains, so that the next page asks the server
+  // for exactly the output after it.
+  function saveScreen() {
+    var key = SCREEN_KEY_PREFIX + attached.id;
+    var saved = { count: writtenUnits, screen: serializeAddon.serialize({
+      scrollback: SAVED_SCROLLBACK_LINES }) };
+    try {
+      window.sessionStorage.setItem(key, JSON.stringify(saved));
+    } catch (e) {
+      // Over the storage quota: reattach with an empty screen rather than
+      // not at all (the console and its variables are what matter).
+      window.sessionStorage.removeItem(key);
+    }
+    updateEntry(attached.id, { held: false, count: writtenUnits, leftAt: Date.now() });
+  }
+
+  function savedScreen(id, count) {
+    try {
+      var saved = JSON.parse(window.sessionStorage.getItem(SCREEN_KEY_PREFIX + id));
+      return saved && saved.count === count ? saved.screen : "";
+    } catch (e) {
+      return "";
+    }
+  }
+
+  // --- Warnings before an ending (`w KIND,SECONDS`, withdrawn by `c KIND`) ---
+  //
+  // The visible countdown ticks every second but is aria-hidden; screen
+  // readers get one sentence per warning instead of one per second.
+  var warningElement = document.getElementById("warning");
+  var warningShown = document.getElementById("warning-shown");
+  var warningSpoken = document.getElementById("warning-spoken");
+  var WARNING_TEXT = {
+    idle: ["Idle: the console ends in ", " unless you press a key.",
+           "The console has been idle and ends in about {s} seconds unless you press a key."],
+    age: ["Time limit: the console ends in ", ".",
+          "The console reaches its time limit in about {s} seconds."],
+    shutdown: ["The server is shutting down: the console ends in ", ".",
+               "The server is shutting down; the console ends in about {s} seconds."]
+  };
+  var warnings = {};  // kind -> Date.now() at which the console ends
+  var warningTimer = null;
+
+  function warnEnding(payload) {
+    var comma = payload.indexOf(",");
+    var kind = payload.slice(0, comma);
+    var seconds = parseInt(payload.slice(comma + 1), 10);
+    if (comma < 1 || !(seconds >= 0)) {
+      return;
+    }
+    warnings[kind] = Date.now() + seconds * 1000;
+    var text = WARNING_TEXT[kind] || ["The console ends in ", ".",
+                                      "The console ends in about {s} seconds."];
+    warningSpoken.textContent = text[2].replace("{s}", String(seconds));
+    showWarnings();
+  }
+
+  function withdrawWarning(kind) {
+    if (warnings[kind] === undefined) {
+      return;
+    }
+    delete warnings[kind];
+    warningSpoken.textContent = kind === "idle" ? "The console stays open." : "";
+    showWarnings();
+  }
+
+  function clearWarnings() {
+    warnings = {};
+    warningSpoken.textContent = "";
+    showWarnings();
+  }
+
+  function formatSeconds(seconds) {
+    var minutes = Math.floor(seconds / 60);
+    var rest = seconds % 60;
+    return minutes + ":" + (rest < 10 ? "0" : "") + rest;
+  }
+
+  // The soonest ending is the one shown.
+  function showWarnings() {
+    var soonest = null;
+    Object.keys(warnings).forEach(function (kind) {
+      if (soonest === null || warnings[kind] < warnings[soonest]) {
+        soonest = kind;
+      }
+    });
+    warningElement.hidden = soonest === null;
+    if (soonest === null) {
+      warningElement.removeAttribute("data-kind");
+      window.clearInterval(warningTimer);
+      warningTimer = null;
+      return;
+    }
+    var left = Math.max(0, Math.ceil((warnings[soonest] - Date.now()) / 1000));
+    var text = WARNING_TEXT[soonest] || ["The console ends in ", "."];
+    warningElement.setAttribute("data-kind", soonest);
+    warningShown.textContent = text[0] + formatSeconds(left) + text[1];
+    if (warningTimer === null) {
+      warningTimer = window.setInterval(showWarnings, 1000);
+    }
+  }
+
+  // --- The connection --------------------------------------------------------
 
   function onMessage(event) {
     var data = String(event.data);
@@ -272,6 +515,9 @@
     switch (type) {
       case "o":
         receivedUnits += payload.length;
+        // COUNT is what xterm.js has written (its write callback), never
+        // merely received: that is what the screen shows and what a
+        // reattach asks the server to continue after.
         term.write(payload, function () {
           pasteSampleWhenPrompted();
           writtenUnits += payload.length;
@@ -281,9 +527,20 @@
       case "s":
         if (payload === "ready") {
           setState("ready");
+        } else if (payload === "resumed") {
+          resumed();
         } else if (state === "connecting") {
           statusText.textContent = STATUS_TEXT[payload] || payload;
         }
+        break;
+      case "t":
+        rememberSecret(payload, socketUrl);
+        break;
+      case "w":
+        warnEnding(payload);
+        break;
+      case "c":
+        withdrawWarning(payload);
         break;
       case "n":
         statusText.textContent = payload;
@@ -292,7 +549,11 @@
         finish("ended", payload);
         break;
       case "e":
-        finish("error", payload);
+        if (reattaching) {
+          reattachError = payload;
+        } else {
+          finish("error", payload);
+        }
         break;
       default:
         // Unknown types are ignored, so that the server can add messages
@@ -306,7 +567,9 @@
       clearTimeout(ackTimer);
       ackTimer = null;
     }
-    if (authenticated && writtenUnits > ackedUnits) {
+    // After pagehide the saved screen's COUNT must stay at or above what the
+    // server has seen acknowledged, or the next page's `A` is refused.
+    if (authenticated && !leaving && writtenUnits > ackedUnits) {
       ackedUnits = writtenUnits;
       send("k", String(writtenUnits));
     }
@@ -324,8 +587,20 @@
     var wasOpen = authenticated;
     authenticated = false;
     socket = null;
+    if (state === "ended" || state === "error") {
+      return;  // `x` or `e` came first and said why
+    }
     var reason = event.reason || "";
-    if (event.code === 3000) {
+    var refusal = reattachError;
+    reattaching = false;
+    reattachError = null;
+    if (event.code === REFUSED) {
+      reattachRefused();
+    } else if (refusal !== null) {
+      finish("error", refusal);
+    } else if (attached !== null && !FINAL_CLOSES[event.code]) {
+      reconnectLater();
+    } else if (event.code === 3000) {
       finish("ended", reason);
     } else if (event.code >= 4000 && event.code < 5000) {
       finish("error", reason);
@@ -339,6 +614,131 @@
     }
   }
 
+  var socketUrl = "";  // the SockJS URL of the socket in use (stored with `t`)
+
+  // One SockJS connection; `greet` sends its first message once it is open.
+  // A replaced socket's late events are ignored.
+  function openSocket(url, greet) {
+    var transports = requestedTransports();
+    // The page gives a URL relative to itself (the site may be under a base
+    // path); sockjs-client wants an absolute one.
+    var opened = new SockJS(new URL(url, location.href).href, null,
+                            transports ? {transports: transports} : {});
+    socket = opened;
+    socketUrl = url;
+    lastSize = "";  // every connection gets the size once
+    opened.onopen = function () {
+      if (opened === socket) {
+        greet(opened);
+      }
+    };
+    opened.onmessage = function (event) {
+      if (opened === socket && !leaving) {
+        onMessage(event);
+      }
+    };
+    opened.onclose = function (event) {
+      if (opened === socket && !leaving) {
+        onClose(event);
+      }
+    };
+  }
+
+  function greetWithToken() {
+    pageTokenUsed = true;
+    send("a", metaContent("shellserver-token"));
+    authenticated = true;
+    reportSize();
+    send("k", "0");  // this page acknowledges output
+  }
+
+  // `A SECRET,COUNT` once every output received has been written: xterm.js
+  // calls back in order, so an empty write's callback comes after them all.
+  function greetWithSecret(opened) {
+    term.write("", function () {
+      if (opened !== socket || attached === null) {
+        return;
+      }
+      receivedUnits = writtenUnits;
+      ackedUnits = writtenUnits;  // COUNT acknowledges everything before it
+      reattaching = true;
+      reattachError = null;
+      send("A", attached.secret + "," + writtenUnits);
+    });
+  }
+
+  // `s resumed`: the output from COUNT on follows, then live output.
+  function resumed() {
+    reattaching = false;
+    authenticated = true;
+    droppedAt = null;
+    reconnectDelay = RECONNECT_FIRST_MS;
+    setState("ready");
+    reportSize();
+    send("k", String(ackedUnits));  // this connection acknowledges output too
+  }
+
+  var reconnectTimer = null;
+
+  function cancelReconnect() {
+    if (reconnectTimer !== null) {
+      window.clearTimeout(reconnectTimer);
+      reconnectTimer = null;
+    }
+  }
+
+  // Backoff from 0.25 s doubling to 5 s, until the console's grace has
+  // passed since the drop; the terminal stays as it is meanwhile.
+  function reconnectLater() {
+    if (state !== "reconnecting") {
+      reconnectDelay = RECONNECT_FIRST_MS;
+      setState("reconnecting");
+    }
+    if (droppedAt === null) {
+      droppedAt = Date.now();
+    }
+    if (Date.now() - droppedAt >= attached.grace * 1000) {
+      finish("ended", "The connection was lost for longer than the console waits. " +
+        "Start a new console to continue.");
+      return;
+    }
+    cancelReconnect();
+    reconnectTimer = window.setTimeout(function () {
+      reconnectTimer = null;
+      openSocket(attached.url, greetWithSecret);
+    }, reconnectDelay);
+    reconnectDelay = Math.min(reconnectDelay * 2, RECONNECT_MAX_MS);
+  }
+
+  // 4005: the console is gone (or this secret no longer opens it). A fresh
+  // page still has its token and starts a new console on a clean terminal;
+  // a page that has used its token can only say so.
+  function reattachRefused() {
+    forgetConsole();
+    if (pageTokenUsed) {
+      finish("ended", "The console ended while the connection was down. " +
+        "Start a new console to continue.");
+      return;
+    }
+    droppedAt = null;
+    term.reset();
+    receivedUnits = writtenUnits = ackedUnits = 0;
+    setState("connecting");
+    openSocket(metaContent("shellserver-sockjs-url"), greetWithToken);
+  }
+
+  // After a reload: the saved screen first, then `A` for the output after it.
+  function reattachLeftConsole(left) {
+    attached = { id: left.id, secret: left.secret, grace: left.grace, url: left.url };
+    var screen = savedScreen(left.id, left.count);
+    if (screen) {
+      term.write(screen);
+    }
+    receivedUnits = writtenUnits = ackedUnits = left.count;
+    droppedAt = left.leftAt;  // the grace has been running since the reload
+    openSocket(left.url, greetWithSecret);
+  }
+
   function connect() {
     var token = metaContent("shellserver-token");
     var url = metaContent("shellserver-sockjs-url");
@@ -346,18 +746,45 @@
       setState("error", "This page is missing its console token.");
       return;
     }
-    var transports = requestedTransports();
-    // The page gives a URL relative to itself (the site may be under a base
-    // path); sockjs-client wants an absolute one.
-    socket = new SockJS(new URL(url, location.href).href, null, transports ? {transports: transports} : {});
-    socket.onopen = function () {
-      send("a", token);
-      authenticated = true;
-      reportSize();
-      send("k", "0");  // this page acknowledges output
-    };
-    socket.onmessage = onMessage;
-    socket.onclose = onClose;
+    var left = claimLeftConsole();
+    if (left !== null && typeof left.count === "number") {
+      reattachLeftConsole(left);
+    } else {
+      openSocket(url, greetWithToken);
+    }
+  }
+
+  window.addEventListener("pagehide", function () {
+    if (leaving) {
+      return;
+    }
+    leaving = true;
+    cancelReconnect();
+    if (attached !== null && state !== "ended" && state !== "error") {
+      saveScreen();
+    }
+  });
+  // A page restored from the back/forward cache has a dead connection and a
+  // used token: load it afresh, which takes the console back.
+  window.addEventListener("pageshow", function (event) {
+    if (event.persisted) {
+      window.location.reload();
+    }
+  });
+
+  // The host page's Close button (embed.js) ends the console on purpose:
+  // `q` ends it at once instead of leaving it waiting for a reattach.
+  // `done` runs once the server has closed the connection (or at once when
+  // there is none), so that the host does not cut a `q` still in flight.
+  function endOnPurpose(done) {
+    forgetConsole();
+    cancelReconnect();
+    if (!authenticated || socket === null) {
+      done();
+      return;
+    }
+    socket.addEventListener("close", done);
+    send("q", "");
   }
 
   // The touch key bar: what each button sends. Arrows follow the terminal's
@@ -408,12 +835,18 @@
   var pendingSample = null;
   window.addEventListener("message", function (event) {
     if (event.source !== window.parent || window.parent === window ||
-        event.origin !== hostOrigin || !event.data ||
-        event.data.shellserver !== "sample" || typeof event.data.code !== "string") {
+        event.origin !== hostOrigin || !event.data) {
       return;
     }
-    pendingSample = event.data.code;
-    pasteSampleWhenPrompted();
+    if (event.data.shellserver === "end") {
+      endOnPurpose(function () {
+        // The host removes this frame once told (or after a short wait).
+        window.parent.postMessage({ shellserver: "ended" }, hostOrigin);
+      });
+    } else if (event.data.shellserver === "sample" && typeof event.data.code === "string") {
+      pendingSample = event.data.code;
+      pasteSampleWhenPrompted();
+    }
   });
 
   function pasteSampleWhenPrompted() {
@@ -466,6 +899,9 @@
         // refusal page would explain too, but here the visitor keeps the
         // transcript of the console that ended).
         if (!status || status.accepting !== false) {
+          // Asked for a new console: the reload must not take this one back.
+          forgetConsole();
+          cancelReconnect();
           window.location.reload();
           return;
         }

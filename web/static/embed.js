@@ -48,6 +48,9 @@
     }
   }
   var serviceOrigin = base.origin;
+  // How long Close waits for the console page to confirm that it has ended
+  // its console before removing the frame anyway.
+  var END_WAIT_MS = 1500;
   var MIN_HEIGHT = 360; // about 20 terminal rows
   // Re-checking /status while not accepting: first after FIRST_RETRY_MS,
   // doubling up to MAX_RETRY_MS, so a paused service sees at most one cheap
@@ -189,7 +192,28 @@
     if (!this.frame) {
       return;
     }
-    this.frame.remove(); // the console ends with its connection
+    // Closing is ending on purpose: the console page sends `q`, so that the
+    // console ends now rather than wait for a reattach (docs/protocol.md),
+    // and says "ended"; the frame goes then, or after a short wait.
+    var frame = this.frame;
+    frame.style.display = "none";
+    var removed = false;
+    function removeFrame(event) {
+      if (event && (event.source !== frame.contentWindow || event.origin !== serviceOrigin ||
+                    !event.data || event.data.shellserver !== "ended")) {
+        return;
+      }
+      if (!removed) {
+        removed = true;
+        window.removeEventListener("message", removeFrame);
+        frame.remove();
+      }
+    }
+    window.addEventListener("message", removeFrame);
+    window.setTimeout(removeFrame, END_WAIT_MS);
+    if (frame.contentWindow) {
+      frame.contentWindow.postMessage({ shellserver: "end" }, serviceOrigin);
+    }
     this.frame = null;
     if (this.observer) {
       this.observer.disconnect();
