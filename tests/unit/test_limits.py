@@ -131,7 +131,7 @@ class GuardTests(SynchronousTestCase):
         """Peers without an IP address (a local proxy) are not capped."""
         for _ in range(5):
             protocol = self.guard.buildProtocol(UNIXAddress(None))
-            transport = AbortableTransport()
+            transport = AbortableTransport(address=UNIXAddress(None))
             protocol.makeConnection(transport)
             self.assertFalse(transport.aborted)
 
