@@ -33,6 +33,10 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+
+# Twisted exports only proxyEndpoint; its wrapper is how a connection behind
+# a PROXY header is recognised (tests/unit/test_limits.py pins it).
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -96,6 +100,22 @@ def _address_host(address: IAddress | None) -> str | None:
     return getattr(address, "host", None)
 
 
+def _behind_proxy_header(transport) -> bool:
+    """Whether ``transport`` (or one it is layered on, as TLS is on the
+    PROXY wrapper of a C{haproxy:ssl:} listener) reads a PROXY header first.
+
+    Twisted's PROXY wrapper connects the protocols it wraps at accept time,
+    before the header arrives, and only then does C{getPeer()} name the
+    visitor instead of the balancer; it passes nothing on (no data, hence no
+    TLS handshake) before the header is read."""
+    while transport is not None:
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return True
+        # vars(): a ProtocolWrapper answers any other name from its transport.
+        transport = vars(transport).get("transport") if hasattr(transport, "__dict__") else None
+    return False
+
+
 class _RefusedConnection(Protocol):
     """A connection over a cap (in all, or per address): reset at once, nothing read."""
 
@@ -111,7 +131,14 @@ class _GuardedConnection(ProtocolWrapper):
 
     factory: ConnectionGuard
     transport: IConnectionTransport
+    # The client's IP address, counted against its cap; None until known
+    # (behind a PROXY header) and for peers without one (UNIX sockets).
     address: str | None = None
+    # Behind a PROXY header whose visitor is not attributed yet.
+    _awaiting_visitor = False
+    # Refused for its address: nothing more passes to the wrapped protocol.
+    _refused = False
+    _wrapped_connected = False
     _handshake: IDelayedCall | None = None
     _closing: IDelayedCall | None = None
 
@@ -126,22 +153,53 @@ class _GuardedConnection(ProtocolWrapper):
         directlyProvides(self, providedBy(transport) - ISSLTransport)
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
+        if _behind_proxy_header(transport):
+            # The peer is the balancer until the header is read: the visitor
+            # is attributed at the first data or TLS handshake that follows.
+            # Meanwhile max_connections and the deadlines bound it.
+            self._awaiting_visitor = True
+        elif not self.factory.attribute(self, _address_host(transport.getPeer())):
+            self._refuse()
+            return
         if self.secure:
             self._handshake = self.factory.clock.callLater(
                 self.factory.limits.tls_handshake_timeout, self._handshake_too_slow)
+        self._wrapped_connected = True
         # It provides the transport's interfaces (directlyProvides above).
         self.wrappedProtocol.makeConnection(cast(ITransport, self))
+
+    def _visitor_known(self) -> bool:
+        """Attribute the connection to the visitor the PROXY header named,
+        once, and say whether it may go on (else it is being reset)."""
+        if self._awaiting_visitor:
+            self._awaiting_visitor = False
+            if not self.factory.attribute(self, _address_host(self.transport.getPeer())):
+                self._refuse()
+        return not self._refused
+
+    def _refuse(self) -> None:
+        self._refused = True
+        _cancel(self._handshake)
+        self._handshake = None
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._visitor_known():
+            super().dataReceived(data)
 
     def _handshake_too_slow(self) -> None:
         self._handshake = None
         self.factory.client_events.info(
-            self.address, "slow handshake",
-            "TLS handshake from {peer} took too long: dropped", peer=self.address)
+            self.address or _address_host(self.transport.getPeer()), "slow handshake",
+            "TLS handshake from {peer} took too long: dropped",
+            peer=self.address or _address_host(self.transport.getPeer()))
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
         _cancel(self._handshake)
         self._handshake = None
+        if not self._visitor_known():
+            return
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
@@ -158,7 +216,13 @@ class _GuardedConnection(ProtocolWrapper):
         for call in (self._handshake, self._closing):
             _cancel(call)
         self._handshake = self._closing = None
-        super().connectionLost(reason)
+        if self._wrapped_connected:
+            super().connectionLost(reason)
+        else:
+            # Refused before the wrapped protocol was connected: it has
+            # nothing to lose.
+            self.factory.unregisterProtocol(self)
+            self.wrappedProtocol = None
 
 
 def _cancel(call: IDelayedCall | None) -> None:
@@ -214,7 +278,6 @@ class ConnectionGuard(WrappingFactory):
     # Twisted types WrappingFactory.buildProtocol as returning its wrapper;
     # a listener takes any protocol, and a refused one needs no wrapper.
     def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
-        host = _address_host(addr)
         if self._total >= self.limits.max_connections:
             if not self._full:
                 self._full = True
@@ -222,8 +285,17 @@ class ConnectionGuard(WrappingFactory):
                          "refusing more", count=self._total)
             self._count_refusal("max_connections")
             return _RefusedConnection()
-        if host is not None and self.connections_from(host) >= \
-                self.limits.max_connections_per_address:
+        # The per-address cap waits for the connection's address, which
+        # behind a PROXY header is not ``addr`` (the balancer's): see
+        # _GuardedConnection.makeConnection and attribute().
+        return super().buildProtocol(addr)
+
+    def attribute(self, protocol: _GuardedConnection, host: str | None) -> bool:
+        """Count ``protocol`` against ``host``'s cap, or refuse it (False)
+        when ``host`` already holds C{max_connections_per_address}."""
+        if host is None:
+            return True
+        if self.connections_from(host) >= self.limits.max_connections_per_address:
             if host not in self._refusing:
                 # Logged once per episode, not once per connection of a flood.
                 self._refusing.add(host)
@@ -234,10 +306,10 @@ class ConnectionGuard(WrappingFactory):
                     "{address} holds {count} connections: refusing more",
                     address=host, count=self.connections_from(host))
             self._count_refusal("per_address")
-            return _RefusedConnection()
-        protocol = cast(_GuardedConnection, super().buildProtocol(addr))
+            return False
         protocol.address = host
-        return protocol
+        self._per_address[host] = self.connections_from(host) + 1
+        return True
 
     def _count_refusal(self, limit: str) -> None:
         if self.metrics is not None:
@@ -246,8 +318,6 @@ class ConnectionGuard(WrappingFactory):
     def registerProtocol(self, p: _GuardedConnection) -> None:
         super().registerProtocol(p)
         self._total += 1
-        if p.address is not None:
-            self._per_address[p.address] = self.connections_from(p.address) + 1
 
     def unregisterProtocol(self, p: _GuardedConnection) -> None:
         super().unregisterProtocol(p)

@@ -205,3 +205,57 @@ def test_untrusted_x_forwarded_for_is_ignored(forwarding_server):
     finally:
         for client in clients:
             client.close()
+
+
+# Two connections per address; the balancer (127.0.0.1) forwards more.
+TWO_CONNECTIONS = "max_connections_per_address = 2\n"
+
+
+@pytest.fixture(scope="module")
+def capped_proxied_server(tmp_path_factory):
+    """A haproxy:ssl: server allowing two connections per address."""
+    srv = start_server(tmp_path_factory.mktemp("capped"), uid_min=253000, uid_max=253099,
+                       server=TWO_CONNECTIONS, listen_prefix="haproxy:")
+    yield srv
+    srv.stop()
+
+
+def held_connection(server, header: bytes) -> http.client.HTTPConnection:
+    """A keep-alive connection sent through ``header`` that has had one
+    request answered (so the server has read its PROXY header and TLS)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.sock = proxied_socket(server, header)
+    connection.request("GET", "/embed.js")
+    response = connection.getresponse()
+    response.read()
+    assert response.status == 200
+    return connection
+
+
+def answered(server, header: bytes) -> bool:
+    """Whether a request sent through ``header`` is answered (a connection
+    over the cap is reset after its handshake, or during it)."""
+    try:
+        with proxied_socket(server, header) as sock:
+            sock.sendall(f"GET /embed.js HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            return read_response(sock).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("version", [proxy_v1, proxy_v2], ids=["v1", "v2"])
+def test_connection_cap_counts_the_visitor(capped_proxied_server, version):
+    """Through one balancer address, a visitor holding max_connections_per_address
+    connections is refused another while a second visitor still connects."""
+    last = 1 if version is proxy_v1 else 2
+    first, second = f"192.0.2.{last}", f"192.0.2.{last + 10}"
+    held = [held_connection(capped_proxied_server, version(first)) for _ in range(2)]
+    try:
+        assert not answered(capped_proxied_server, version(first))
+        assert answered(capped_proxied_server, version(second))
+    finally:
+        for connection in held:
+            connection.close()
+    assert f"{first} holds 2 connections: refusing more" in capped_proxied_server.log()
+    assert "127.0.0.1 holds" not in capped_proxied_server.log()

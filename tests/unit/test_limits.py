@@ -7,6 +7,7 @@ from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from zope.interface import directlyProvides, implementer
@@ -131,9 +132,90 @@ class GuardTests(SynchronousTestCase):
         """Peers without an IP address (a local proxy) are not capped."""
         for _ in range(5):
             protocol = self.guard.buildProtocol(UNIXAddress(None))
-            transport = AbortableTransport()
+            transport = AbortableTransport(address=UNIXAddress(None))
             protocol.makeConnection(transport)
             self.assertFalse(transport.aborted)
+
+    def proxied(self, header=b"", *, tls=False):
+        """A connection accepted from the balancer (127.0.0.1) by Twisted's
+        PROXY wrapper around the guard, sent ``header``: its PROXY wrapper,
+        guarded connection and transport."""
+        balancer = peer("127.0.0.1", 50000)
+        proxy = HAProxyWrappingFactory(self.guard).buildProtocol(balancer)
+        transport = AbortableTransport(tls=tls, address=balancer)
+        proxy.makeConnection(transport)
+        if header:
+            proxy.dataReceived(header)
+        return proxy, proxy.wrappedProtocol, transport
+
+    def test_proxy_wrapper_recognised(self):
+        """Twisted's PROXY wrapper is still the class the guard recognises,
+        and still connects the guard at accept time, before the header."""
+        proxy, guarded, _ = self.proxied()
+        self.assertIsInstance(proxy, HAProxyProtocolWrapper)
+        self.assertTrue(guarded.connected)
+        self.assertTrue(guarded._awaiting_visitor)
+
+    def test_proxy_visitors_capped_apart(self):
+        """Behind a PROXY header the cap counts the visitor the header names:
+        a visitor past it is reset, another through the same balancer is not."""
+        for _ in range(2):
+            _, _, transport = self.proxied(b"PROXY TCP4 192.0.2.1 10.0.0.1 4000 443\r\nhi")
+            self.assertEqual(transport.value(), b"hi")
+        _, _, refused = self.proxied(b"PROXY TCP4 192.0.2.1 10.0.0.1 4001 443\r\nhi")
+        self.assertTrue(refused.aborted)
+        self.assertEqual(refused.value(), b"")
+        _, _, other = self.proxied(b"PROXY TCP4 192.0.2.2 10.0.0.1 4002 443\r\nhi")
+        self.assertFalse(other.aborted)
+        self.assertEqual(self.guard.connections_from("192.0.2.1"), 2)
+        self.assertEqual(self.guard.connections_from("127.0.0.1"), 0)
+
+    def test_proxy_visitor_attributed_at_handshake(self):
+        """Behind PROXY and TLS the visitor is attributed when the handshake
+        completes, which cannot happen before the header has been read."""
+        _, guarded, _ = self.proxied(b"PROXY TCP4 192.0.2.1 10.0.0.1 4000 443\r\n", tls=True)
+        self.assertEqual(self.guard.connections_from("192.0.2.1"), 0)
+        guarded.handshakeCompleted()
+        self.assertEqual(self.guard.connections_from("192.0.2.1"), 1)
+        self.assertEqual(guarded.address, "192.0.2.1")
+
+    def test_proxy_header_pending_counts_in_all(self):
+        """A connection still waiting for its PROXY header counts against
+        max_connections (and no address); closing it leaves nothing behind."""
+        limits = ConnectionLimits(max_connections=2, max_connections_per_address=2)
+        self.guard = ConnectionGuard(Factory.forProtocol(Echo), limits, self.clock)
+        first, _, _ = self.proxied()
+        second, _, _ = self.proxied(b"PROXY TCP4 192.0.2.1 10.0.0.1 4000 443\r\nhi")
+        self.assertEqual(self.guard.connections, 2)
+        self.assertEqual(self.guard._per_address, {"192.0.2.1": 1})
+        _, _, refused = self.proxied()
+        self.assertTrue(refused.aborted)
+        for proxy in (first, second):
+            proxy.connectionLost(None)
+        self.assertEqual(self.guard.connections, 0)
+        self.assertEqual(self.guard._per_address, {})
+
+    def test_proxy_header_pending_handshake_deadline(self):
+        """A TLS connection whose PROXY header never arrives is aborted at
+        the handshake deadline."""
+        _, _, transport = self.proxied(b"PROXY TCP4 192.0", tls=True)
+        self.clock.advance(LIMITS.tls_handshake_timeout + 0.1)
+        self.assertTrue(transport.aborted)
+
+    def test_refused_connections_leave_counts_balanced(self):
+        """Connections refused for their address, directly or behind a PROXY
+        header, count nothing once closed; the address is forgotten at zero."""
+        held = [self.connect("192.0.2.1")[0] for _ in range(2)]
+        refused_direct, transport = self.connect("192.0.2.1")
+        self.assertTrue(transport.aborted)
+        refused_proxied, _, transport = self.proxied(
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 4000 443\r\nhi")
+        self.assertTrue(transport.aborted)
+        self.assertEqual(self.guard.connections, 4)
+        for protocol in (refused_direct, refused_proxied, *held):
+            protocol.connectionLost(None)
+        self.assertEqual(self.guard.connections, 0)
+        self.assertEqual(self.guard._per_address, {})
 
     def test_handshake_deadline(self):
         """A TLS connection whose handshake does not finish in time is aborted."""

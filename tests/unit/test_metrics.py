@@ -2,6 +2,7 @@
 
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -207,6 +208,19 @@ class LimitMetricsTests(SynchronousTestCase):
         for _ in range(3):
             protocol = guard.buildProtocol(peer())
             protocol.makeConnection(AbortableTransport(address=peer()))
+        self.assertEqual(metrics.value("shellserver_requests_rejected_total",
+                                       limit="per_address"), 1)
+
+    def test_proxied_connection_refusals_counted(self):
+        """Only connections past the cap for the visitor a PROXY header names
+        count under per_address (not those of other visitors)."""
+        guard = ConnectionGuard(Factory.forProtocol(Echo), LIMITS, Clock())
+        guard.metrics = metrics = Metrics()
+        proxy = HAProxyWrappingFactory(guard)
+        for visitor in (b"192.0.2.1", b"192.0.2.1", b"192.0.2.2", b"192.0.2.1"):
+            protocol = proxy.buildProtocol(peer())
+            protocol.makeConnection(AbortableTransport(address=peer()))
+            protocol.dataReceived(b"PROXY TCP4 %s 10.0.0.1 4000 443\r\nx" % (visitor,))
         self.assertEqual(metrics.value("shellserver_requests_rejected_total",
                                        limit="per_address"), 1)
 
