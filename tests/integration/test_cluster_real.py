@@ -662,10 +662,17 @@ def test_proxy_protocol_visitor_is_limited_across_nodes(proxied_cluster):
         through_y = console_page(y, "127.0.0.1", {"X-Forwarded-For": other})
         assert proxied_outcome(proxied_cluster, through_y, other, y.public_url) == "console"
         # 127.0.0.3 is no trusted proxy: its header names nobody, it is itself.
+        # Its console must be Y's (X would need a PROXY header naming
+        # 127.0.0.3), and placement picks the less loaded node from views up
+        # to a heartbeat old, with consoles in their reattach grace counted:
+        # X's own kill-switch file takes X out of placement so Y is certain.
+        x.kill_switch.write_text("")
+        assert wait_until(lambda: proxied_cluster.entry("Y", "X")["accepting"] is False,
+                          timeout=10)
         status, page = console_page(y, "127.0.0.3", {"X-Forwarded-For": first})
         assert status == 200, page[:300]
         target = proxied_cluster.node_at(sockjs_url(page))
-        assert target.name == "Y"  # X would need a PROXY header naming 127.0.0.3
+        assert target.name == "Y"
         untrusted = ConsoleClient(y.server, origin=y.public_url, source="127.0.0.3",
                                   headers=[f"X-Forwarded-For: {first}"])
         try:
@@ -674,7 +681,9 @@ def test_proxy_protocol_visitor_is_limited_across_nodes(proxied_cluster):
         finally:
             untrusted.close()
     finally:
+        x.kill_switch.unlink(missing_ok=True)
         client.close()
+    assert wait_until(lambda: proxied_cluster.entry("Y", "X")["accepting"] is True, timeout=10)
     assert f"from {first}" in target.server.log() or f"from {first}" in x.server.log()
 
 
