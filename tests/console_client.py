@@ -49,6 +49,13 @@ def utf16_units(text: str) -> int:
     return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class StreamingWire:
     """One SockJS session over xhr-streaming (receiving) and xhr_send (sending),
     over TLS, through ``port`` (the server's, or a proxy's in front of it)."""
@@ -59,6 +66,10 @@ class StreamingWire:
         self.received: queue.Queue = queue.Queue()
         self._socket = None
         self._cut = False
+        # cut() and the reader's next request (a response ends at the
+        # response limit, mid-flood often) must not cross: a request sent
+        # just after a cut would keep the session's receiver alive.
+        self._lock = threading.Lock()
         self._opened = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -74,7 +85,12 @@ class StreamingWire:
                 connection = self._connection()
                 connection.request("POST", self.url + "/xhr_streaming",
                                    headers={"Origin": self.origin})
-                self._socket = connection.sock
+                with self._lock:
+                    self._socket = connection.sock
+                    cut = self._cut
+                if cut:
+                    _shut(connection.sock)
+                    break
                 response = connection.getresponse()
                 if response.status != 200:
                     self.received.put(("lost", f"xhr_streaming answered {response.status}"))
@@ -119,13 +135,13 @@ class StreamingWire:
             return ("timeout",)
 
     def cut(self) -> None:
-        """Drop the TCP connection under the stream, as a network change does."""
-        self._cut = True
-        if self._socket is not None:
-            try:
-                self._socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        """Drop the TCP connection under the stream, as a network change does
+        (and make no new one)."""
+        with self._lock:
+            self._cut = True
+            sock = self._socket
+        if sock is not None:
+            _shut(sock)
 
     def close(self) -> None:
         self.cut()

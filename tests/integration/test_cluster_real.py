@@ -82,13 +82,32 @@ class Cluster:
                                       for node in self.nodes.values() if node.running()),
                           timeout=timeout, interval=0.1)
 
+    def sees(self, seen_from: str, names: set[str], **fields) -> bool:
+        """Whether ``seen_from``'s /status lists exactly the nodes ``names``,
+        each with ``fields`` (e.g. accepting=False)."""
+        entries = self[seen_from].status()["cluster"]["nodes"]
+        return {entry["name"] for entry in entries} == names and all(
+            entry[key] == value for entry in entries for key, value in fields.items())
+
+    def all_see(self, names: set[str], **fields) -> bool:
+        """Whether every running node's view lists nodes ``names`` with
+        ``fields``: placement, asked of any node, goes by that view."""
+        return all(self.sees(node.name, names, **fields)
+                   for node in self.nodes.values() if node.running())
+
     def wait_idle(self) -> None:
-        """Until every node says (to the others too) it runs no console and
-        takes new ones (a previous test's switch files are gone)."""
-        assert wait_until(lambda: all(entry["active"] == 0 and entry["accepting"]
-                                      and not entry["draining"] for entry in
-                                      self["A"].status()["cluster"]["nodes"]),
-                          timeout=20, interval=0.1), self["A"].status()
+        """Until every running node's view (placement decides from its own,
+        up to a heartbeat old) lists every running node as running no
+        console and taking new ones (a previous test's consoles in their
+        reattach grace have ended, its switch files are gone)."""
+        names = {node.name for node in self.nodes.values() if node.running()}
+        # The reattach grace (10 s in tests), the sandbox's teardown after
+        # it and a heartbeat: slack for a busy 2-core machine.
+        assert wait_until(lambda: self.all_see(names, active=0, accepting=True,
+                                               draining=False),
+                          timeout=30, interval=0.1), {
+            node.name: node.status()["cluster"]["nodes"] for node in self.nodes.values()
+            if node.running()}
 
 
 @pytest.fixture(scope="module")
@@ -474,8 +493,12 @@ def test_sigkilled_node_leaves_and_returns(cluster):
             assert node.name == name
             clients.append(client)
             cluster[name].kill_switch.write_text("")
-        assert wait_until(lambda: not cluster.entry("C", "A")["accepting"]
-                          and not cluster.entry("C", "B")["accepting"], timeout=10)
+        # Placement asked of A goes by A's view: wait until A (and every
+        # node) sees A and B paused, not only C.
+        assert wait_until(lambda: all(
+            (cluster.entry(seen_from, "A") or {}).get("accepting") is False
+            and (cluster.entry(seen_from, "B") or {}).get("accepting") is False
+            for seen_from in "ABC"), timeout=10)
         assert placed_on(cluster, cluster["A"]).name == "C"
         cluster["C"].kill()
         killed = time.monotonic()
@@ -490,6 +513,8 @@ def test_sigkilled_node_leaves_and_returns(cluster):
             assert answers(client)
         cluster["C"].start()
         assert cluster.wait_members({"A", "B", "C"})
+        assert wait_until(lambda: (cluster.entry("B", "C") or {}).get("accepting") is True,
+                          timeout=10)
         assert placed_on(cluster, cluster["B"]).name == "C"
         for client in clients:
             assert answers(client)
@@ -662,10 +687,17 @@ def test_proxy_protocol_visitor_is_limited_across_nodes(proxied_cluster):
         through_y = console_page(y, "127.0.0.1", {"X-Forwarded-For": other})
         assert proxied_outcome(proxied_cluster, through_y, other, y.public_url) == "console"
         # 127.0.0.3 is no trusted proxy: its header names nobody, it is itself.
+        # Its console must be Y's (X would need a PROXY header naming
+        # 127.0.0.3), and placement picks the less loaded node from views up
+        # to a heartbeat old, with consoles in their reattach grace counted:
+        # X's own kill-switch file takes X out of placement so Y is certain.
+        x.kill_switch.write_text("")
+        assert wait_until(lambda: proxied_cluster.entry("Y", "X")["accepting"] is False,
+                          timeout=10)
         status, page = console_page(y, "127.0.0.3", {"X-Forwarded-For": first})
         assert status == 200, page[:300]
         target = proxied_cluster.node_at(sockjs_url(page))
-        assert target.name == "Y"  # X would need a PROXY header naming 127.0.0.3
+        assert target.name == "Y"
         untrusted = ConsoleClient(y.server, origin=y.public_url, source="127.0.0.3",
                                   headers=[f"X-Forwarded-For: {first}"])
         try:
@@ -674,7 +706,9 @@ def test_proxy_protocol_visitor_is_limited_across_nodes(proxied_cluster):
         finally:
             untrusted.close()
     finally:
+        x.kill_switch.unlink(missing_ok=True)
         client.close()
+    assert wait_until(lambda: proxied_cluster.entry("Y", "X")["accepting"] is True, timeout=10)
     assert f"from {first}" in target.server.log() or f"from {first}" in x.server.log()
 
 

@@ -44,7 +44,8 @@ def server(tmp_path_factory):
 
 class DroppingProxy:
     """A loopback TCP proxy in front of the server whose connections can be
-    dropped all at once (as a NAT or a proxy timing out does)."""
+    dropped all at once (as a NAT or a proxy timing out does), staying down
+    (resetting new connections) until restored."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -52,6 +53,10 @@ class DroppingProxy:
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
+        # Down: a connection arriving after drop() (an xhr-streaming client
+        # opens its next response mid-flood) is reset too, else it would
+        # carry the session on and the server would never see it dropped.
+        self.down = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -62,6 +67,11 @@ class DroppingProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self.lock:
+                if self.down:
+                    # Nothing was relayed yet: the server saw no request.
+                    _reset(client)
+                    _reset(upstream)
+                    continue
                 self.sockets += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._relay, args=(source, sink), daemon=True).start()
@@ -75,20 +85,32 @@ class DroppingProxy:
             pass
 
     def drop(self) -> None:
-        """Reset every connection through the proxy, both sides."""
+        """Reset every connection through the proxy, both sides, and every
+        new one until `restore`."""
         with self.lock:
+            self.down = True
             sockets, self.sockets = self.sockets, []
         for sock in sockets:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            _reset(sock)
+
+    def restore(self) -> None:
+        """Relay new connections again."""
+        with self.lock:
+            self.down = False
 
     def close(self) -> None:
         self.listener.close()
         self.drop()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset (no FIN): the peer sees it at once."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def started(server, **options) -> ConsoleClient:
@@ -108,9 +130,10 @@ def detached_count(server) -> int:
     return server.log().count("detached: it waits")
 
 
-def flood_cut_and_resume(server, client: ConsoleClient, cut, lines: int = 20000) -> None:
-    """Start the flood, cut the connection mid-flood with ``cut``, reattach,
-    and check that the whole stream arrived exactly once."""
+def flood_cut_and_resume(server, client: ConsoleClient, cut, lines: int = 20000,
+                         restore=lambda: None) -> None:
+    """Start the flood, cut the connection mid-flood with ``cut``, reattach
+    (after ``restore``), and check that the whole stream arrived exactly once."""
     detached = detached_count(server)
     client.type(FLOOD.replace("{lines}", str(lines)))
     assert client.wait_for(lambda c: c.written > 200_000, timeout=60)
@@ -124,6 +147,7 @@ def flood_cut_and_resume(server, client: ConsoleClient, cut, lines: int = 20000)
     # The server sees the connection go; the console waits, detached.
     assert wait_until(lambda: detached_count(server) > detached, timeout=GRACE)
     assert client.grace == GRACE
+    restore()
     before = client.written
     client.acknowledge = True
     client.reconnect()
@@ -154,7 +178,7 @@ def test_proxy_drop_mid_flood_resumes_exactly_once(server, transport):
     proxy = DroppingProxy(server.port)
     try:
         client = started(server, transport=transport, port=proxy.port)
-        flood_cut_and_resume(server, client, proxy.drop)
+        flood_cut_and_resume(server, client, proxy.drop, restore=proxy.restore)
         client.close()
     finally:
         proxy.close()
