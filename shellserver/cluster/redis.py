@@ -190,7 +190,7 @@ class RedisLink:
     # count as failed attempts for the backoff, which ClientService resets
     # on every TCP connection.
     _unusable: int = 0
-    _up_observers: list[Callable[[], None]] = field(factory=list)
+    _up_observers: list[Callable[[], object]] = field(factory=list)
     _state_observers: list[Callable[[bool], None]] = field(factory=list)
     _pending: set[defer.Deferred] = field(factory=set)
 
@@ -199,8 +199,9 @@ class RedisLink:
         """Why Redis refused our last login (AUTH, SELECT), if it did."""
         return self._last_refusal
 
-    def when_up(self, observer: Callable[[], None]) -> None:
-        """Call ``observer`` every time the link comes up (a rejoin)."""
+    def when_up(self, observer: Callable[[], object]) -> None:
+        """Call ``observer`` every time the link comes up (a rejoin); what
+        it returns is ignored."""
         self._up_observers.append(observer)
 
     def observe_state(self, observer: Callable[[bool], None]) -> None:
