@@ -213,14 +213,6 @@ def makeService(options: Options, *, reactor=None,
             reactor, os.path.join(runtime, "bin", "python"),
             os.path.join(os.path.dirname(prepared.pipes), "forkserver.sock"))
         starter.fork_server = fork_server
-    fork_server = None
-    if config.sandbox.fork_server:
-        from shellserver.sandbox.forked import ForkServer
-
-        fork_server = ForkServer(
-            reactor, os.path.join(runtime, "bin", "python"),
-            os.path.join(os.path.dirname(prepared.pipes), "forkserver.sock"))
-        starter.fork_server = fork_server
     admission = Admission(
         reactor,
         capacity=connections.capacity,
