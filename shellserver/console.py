@@ -268,7 +268,7 @@ class ConsoleSummary:
 class ConsoleSession:
     """The console protocol over one connection; the SockJS handler."""
 
-    _connection: SockJSConnection
+    _connection: Attachment | DetachedLine
     _clock: IReactorTime
     _tokens: TokenAuthority
     _sandboxes: ISandboxStarter
@@ -637,6 +637,8 @@ class ConsoleSession:
         decided.addErrback(self._admission_failed)
 
     def _token_spent(self, fresh: bool, claims) -> None:
+        # Only the admission's own answer (spend_token) comes here.
+        assert self._admission is not None
         if self.state == "ended":
             return
         if not fresh:
@@ -836,7 +838,7 @@ class Attachment:
     over, it has no console.
     """
 
-    _connection: object  # shellserver.sockjs.SockJSConnection
+    _connection: SockJSConnection
     _factory: ConsoleFactory
     console: ConsoleSession | None = None
     _first: bool = True
@@ -959,6 +961,7 @@ class ConsoleFactory:
                                      "reattach refused for {client}: {reason}",
                                      client=peer, reason=wrong)
             return wrong
+        assert match is not None and found is not None  # no ``wrong``: both were found
         console = found[0]
         refusal = console.reattach(attachment, int(match.group(2)))
         if refusal is None:

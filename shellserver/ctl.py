@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from typing import Any
 
 from twisted.internet import defer, task
 
@@ -56,7 +57,8 @@ def describe_view(view: View) -> list[str]:
 
 
 @defer.inlineCallbacks
-def run(reactor, arguments: argparse.Namespace, out) -> defer.Deferred:
+def run(reactor, arguments: argparse.Namespace,
+        out) -> Generator[defer.Deferred[Any], Any, None]:
     """Do the command; raises CtlError."""
     try:
         config = load_config_file(arguments.config)
@@ -73,8 +75,13 @@ def run(reactor, arguments: argparse.Namespace, out) -> defer.Deferred:
     except OSError as e:
         raise CtlError(f"cluster.redis_ca_file: {e}") from None
     link = RedisLink(reactor, endpoint, address, max(cluster.redis_timeout, 2.0))
-    up = defer.Deferred()
-    link.when_up(lambda: up.called or up.callback(None))
+    up: defer.Deferred[None] = defer.Deferred()
+
+    def came_up() -> None:
+        if not up.called:
+            up.callback(None)
+
+    link.when_up(came_up)
     link.start()
     try:
         try:
@@ -92,7 +99,8 @@ def run(reactor, arguments: argparse.Namespace, out) -> defer.Deferred:
 
 
 @defer.inlineCallbacks
-def _command(store: RedisClusterStore, arguments: argparse.Namespace, out):
+def _command(store: RedisClusterStore, arguments: argparse.Namespace,
+             out) -> Generator[defer.Deferred[Any], Any, None]:
     command = arguments.command
     if command == "status":
         view = yield store.read_view("")

@@ -152,7 +152,7 @@ def makeService(options: Options, *, reactor=None,
     twistd passes only the options: the global reactor, this process's
     environment (systemd's variables) and pid are used then.
     """
-    from shellserver.admission import Admission, KillSwitch
+    from shellserver.admission import Admission, IAdmission, KillSwitch
     from shellserver.auth import TokenAuthority
     from shellserver.console import ConsoleFactory, ConsoleSettings
     from shellserver.limits import ConnectionGuard, ConnectionLimits
@@ -213,14 +213,6 @@ def makeService(options: Options, *, reactor=None,
             reactor, os.path.join(runtime, "bin", "python"),
             os.path.join(os.path.dirname(prepared.pipes), "forkserver.sock"))
         starter.fork_server = fork_server
-    fork_server = None
-    if config.sandbox.fork_server:
-        from shellserver.sandbox.forked import ForkServer
-
-        fork_server = ForkServer(
-            reactor, os.path.join(runtime, "bin", "python"),
-            os.path.join(os.path.dirname(prepared.pipes), "forkserver.sock"))
-        starter.fork_server = fork_server
     admission = Admission(
         reactor,
         capacity=connections.capacity,
@@ -238,7 +230,8 @@ def makeService(options: Options, *, reactor=None,
         pool = SandboxPool(starter, reactor, config.sandbox.pool_size, room=admission.room,
                            metrics=metrics)
     # The web and console layers see only IAdmission: this node's, or a cluster's.
-    decisions, cluster = admission, None
+    decisions: IAdmission = admission
+    cluster = None
     if config.cluster.enabled:
         from shellserver.cluster.node import cluster_node
 

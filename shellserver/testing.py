@@ -10,10 +10,11 @@ import errno
 import math
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from shellserver.cluster.store import IClusterStore, NodeInfo, RedisUnavailable, View
@@ -294,7 +295,7 @@ class FakeClusterStore:
     ``calls`` records the operations asked for.
     """
 
-    clock: object
+    clock: IReactorTime
     up: bool = True
     failing: bool = False
     # When set, every call fails with it (a bug, or an answer nobody expected).
@@ -318,7 +319,7 @@ class FakeClusterStore:
         if self.error is not None:
             return fail(self.error)
         if self.hang:
-            d = Deferred()
+            d: Deferred[Any] = Deferred()
             self.waiting.append((d, answer))
             return d
         return succeed(answer())

@@ -8,6 +8,8 @@ what is weaker then); a call Redis does not answer in time counts the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -53,7 +55,7 @@ class _ClusterSlot:
     """A local slot whose release is also told to Redis."""
 
     _slot: Slot
-    _release_in_cluster: object  # Callable[[], None]
+    _release_in_cluster: Callable[[], None]
 
     @property
     def address(self) -> str:

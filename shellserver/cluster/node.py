@@ -53,16 +53,22 @@ def cluster_node(reactor, cluster: ClusterConfig, *, admission: Admission,
     switch = ClusterSwitch(admission, end_all)
     provider: ClusterAdmission | None = None
 
+    # The membership calls back only once started, after ``provider`` is set.
     def describe() -> NodeInfo:
+        assert provider is not None
         node = provider.describe()
         return NodeInfo(name=cluster.node_name, url=cluster.public_url,
                         accepting=node.accepting, active=node.active,
                         capacity=node.capacity, draining=node.draining,
                         started_at=started_at)
 
+    def active_by_address() -> dict[str, int]:
+        assert provider is not None
+        return provider.active_by_address()
+
     membership = Membership(store, reactor, cluster.node_name, cluster.public_url,
                             cluster.node_ttl, describe,
-                            lambda: provider.active_by_address(), switch.apply)
+                            active_by_address, switch.apply)
     provider = ClusterAdmission(admission, store, membership, reactor, cluster.node_ttl)
     # Back from an outage: announce ourselves at once, not a beat later.
     link.when_up(membership.beat)

@@ -20,7 +20,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -108,7 +108,7 @@ def parse_redis_url(url: str) -> RedisAddress:
     )
 
 
-def redis_endpoint(reactor, address: RedisAddress, ca_file: str = ""):
+def redis_endpoint(reactor, address: RedisAddress, ca_file: str = "") -> IStreamClientEndpoint:
     """A client endpoint for ``address``; for TLS, verifying Redis's
     certificate for its host name against ``ca_file`` (or the system CAs)."""
     if address.transport == "unix":
@@ -138,9 +138,13 @@ class _Protocol(txredisapi.RedisProtocol):
     def connectionMade(self):
         # AUTH and SELECT must be answered in time, or the connection goes.
         login = self.callLater(self._login_timeout, self.transport.abortConnection)
-        ready = self.whenConnected()
-        ready.addCallback(lambda _: login.active() and login.cancel())
-        self.whenDisconnected().addCallback(lambda _: login.active() and login.cancel())
+
+        def cancel_login(_) -> None:
+            if login.active():
+                login.cancel()
+
+        self.whenConnected().addCallback(cancel_login)
+        self.whenDisconnected().addCallback(cancel_login)
         return super().connectionMade()
 
 
@@ -173,7 +177,7 @@ class RedisLink:
     """One reconnecting connection to Redis, every call bounded by ``timeout``."""
 
     _clock: IReactorTime
-    _endpoint: object
+    _endpoint: IStreamClientEndpoint
     address: RedisAddress
     timeout: float
     _service: ClientService | None = None
@@ -186,7 +190,7 @@ class RedisLink:
     # count as failed attempts for the backoff, which ClientService resets
     # on every TCP connection.
     _unusable: int = 0
-    _up_observers: list[Callable[[], None]] = field(factory=list)
+    _up_observers: list[Callable[[], object]] = field(factory=list)
     _state_observers: list[Callable[[bool], None]] = field(factory=list)
     _pending: set[defer.Deferred] = field(factory=set)
 
@@ -195,8 +199,9 @@ class RedisLink:
         """Why Redis refused our last login (AUTH, SELECT), if it did."""
         return self._last_refusal
 
-    def when_up(self, observer: Callable[[], None]) -> None:
-        """Call ``observer`` every time the link comes up (a rejoin)."""
+    def when_up(self, observer: Callable[[], object]) -> None:
+        """Call ``observer`` every time the link comes up (a rejoin); what
+        it returns is ignored."""
         self._up_observers.append(observer)
 
     def observe_state(self, observer: Callable[[bool], None]) -> None:
@@ -259,8 +264,8 @@ class RedisLink:
                      redis=self.address.describe())
             for observer in list(self._state_observers):
                 observer(True)
-            for observer in list(self._up_observers):
-                observer()
+            for up_observer in list(self._up_observers):
+                up_observer()
 
     def _went_down(self) -> None:
         was_up, self.up = self.up, False

@@ -22,12 +22,13 @@ from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet import abstract, fdesc
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from shellserver.interfaces import IProcessReactor
 from shellserver.sandbox.spec import console_env
 
 log = Logger()
@@ -100,6 +101,8 @@ class ForkedLauncher(abstract.FileDescriptor):
     exited and its terminal has closed (so all its output was read).
     """
 
+    pid: int | None  # None once ended, as in Twisted's process transports
+
     def __init__(self, reactor, protocol: ProcessProtocol, master: int, pid: int,
                  pidfd: int, status: socket.socket) -> None:
         super().__init__(reactor)
@@ -160,6 +163,7 @@ class ForkedLauncher(abstract.FileDescriptor):
             return
         pid, self.pid = self.pid, None
         status = self._exit_status
+        reason: ProcessDone | ProcessTerminated
         if status == 0:
             reason = ProcessDone(0)
         elif status is None:
@@ -196,7 +200,7 @@ class _TemplateProtocol(ProcessProtocol):
 class ForkServer:
     """The template process: started, watched, restarted; asked for launchers."""
 
-    reactor: object  # IReactorProcess and IReactorTime
+    reactor: IProcessReactor
     python: str  # the console runtime's interpreter
     socket_path: str
     template: str = TEMPLATE
@@ -205,10 +209,10 @@ class ForkServer:
     restarts: int = 0
     pid: int | None = None
     _protocol: _TemplateProtocol | None = None
-    _transport: object = None
+    _transport: IProcessTransport | None = None
     _stopping: bool = False
     _retry: float = FIRST_RESTART
-    _restart_call: object = None
+    _restart_call: IDelayedCall | None = None
     _waiters: list = field(factory=list)
 
     def start(self) -> None:

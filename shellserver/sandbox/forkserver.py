@@ -81,6 +81,7 @@ class RunConsole(BaseException):
 def load_launcher():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
     module_spec = importlib.util.spec_from_file_location("shellserver_launcher", path)
+    assert module_spec is not None and module_spec.loader is not None  # a .py file's
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
@@ -204,11 +205,13 @@ def start_ipython(argv, env):
                                       errors="surrogateescape", write_through=True)
         sys.stderr = io.TextIOWrapper(open(2, "wb", 0, closefd=False), encoding="utf-8",
                                       errors="backslashreplace", write_through=True)
-        sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+        # typeshed declares these Final; the interpreter sets them at start-up
+        # and so does a console's here.
+        vars(sys).update(__stdin__=sys.stdin, __stdout__=sys.stdout, __stderr__=sys.stderr)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        from IPython import start_ipython as ipython_main
-
-        ipython_main()
+        # By name: IPython is the runtime's (imported in ``preload``), not
+        # the server's, so it has no type information here.
+        importlib.import_module("IPython").start_ipython()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - as the interpreter would: print it, status 1

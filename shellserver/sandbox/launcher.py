@@ -34,6 +34,7 @@ import stat
 import sys
 import termios
 import time
+import types
 
 SETUP_FAILED = 111
 MAX_FD = 65536
@@ -115,7 +116,7 @@ def _load_sibling(name):
     return module
 
 
-_SIBLINGS = {}
+_SIBLINGS: dict[str, types.ModuleType] = {}
 
 
 def _check(result, what):
