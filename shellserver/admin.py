@@ -266,8 +266,19 @@ class SampleRing:
         return sample_columns(list(self._samples))
 
 
+def _rounded(value: Any) -> Any:
+    # Four decimals are more than a chart shows, and halve what a node's
+    # hour of samples weighs in Redis.
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return value
+
+
 def sample_to_json(sample: Sample) -> str:
-    return json.dumps(attrs.asdict(sample), separators=(",", ":"))
+    """A sample as a node publishes it for the others (floats to 4 decimals)."""
+    return json.dumps(_rounded(attrs.asdict(sample)), separators=(",", ":"))
 
 
 def _number(value: Any) -> float | None:

@@ -35,9 +35,11 @@ from shellserver.cluster.store import IClusterStore, NodeInfo, RedisUnavailable,
 log = Logger()
 
 REDIS_DOWN = "Redis is down: this page shows this node only, and cannot pause or drain."
-# The most nodes whose samples one overview reads (each list is bounded by
-# the ring's size): a bigger cluster shows the rest without charts.
-MOST_NODES_CHARTED = 32
+SLOW_SAMPLES = "Redis did not answer in time: some nodes are shown without their charts."
+# The most nodes whose samples one overview reads, each node's list in a
+# call of its own (an hour of one node's samples is about 280 kB, within
+# redis_timeout): a bigger cluster shows the rest without charts.
+MOST_NODES_CHARTED = 16
 # A stopped node's list outlives its last sample by the hour and a few samples.
 SAMPLES_TTL = SAMPLES_KEPT * SAMPLE_INTERVAL + 3 * SAMPLE_INTERVAL
 
@@ -112,8 +114,10 @@ class ClusterNodes:
         def with_samples(view: View) -> defer.Deferred:
             others = [node for node in view.nodes if node.name != self._membership.name]
             charted = [node.name for node in others][:MOST_NODES_CHARTED]
-            return self._store.read_samples(charted, self.keep).addCallback(
-                lambda samples: self._views(mine, view, others, samples))
+            reads = defer.DeferredList(
+                [self._store.read_samples([name], self.keep) for name in charted],
+                consumeErrors=True)
+            return reads.addCallback(lambda results: self._views(mine, view, others, results))
 
         def alone(failure) -> list[NodeView]:
             failure.trap(RedisUnavailable)
@@ -123,8 +127,16 @@ class ClusterNodes:
         return d.addCallback(with_samples).addErrback(alone)
 
     def _views(self, mine: NodeView, view: View, others: list[NodeInfo],
-               samples: dict[str, list[str]]) -> list[NodeView]:
+               results: list) -> list[NodeView]:
+        samples: dict[str, list[str]] = {}
         self.notice = None
+        for succeeded, result in results:
+            if succeeded:
+                samples.update(result)
+            elif result.check(RedisUnavailable):
+                self.notice = SLOW_SAMPLES
+            else:
+                log.failure("admin page: cannot read a node's samples", result)
         announced = {node.name: node for node in view.nodes}
         me = announced.get(self._membership.name)
         shown = [evolve(mine, state=node_state(evolve(me, active=mine.active), view.switch)

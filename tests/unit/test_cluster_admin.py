@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from io import BytesIO
 
+from attrs import evolve
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
@@ -28,11 +29,11 @@ from shellserver.admin import (
 )
 from shellserver.admission import Admission, KillSwitch
 from shellserver.auth import TokenAuthority
-from shellserver.cluster.admin import REDIS_DOWN, SAMPLES_TTL, ClusterNodes
+from shellserver.cluster.admin import REDIS_DOWN, SAMPLES_TTL, SLOW_SAMPLES, ClusterNodes
 from shellserver.cluster.admission import ClusterAdmission
 from shellserver.cluster.membership import Membership
 from shellserver.cluster.node import ClusterSwitch
-from shellserver.cluster.store import IClusterStore, NodeInfo
+from shellserver.cluster.store import IClusterStore, NodeInfo, RedisUnavailable
 from shellserver.console import ConsoleFactory, ConsoleSettings
 from shellserver.testing import FakeClusterStore, FakeSandboxStarter
 
@@ -188,6 +189,24 @@ class ClusterNodesTests(SynchronousTestCase):
         self.a.admin.take_and_publish()
         self.assertNotIn("publish_sample", self.store.calls)
 
+    def test_samples_read_per_node_and_slow_reads_said(self):
+        """Each other node's list is read in a call of its own; a read Redis
+        does not answer leaves the nodes shown without charts, and says so."""
+        c = ClusterMember(self.store, self.clock, "c")
+        c.membership.beat()
+        self.store.calls.clear()
+        self.assertEqual(sorted(self.shown(self.a)), ["a", "b", "c"])
+        self.assertEqual(self.store.calls.count("read_samples"), 2)
+        self.store.hang = True
+        answer = self.a.admin.nodes()
+        self.store.hang = False
+        self.store.error = RedisUnavailable("no answer within 0.5s")
+        self.store.answer_waiting()
+        shown = {view.name: view for view in self.successResultOf(answer)}
+        self.assertEqual(sorted(shown), ["a", "b", "c"])
+        self.assertEqual(shown["b"].samples["time"], [])
+        self.assertEqual(self.a.admin.notice, SLOW_SAMPLES)
+
     def test_redis_failing_mid_call(self):
         """Redis that fails a call (timeout) gives this node alone, and a 503
         message for controls."""
@@ -201,9 +220,14 @@ class ClusterNodesTests(SynchronousTestCase):
 
 class SampleJSONTests(SynchronousTestCase):
     def test_round_trip(self):
-        """A published sample reads back equal."""
+        """A published sample reads back equal, its floats to four decimals."""
         sample = sample_between(readings(1.0), readings(6.0, started=2))
+        self.assertEqual(sample.starts_per_minute, 24.0)
         self.assertEqual(sample_from_json(sample_to_json(sample)), sample)
+        thirds = sample_between(readings(1.0), readings(4.0, started=1))
+        self.assertEqual(sample_from_json(sample_to_json(thirds)).starts_per_minute, 20.0)
+        sevenths = evolve(thirds, start_latency=1 / 7)
+        self.assertEqual(sample_from_json(sample_to_json(sevenths)).start_latency, 0.1429)
 
     def test_garbage_is_skipped(self):
         """Text that is not a sample is None, never an error."""
