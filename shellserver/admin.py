@@ -11,8 +11,9 @@ counted per address: past a few a minute, that address is refused (429).
 
 What is shown and what the buttons do goes through two small interfaces,
 L{IAdminNodes} (the nodes to show) and L{IAdminControls} (the controls).
-L{LocalNode} implements both for this server alone; a cluster provider can
-implement them over every node (docs/operations.md, "Admin page").
+L{LocalNode} implements both for this server alone;
+shellserver.cluster.admin's L{ClusterNodes} over every live node of a
+cluster (docs/operations.md, "Admin page"). Their answers may be Deferreds.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import os
 import secrets
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from attrs import define, field, frozen
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
-from zope.interface import Interface, implementer
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import Attribute, Interface, implementer
 
 from shellserver.metrics import REFUSAL_REASONS, START_SOURCES
 
@@ -71,6 +73,11 @@ ADMIN_STATIC = {
 
 class AdminTokenError(Exception):
     """The admin token file cannot be used."""
+
+
+class ControlUnavailable(Exception):
+    """A control cannot act now (the cluster's Redis is down): the page
+    shows the message (503)."""
 
 
 def load_or_create_token(path: str) -> str:
@@ -251,26 +258,78 @@ class SampleRing:
     def __len__(self) -> int:
         return len(self._samples)
 
+    def latest(self) -> Sample | None:
+        return self._samples[-1] if self._samples else None
+
     def columns(self) -> dict:
-        """The samples as columns (what uPlot draws): a list per series,
-        ``refused`` a list per reason; None where there is no value."""
-        samples = list(self._samples)
-        reasons = samples[-1].refused_per_minute if samples else dict.fromkeys(REFUSAL_REASONS)
-        return {
-            "time": [s.time for s in samples],
-            "active": [s.active for s in samples],
-            "capacity": [s.capacity for s in samples],
-            "starts_per_minute": [s.starts_per_minute for s in samples],
-            "refused_per_minute": {reason: [s.refused_per_minute.get(reason)
-                                            for s in samples] for reason in reasons},
-            "start_latency": [s.start_latency for s in samples],
-            "memory_used_mb": [round(s.memory_used_mb, 1) for s in samples],
-            "memory_total_mb": [round(s.memory_total_mb, 1) for s in samples],
-            "memory_for_capacity_mb": [round(s.memory_for_capacity_mb, 1) for s in samples],
-            "cpu_used": [None if s.cpu_used is None else round(s.cpu_used, 3)
-                         for s in samples],
-            "cpu_cores": [s.cpu_cores for s in samples],
-        }
+        """The samples as columns (L{sample_columns})."""
+        return sample_columns(list(self._samples))
+
+
+def _rounded(value: Any) -> Any:
+    # Four decimals are more than a chart shows, and halve what a node's
+    # hour of samples weighs in Redis.
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return value
+
+
+def sample_to_json(sample: Sample) -> str:
+    """A sample as a node publishes it for the others (floats to 4 decimals)."""
+    return json.dumps(_rounded(attrs.asdict(sample)), separators=(",", ":"))
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
+def sample_from_json(text: str) -> Sample | None:
+    """A sample another node published, or None for text that is not one
+    (skipped: a node of another version must not break the page)."""
+    try:
+        data = json.loads(text)
+        refused = data["refused_per_minute"]
+        if not isinstance(refused, dict):
+            raise TypeError("refused_per_minute is not an object")
+        return Sample(time=float(data["time"]), active=int(data["active"]),
+                      capacity=int(data["capacity"]),
+                      starts_per_minute=_number(data["starts_per_minute"]),
+                      refused_per_minute={str(reason): _number(rate)
+                                          for reason, rate in refused.items()},
+                      start_latency=_number(data["start_latency"]),
+                      memory_used_mb=float(data["memory_used_mb"]),
+                      memory_total_mb=float(data["memory_total_mb"]),
+                      cpu_used=_number(data["cpu_used"]), cpu_cores=int(data["cpu_cores"]),
+                      memory_for_capacity_mb=float(data.get("memory_for_capacity_mb", 0.0)))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def sample_columns(samples: list[Sample]) -> dict:
+    """The samples (oldest first) as columns (what uPlot draws): a list per
+    series, ``refused`` a list per reason; None where there is no value."""
+    reasons = samples[-1].refused_per_minute if samples else dict.fromkeys(REFUSAL_REASONS)
+    return {
+        "time": [s.time for s in samples],
+        "active": [s.active for s in samples],
+        "capacity": [s.capacity for s in samples],
+        "starts_per_minute": [s.starts_per_minute for s in samples],
+        "refused_per_minute": {reason: [s.refused_per_minute.get(reason)
+                                        for s in samples] for reason in reasons},
+        "start_latency": [s.start_latency for s in samples],
+        "memory_used_mb": [round(s.memory_used_mb, 1) for s in samples],
+        "memory_total_mb": [round(s.memory_total_mb, 1) for s in samples],
+        "memory_for_capacity_mb": [round(s.memory_for_capacity_mb, 1) for s in samples],
+        "cpu_used": [None if s.cpu_used is None else round(s.cpu_used, 3)
+                     for s in samples],
+        "cpu_cores": [s.cpu_cores for s in samples],
+    }
 
 
 # -- what the page shows and what it controls ---------------------------------
@@ -296,6 +355,9 @@ class NodeView:
     capacity: int
     samples: dict
     consoles: tuple[ConsoleView, ...]
+    url: str = ""  # its public URL, in a cluster
+    # Whether this server runs it: only this node's consoles can be ended here.
+    local: bool = True
 
     def to_json(self) -> dict:
         return {**attrs.asdict(self, recurse=False),
@@ -305,23 +367,29 @@ class NodeView:
 class IAdminNodes(Interface):
     """The nodes the admin page shows: this server alone, or a cluster's."""
 
-    def nodes() -> list[NodeView]:
-        """Every node to show, with its samples and running consoles."""
+    notice = Attribute("A line for the page about what it shows (such as "
+                       "'Redis is down: this node only'), or None.")
+
+    def nodes() -> list[NodeView] | Deferred:
+        """Every node to show, with its samples and running consoles (or a
+        Deferred of them); L{notice} is about this answer."""
 
 
 class IAdminControls(Interface):
     """What the admin page's buttons do."""
 
-    def set_paused(paused: bool) -> None:
+    def set_paused(paused: bool) -> Deferred | None:
         """Pause (or resume) the whole service: the kill switch, which refuses
-        new consoles; running ones go on."""
+        new consoles; running ones go on. (Or a Deferred; failing with
+        L{ControlUnavailable} when it cannot be done now.)"""
 
-    def set_draining(node: str, draining: bool) -> bool:
+    def set_draining(node: str, draining: bool) -> bool | Deferred:
         """Stop (or resume) admitting new consoles on ``node``; running ones
-        go on. False when there is no such node."""
+        go on. False when there is no such node. (Or a Deferred of it.)"""
 
-    def end_console(node: str, console: str) -> bool:
-        """End one running console; False when there is no such console."""
+    def end_console(node: str, console: str) -> bool | Deferred:
+        """End one running console; False when there is no such console.
+        (Or a Deferred of it.)"""
 
 
 def write_switch(path: str, paused: bool) -> None:
@@ -352,6 +420,7 @@ class LocalNode:
     _consoles: ConsoleFactory
     _ring: SampleRing
     _write_switch: Callable[[str, bool], None] = write_switch
+    notice: str | None = field(default=None, init=False)
 
     def nodes(self) -> list[NodeView]:
         if self._admission.draining:
@@ -523,7 +592,31 @@ class AdminAPI(Resource):
             return refusal
         if request.postpath != [b"overview"]:
             return _json(request, 404, {"error": "no such page"})
-        return _json(request, 200, {"nodes": [n.to_json() for n in self._nodes.nodes()]})
+        return self._answer(request, self._nodes.nodes(), lambda nodes: (200, {
+            "nodes": [n.to_json() for n in nodes], "notice": self._nodes.notice}))
+
+    def _answer(self, request, result: Any, respond: Callable[[Any], tuple[int, dict]]):
+        """The response for ``result`` (a value, or a Deferred of one, as
+        the providers answer): ``respond`` turns it into a code and a body."""
+        if not isinstance(result, Deferred):
+            code, body = respond(result)
+            return _json(request, code, body)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def failed(failure) -> tuple[int, dict]:
+            if failure.check(ControlUnavailable):
+                return 503, {"error": str(failure.value)}
+            log.failure("admin page: an answer failed", failure)
+            return 500, {"error": "the server failed to answer; see its log"}
+
+        def send(outcome: tuple[int, dict]) -> None:
+            if not gone:
+                request.write(_json(request, *outcome))
+                request.finish()
+
+        result.addCallback(respond).addErrback(failed).addCallback(send)
+        return NOT_DONE_YET
 
     def render_POST(self, request) -> bytes:
         refusal = self._refusal(request)
@@ -554,28 +647,29 @@ class AdminAPI(Resource):
     def _act(self, request, action: str, body: dict) -> bytes:
         if action in ("pause", "resume"):
             try:
-                self._controls.set_paused(action == "pause")
+                result = self._controls.set_paused(action == "pause")
             except OSError as e:
                 log.error("admin page: cannot {action}: {error}", action=action,
                           error=str(e))
                 where = e.filename or "the kill-switch file"
                 return _json(request, 500, {"error": f"cannot {action}: {where}: "
                                                      f"{e.strerror or e}"})
-            return _json(request, 200, {"done": action})
+            return self._answer(request, result, lambda _: (200, {"done": action}))
         node = body.get("node")
         if not isinstance(node, str):
             return _json(request, 400, {"error": "name the node: {\"node\": NAME}"})
         if action in ("drain", "undrain"):
-            if not self._controls.set_draining(node, action == "drain"):
-                return _json(request, 404, {"error": f"no node {node!r}"})
-            return _json(request, 200, {"done": action, "node": node})
+            return self._answer(
+                request, self._controls.set_draining(node, action == "drain"),
+                lambda found: (200, {"done": action, "node": node}) if found
+                else (404, {"error": f"no node {node!r}"}))
         console = body.get("console")
         if not isinstance(console, str):
             return _json(request, 400, {"error": "name the console: {\"console\": ID}"})
-        if not self._controls.end_console(node, console):
-            return _json(request, 404, {"error": f"no console {console!r} running on "
-                                                 f"{node!r}"})
-        return _json(request, 200, {"done": action, "node": node, "console": console})
+        return self._answer(
+            request, self._controls.end_console(node, console),
+            lambda found: (200, {"done": action, "node": node, "console": console}) if found
+            else (404, {"error": f"no console {console!r} running on {node!r}"}))
 
 
 class AdminSite(Site):
@@ -607,22 +701,34 @@ def build_admin_resource(*, web_dir: str, auth: AdminAuth, nodes: IAdminNodes,
     return root
 
 
-def add_admin(top: MultiService, reactor, description: str, *, token: str,
+def add_admin(top: MultiService, reactor, description: str | None, *, token: str | None,
               web_dir: str, node_name: str, metrics, admission, switch,
-              consoles, memory_per_console: int = 0) -> None:
+              consoles, memory_per_console: int = 0, cluster=None) -> None:
     """The admin page's listener and its sampler, as children of ``top``;
-    ``token`` is the one L{load_or_create_token} read at start."""
+    ``token`` is the one L{load_or_create_token} read at start. In a
+    ``cluster`` (its ClusterService) the page shows every node, and the
+    sampler publishes to Redis even without a listener of its own
+    (``description`` None), so that other nodes' pages show this one."""
     from twisted.application import strports
 
     ring = SampleRing(lambda: local_readings(reactor, metrics, admission,
                                              memory_per_console=memory_per_console))
-    sampler = TimerService(SAMPLE_INTERVAL, ring.take)
+    node = LocalNode(node_name, reactor, admission, switch, consoles, ring)
+    shown: Any = node
+    take: Callable[[], None] = ring.take
+    if cluster is not None:
+        from shellserver.cluster.admin import ClusterNodes
+
+        shown = ClusterNodes(node, cluster.store, cluster.membership, ring)
+        take = shown.take_and_publish
+    sampler = TimerService(SAMPLE_INTERVAL, take)
     sampler.clock = reactor
     sampler.setName("admin-sampler")
     sampler.setServiceParent(top)
-    node = LocalNode(node_name, reactor, admission, switch, consoles, ring)
+    if description is None or token is None:
+        return
     tree = build_admin_resource(web_dir=web_dir, auth=AdminAuth(token, reactor),
-                                nodes=node, controls=node)
+                                nodes=shown, controls=shown)
     listener = strports.service(description, AdminSite(tree))
     listener.setName("admin")
     listener.setServiceParent(top)

@@ -310,14 +310,15 @@ def makeService(options: Options, *, reactor=None,
         scrape = strports.service(options["metrics"], metrics_site(metrics))
         scrape.setName("metrics")
         scrape.setServiceParent(top)
-    if options["admin"]:
+    if options["admin"] or cluster is not None:
         from shellserver.admin import add_admin
 
-        # Its own listener with its own token (shellserver.admin).
-        add_admin(top, reactor, options["admin"], token=options["admin-token"],
+        # Its own listener with its own token (shellserver.admin); in a
+        # cluster every node samples for the others' admin pages.
+        add_admin(top, reactor, options["admin"], token=options.get("admin-token"),
                   web_dir=options["web-dir"], node_name=node_name,
                   metrics=metrics, admission=admission, switch=switch, consoles=consoles,
-                  memory_per_console=config.sandbox.memory_mb * 2**20)
+                  memory_per_console=config.sandbox.memory_mb * 2**20, cluster=cluster)
     for under_systemd in systemd_services(sandboxes.when_runtime_ready, reactor,
                                           os.environ if environ is None else environ,
                                           os.getpid() if pid is None else pid):

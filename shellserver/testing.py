@@ -311,6 +311,8 @@ class FakeClusterStore:
     starts: dict[str, list[float]] = field(factory=dict)
     pages: dict[str, list[float]] = field(factory=dict)
     tokens: dict[str, float] = field(factory=dict)
+    # Each node's published samples (newest first) and when the list expires.
+    samples: dict[str, tuple[list[str], float]] = field(factory=dict)
 
     def _call(self, name: str, answer) -> Deferred:
         self.calls.append(name)
@@ -434,3 +436,17 @@ class FakeClusterStore:
             else:
                 self.drains.discard(node)
         return self._call("set_drain", answer)
+
+    def publish_sample(self, node: str, sample: str, keep: int, ttl: float) -> Deferred:
+        def answer() -> None:
+            kept = self._samples_of(node)
+            self.samples[node] = ([sample, *kept][:keep], self._now() + ttl)
+        return self._call("publish_sample", answer)
+
+    def read_samples(self, names: list, keep: int) -> Deferred:
+        return self._call("read_samples",
+                          lambda: {name: self._samples_of(name)[:keep] for name in names})
+
+    def _samples_of(self, node: str) -> list[str]:
+        kept, expires = self.samples.get(node, ([], 0.0))
+        return kept if expires > self._now() else []

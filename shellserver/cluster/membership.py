@@ -137,12 +137,16 @@ class ClusterService(MultiService):
     name = "cluster"
 
     def __init__(self, link, membership: Membership, *, interval: float,
-                 clock: IReactorTime, idle: Callable[[], bool], most_wait: float) -> None:
+                 clock: IReactorTime, idle: Callable[[], bool], most_wait: float,
+                 store: IClusterStore | None = None) -> None:
         super().__init__()
         from shellserver.cluster.redis import RedisLinkService
 
         self._clock = clock
         self._membership = membership
+        # What the admin page reads and writes (shellserver.cluster.admin).
+        self.membership = membership
+        self.store = store
         self._idle = idle
         self._most_wait = most_wait
         self._interval = interval

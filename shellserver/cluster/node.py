@@ -73,7 +73,7 @@ def cluster_node(reactor, cluster: ClusterConfig, *, admission: Admission,
     # Back from an outage: announce ourselves at once, not a beat later.
     link.when_up(membership.beat)
     service = ClusterService(link, membership, interval=cluster.heartbeat_interval,
-                             clock=reactor, idle=idle, most_wait=most_wait)
+                             clock=reactor, idle=idle, most_wait=most_wait, store=store)
     if metrics is not None:
         Gauge("shellserver_redis_up", "1 while this node reaches the cluster's Redis, else 0.",
               registry=metrics.registry).set_function(lambda: 1 if link.up else 0)

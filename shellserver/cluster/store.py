@@ -120,6 +120,14 @@ class IClusterStore(Interface):
     def set_drain(node: str, draining: bool) -> defer.Deferred:
         """Drain ``node`` (it takes no new consoles), or stop draining it."""
 
+    def publish_sample(node: str, sample: str, keep: int, ttl: float) -> defer.Deferred:
+        """Add the admin page's newest ``sample`` (JSON) to ``node``'s list,
+        keeping the ``keep`` newest; the list expires ``ttl`` seconds after."""
+
+    def read_samples(names: list, keep: int) -> defer.Deferred:
+        """The samples of each node of ``names`` (at most ``keep`` each,
+        newest first): a dict of name to a list of JSON texts."""
+
 
 # KEYS none (one Redis, not Redis Cluster: the prefix is an argument).
 # ARGV: prefix, name, node JSON, ttl ms, then address, count pairs.
@@ -229,6 +237,25 @@ return 0
 """
 
 
+# ARGV: the list's key, the sample, how many to keep, ttl ms.
+_PUBLISH_SAMPLE = """
+redis.call('LPUSH', ARGV[1], ARGV[2])
+redis.call('LTRIM', ARGV[1], 0, tonumber(ARGV[3]) - 1)
+redis.call('PEXPIRE', ARGV[1], ARGV[4])
+return 0
+"""
+
+# ARGV: prefix, how many per node, then the node names: a list per name.
+_READ_SAMPLES = """
+local lists = {}
+for i = 3, #ARGV do
+  table.insert(lists, redis.call('LRANGE', ARGV[1] .. 'samples:' .. ARGV[i], 0,
+                                 tonumber(ARGV[2]) - 1))
+end
+return lists
+"""
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -308,3 +335,13 @@ class RedisClusterStore:
         if draining:
             return self._link.execute("SET", f"{self.prefix}drain:{node}", "1")
         return self._link.execute("DEL", f"{self.prefix}drain:{node}")
+
+    def publish_sample(self, node: str, sample: str, keep: int, ttl: float) -> defer.Deferred:
+        return self._link.eval(_PUBLISH_SAMPLE, [], [
+            f"{self.prefix}samples:{node}", sample, keep, _ms(ttl)])
+
+    def read_samples(self, names: list, keep: int) -> defer.Deferred:
+        if not names:
+            return defer.succeed({})
+        d = self._link.eval(_READ_SAMPLES, [], [self.prefix, keep, *names])
+        return d.addCallback(lambda lists: dict(zip(names, lists, strict=True)))

@@ -220,6 +220,8 @@ class AuthTests(SynchronousTestCase):
 class FakeNodes:
     """Records what the API asked the controls to do."""
 
+    notice = None
+
     def __init__(self):
         self.calls = []
 
@@ -272,7 +274,8 @@ class APITests(SynchronousTestCase):
         code, body, request = self.request(b"GET", "overview", token=None)
         self.assertEqual(code, 401)
         self.assertIn(b"Bearer", request.responseHeaders.getRawHeaders(b"www-authenticate")[0])
-        self.assertEqual(self.request(b"GET", "overview")[:2], (200, {"nodes": []}))
+        self.assertEqual(self.request(b"GET", "overview")[:2],
+                         (200, {"nodes": [], "notice": None}))
 
     def test_wrong_tokens_rate_limited(self):
         """After five wrong tokens the address gets 429 even with the right one."""

@@ -44,6 +44,7 @@
     $("login").hidden = false;
     $("login-error").textContent = message || "";
     $("service").textContent = "";
+    $("notice").textContent = "";
   }
 
   async function poll() {
@@ -64,6 +65,7 @@
     }
     $("login").hidden = true;
     $("dashboard").hidden = false;
+    $("notice").textContent = result.answer.notice || "";
     render(result.answer.nodes);
   }
 
@@ -104,6 +106,9 @@
     const state = document.createElement("span");
     heading.appendChild(state);
     section.appendChild(heading);
+    const address = document.createElement("p");
+    address.className = "node-url";
+    section.appendChild(address);
 
     const drain = document.createElement("button");
     drain.type = "button";
@@ -121,6 +126,12 @@
     const consolesTitle = document.createElement("h3");
     consolesTitle.textContent = "Running consoles";
     section.appendChild(consolesTitle);
+    const elsewhere = document.createElement("p");
+    elsewhere.className = "elsewhere";
+    elsewhere.textContent = "This page ends consoles of its own node only: " +
+      "end this node's consoles from its own admin page.";
+    elsewhere.hidden = true;
+    section.appendChild(elsewhere);
     const table = document.createElement("table");
     table.className = "consoles";
     const head = table.createTHead().insertRow();
@@ -133,6 +144,7 @@
     section.appendChild(table);
 
     node = {section: section, state: state, drain: drain, table: table, reasons: null,
+            address: address, elsewhere: elsewhere,
             charts: {
               consoles: chart(charts, "consoles", "Consoles", ["active", "capacity"], ""),
               latency: chart(charts, "latency", "Start latency (s, mean)", ["start"], " s"),
@@ -161,11 +173,23 @@
     $("service").textContent = paused
       ? "The service is paused: new consoles are refused."
       : "The service is accepting consoles.";
+    const shown = new Set(views.map((view) => view.name));
+    for (const [name, node] of nodes) {
+      // A node that left the cluster (or Redis went down) is no longer shown.
+      if (!shown.has(name)) {
+        Object.values(node.charts).forEach((drawn) => drawn.destroy());
+        node.section.remove();
+        nodes.delete(name);
+      }
+    }
     for (const view of views) {
       const node = nodeSection(view.name);
       node.state.textContent = "(" + view.state + ", " + view.active + " of " +
         view.capacity + " consoles)";
       node.state.className = "state-" + view.state;
+      node.address.textContent = view.url || "";
+      node.elsewhere.hidden = view.local !== false;
+      node.table.hidden = view.local === false;
       const draining = view.state === "draining";
       node.drain.textContent = draining ? "Admit new consoles again" : "Drain this node";
       node.drain.dataset.action = draining ? "undrain" : "drain";
