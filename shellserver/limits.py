@@ -222,7 +222,8 @@ class _GuardedConnection(ProtocolWrapper):
             # Refused before the wrapped protocol was connected: it has
             # nothing to lose.
             self.factory.unregisterProtocol(self)
-            self.wrappedProtocol = None
+            # As ProtocolWrapper.connectionLost does; its annotation omits None.
+            self.wrappedProtocol = None  # type: ignore[assignment]
 
 
 def _cancel(call: IDelayedCall | None) -> None:
