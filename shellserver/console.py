@@ -402,7 +402,10 @@ class ConsoleSession:
 
     def closed(self) -> None:
         """The connection is gone: wait for a reattach, or end the sandbox."""
-        if (self.state == "running" and self._settings.reattach_grace > 0
+        # An ending console (``q``, a limit, the operator: its end reason is
+        # set) waits for its sandbox's exit, not for a reattach.
+        if (self.state == "running" and self._end_reason is None
+                and self._settings.reattach_grace > 0
                 and self._secrets is not None and self._secrets.holds(self)):
             self._detach()
             return
@@ -554,8 +557,12 @@ class ConsoleSession:
             self._end(message)
 
     def _ended_for(self, reason: str) -> None:
+        """Every ending comes here first: record its reason, and forget the
+        reattach secret at once (an ending console is never reattached)."""
         if self._end_reason is None:
             self._end_reason = reason
+        if self._secrets is not None:
+            self._secrets.forget(self)
 
     def _refused(self, reason: str | None, event: str = "console refused",
                  format: str = "console refused to {client}: {reason}",

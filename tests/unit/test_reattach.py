@@ -172,6 +172,51 @@ class DetachTests(ReattachTestCase):
         self.assertEqual(connection.sent[-1], "xThe console was closed.")
         self.assertEqual(self.reattach(secret, 8).close_code, CLOSE_REATTACH_REFUSED)
 
+    def assert_ended_not_detached(self, console, secret):
+        """No grace waits for ``console``, and its secret is refused (4005) at once."""
+        self.assertNotIn("grace", console._timers)
+        self.assertFalse(self.factory.secrets.holds(console))
+        self.assertEqual(self.reattach(secret, 8).close_code, CLOSE_REATTACH_REFUSED)
+
+    def test_quit_then_close_does_not_detach(self):
+        """After ``q`` a closing connection does not detach the ending console."""
+        connection, console, sandbox, secret = self.running()
+        connection.handler.message_received("q")
+        connection.close()
+        self.assert_ended_not_detached(console, secret)
+
+    def test_quit_forgets_secret_before_exit(self):
+        """``q`` forgets the secret at once, before the sandbox has exited."""
+        connection, console, sandbox, secret = self.running()
+        connection.handler.message_received("q")
+        self.assertFalse(self.factory.secrets.holds(console))
+        self.assertEqual(self.reattach(secret, 8).close_code, CLOSE_REATTACH_REFUSED)
+
+    def test_operator_end_then_close_does_not_detach(self):
+        """A console the operator ended does not detach when its connection closes."""
+        connection, console, sandbox, secret = self.running()
+        self.factory.end_all("Ended by the operator.")
+        connection.close()
+        self.assert_ended_not_detached(console, secret)
+        self.assertEqual(sandbox.terminated, 1)
+
+    def test_exit_message_then_close_does_not_detach(self):
+        """After the exit message ``x`` the closed connection detaches nothing."""
+        connection, console, sandbox, secret = self.running()
+        sandbox.exit(0)
+        self.assertEqual(connection.sent[-1], "xThe console has exited.")
+        connection.close()
+        self.assert_ended_not_detached(console, secret)
+
+    def test_live_console_detaches_and_reattaches(self):
+        """A live console whose connection closes still detaches and takes its secret."""
+        connection, console, sandbox, secret = self.running()
+        connection.close()
+        self.assertIn("grace", console._timers)
+        again = self.reattach(secret, console._sent_units)
+        self.assertIsNone(again.close_code)
+        self.assertIn("sresumed", again.sent)
+
     def test_quit_with_payload_is_protocol_error(self):
         """``q`` carries nothing; with a payload it is a protocol error."""
         connection, console, sandbox, secret = self.running()
