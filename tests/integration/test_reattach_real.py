@@ -200,6 +200,26 @@ def test_detached_past_grace_ends_and_cleans_up(server):
     assert client.close_code == 4005, (client.close_code, client.close_reason)
 
 
+def test_quit_then_close_never_detaches(server):
+    """A console ended with ``q`` whose connection then closes never detaches, and
+    its secret gets 4005 at once (issue 15)."""
+    client = started(server)
+    assert client.run("import os; print('UID', os.getuid())", 2)
+    uid = int(re.search(r"UID (\d+)", client.display()).group(1))
+    secret, seen = client.secret, len(server.log())
+    # ``q``, then the close handshake: the server has read the ``q`` first.
+    client.close()
+    thief = ConsoleClient(server)
+    thief.reconnect(secret=secret, count=0)
+    assert thief.wait_closed(timeout=10)
+    assert thief.close_code == 4005, (thief.close_code, thief.close_reason)
+    assert "sresumed" not in thief.messages
+    ended = re.compile(rf"console (\S+) \(uid {uid}\) ended")
+    assert wait_until(lambda: ended.search(server.log()[seen:]), timeout=20)
+    session = ended.search(server.log()[seen:]).group(1)
+    assert f"console {session} detached" not in server.log()
+
+
 def test_wrong_replayed_or_foreign_secret_refused_console_unaffected(server):
     """A wrong secret, a used one, and the right one from another origin get 4005,
     and the console goes on for its owner; no secret reaches the log."""
