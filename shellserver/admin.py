@@ -719,7 +719,7 @@ def add_admin(top: MultiService, reactor, description: str | None, *, token: str
     if cluster is not None:
         from shellserver.cluster.admin import ClusterNodes
 
-        shown = ClusterNodes(node, cluster.store, cluster.membership, ring)
+        shown = ClusterNodes(node, cluster.store, cluster.membership, ring, reactor)
         take = shown.take_and_publish
     sampler = TimerService(SAMPLE_INTERVAL, take)
     sampler.clock = reactor

@@ -313,6 +313,8 @@ class FakeClusterStore:
     tokens: dict[str, float] = field(factory=dict)
     # Each node's published samples (newest first) and when the list expires.
     samples: dict[str, tuple[list[str], float]] = field(factory=dict)
+    # Each read_samples call's (names, how many per node it asked for).
+    sample_reads: list[tuple[list, int]] = field(factory=list)
 
     def _call(self, name: str, answer) -> Deferred:
         self.calls.append(name)
@@ -444,6 +446,7 @@ class FakeClusterStore:
         return self._call("publish_sample", answer)
 
     def read_samples(self, names: list, keep: int) -> Deferred:
+        self.sample_reads.append((list(names), keep))
         return self._call("read_samples",
                           lambda: {name: self._samples_of(name)[:keep] for name in names})
 

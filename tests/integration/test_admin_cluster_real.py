@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -21,6 +22,8 @@ from cluster_helpers import (
     start_redis,
 )
 from conftest import free_port, wait_until
+
+from shellserver.admin import Readings, sample_between, sample_to_json
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +104,55 @@ def test_lists_both_nodes_with_their_samples(cluster):
     # B's list is capped and expires a little over the hour after its last sample.
     assert 3600 * 1000 < int(redis.cli("PTTL", "shellserver:samples:B")) <= 3700 * 1000
     assert int(redis.cli("LLEN", "shellserver:samples:B")) <= 720
+
+
+def filler_sample(at: float) -> str:
+    """A sample as a node publishes it, taken at ``at``."""
+    readings = Readings(time=at, active=0, capacity=0, started=0.0, start_seconds=0.0,
+                        refused={"full": 0.0}, memory_used=2**30, memory_total=4 * 2**30,
+                        cpu_busy=100, cpu_total=1000, cpu_cores=2)
+    return sample_to_json(sample_between(None, readings))
+
+
+def redis_output_bytes(redis) -> int:
+    """What Redis has sent its clients so far (INFO stats)."""
+    stats = dict(line.split(":", 1) for line in redis.cli("INFO", "stats").splitlines()
+                 if ":" in line)
+    return int(stats["total_net_output_bytes"])
+
+
+def test_polls_read_only_new_samples(cluster):
+    """A node's hour of samples (720) is read by A's page once;
+    the next polls read only the new ones, and the charts equal the list."""
+    redis, nodes, admin_url, token = cluster
+    # A third node, C, announced as a draining node of no capacity (so no
+    # console goes to it) with a whole hour of samples.
+    now = time.time()
+    hour = [filler_sample(now - 5 * age) for age in range(720)]  # newest first
+    redis.cli("SET", "shellserver:node:C", json.dumps({
+        "name": "C", "url": "https://127.0.0.1:9", "accepting": False, "active": 0,
+        "capacity": 0, "draining": True, "started_at": now}), "PX", "120000")
+    redis.cli("SADD", "shellserver:nodes", "C")
+    redis.cli("RPUSH", "shellserver:samples:C", *hour)
+    try:
+        before = redis_output_bytes(redis)
+        first = shown(admin_url, token)["C"]["samples"]["time"]
+        whole = redis_output_bytes(redis) - before
+        assert len(first) == 720
+        assert whole > sum(map(len, hour)), whole
+        redis.cli("LPUSH", "shellserver:samples:C", filler_sample(now + 5))
+        before = redis_output_bytes(redis)
+        views = shown(admin_url, token)
+        new_only = redis_output_bytes(redis) - before
+        assert new_only < whole / 10, (new_only, whole)
+        listed = [json.loads(text)["time"] for text in reversed(
+            redis.cli("LRANGE", "shellserver:samples:C", "0", "719").splitlines())]
+        assert views["C"]["samples"]["time"] == listed
+        assert listed[-1] == round(now + 5, 4) and len(listed) == 720
+        assert views["B"]["samples"]["time"], views["B"]
+    finally:
+        redis.cli("DEL", "shellserver:node:C", "shellserver:samples:C")
+        redis.cli("SREM", "shellserver:nodes", "C")
 
 
 def test_pause_from_a_makes_b_refuse(cluster):

@@ -24,6 +24,7 @@ from shellserver.admin import (
     Readings,
     SampleRing,
     sample_between,
+    sample_columns,
     sample_from_json,
     sample_to_json,
 )
@@ -74,7 +75,8 @@ class ClusterMember:
                                  lambda message: None, read=lambda path: None)
         self.ring = SampleRing(lambda: readings(clock.seconds()))
         local = LocalNode(name, clock, self.admission, kill_switch, consoles, self.ring)
-        self.admin = ClusterNodes(local, store, self.membership, self.ring, keep=keep)
+        self.admin = ClusterNodes(local, store, self.membership, self.ring, clock,
+                                  keep=keep)
 
 
 class ClusterNodesTests(SynchronousTestCase):
@@ -216,6 +218,106 @@ class ClusterNodesTests(SynchronousTestCase):
         self.assertEqual(self.a.admin.notice, REDIS_DOWN)
         failure = self.failureResultOf(self.a.admin.set_paused(False), ControlUnavailable)
         self.assertIn("cannot resume the cluster", str(failure.value))
+
+
+class HeldSamplesTests(SynchronousTestCase):
+    """A's page keeps what it read of B's samples and reads only the new ones."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = FakeClusterStore(self.clock)
+        self.a = ClusterMember(self.store, self.clock, "a")
+        self.b = ClusterMember(self.store, self.clock, "b")
+
+    def publish(self, count: int) -> None:
+        """B (and A) run for ``count`` sample intervals, B publishing each."""
+        for _ in range(count):
+            self.clock.advance(5)
+            self.a.membership.beat()
+            self.b.membership.beat()
+            self.b.admin.take_and_publish()
+
+    def b_on_a(self) -> dict:
+        shown = {view.name: view for view in self.successResultOf(self.a.admin.nodes())}
+        return shown["b"].samples
+
+    def full_read(self) -> dict:
+        texts = self.store.samples["b"][0][:720]
+        return sample_columns([sample_from_json(text) for text in reversed(texts)])
+
+    def reads(self) -> list[int]:
+        """How many samples each read of B's list asked for, then forget them."""
+        asked = [count for names, count in self.store.sample_reads if names == ["b"]]
+        self.store.sample_reads.clear()
+        return asked
+
+    def test_first_poll_reads_the_hour_then_only_new_samples(self):
+        """The first poll reads B's whole hour; the next ones only about the
+        samples published since, and the charts equal a whole read."""
+        self.publish(730)
+        self.assertEqual(len(self.b_on_a()["time"]), 720)
+        self.assertEqual(self.reads(), [720])
+        self.publish(3)
+        charts = self.b_on_a()
+        self.assertEqual(self.reads(), [3 + 3])
+        self.assertEqual(charts, self.full_read())
+        self.assertEqual(len(charts["time"]), 720)
+        self.clock.advance(2)
+        self.assertEqual(self.b_on_a(), self.full_read())
+        self.assertEqual(self.reads(), [1 + 3])
+
+    def test_a_node_that_left_is_forgotten(self):
+        """Once B is no longer live, A holds none of its samples: when B
+        comes back, A reads its whole list again."""
+        self.publish(5)
+        self.b_on_a()
+        self.store.leave("b")
+        shown = [view.name for view in self.successResultOf(self.a.admin.nodes())]
+        self.assertEqual(shown, ["a"])
+        self.assertEqual(self.a.admin._held, {})
+        self.publish(1)
+        self.reads()
+        self.assertEqual(self.b_on_a(), self.full_read())
+        self.assertEqual(self.reads(), [720])
+
+    def test_a_gap_reads_all_once(self):
+        """More new samples than the time since the last read allows for
+        (the newest held one is not among those read) make one whole read."""
+        self.publish(20)
+        self.b_on_a()
+        self.reads()
+        kept, expires = self.store.samples["b"]
+        burst = [sample_to_json(sample_between(None, readings(self.clock.seconds() + n / 10)))
+                 for n in range(1, 11)]
+        self.store.samples["b"] = ([*reversed(burst), *kept], expires)
+        self.clock.advance(5)
+        charts = self.b_on_a()
+        self.assertEqual(self.reads(), [1 + 3, 720])
+        self.assertEqual(charts, self.full_read())
+        self.assertEqual(len(charts["time"]), 30)
+
+    def test_a_new_short_list_replaces_the_held_samples(self):
+        """A list that holds nothing A has seen, and is shorter than the
+        read, is B's whole list (B's old list expired): no second read."""
+        self.publish(10)
+        self.b_on_a()
+        self.reads()
+        fresh = sample_to_json(sample_between(None, readings(self.clock.seconds() + 5)))
+        self.store.samples["b"] = ([fresh], self.store.samples["b"][1])
+        self.clock.advance(5)
+        self.assertEqual(self.b_on_a()["time"], [self.clock.seconds()])
+        self.assertEqual(self.reads(), [1 + 3])
+
+    def test_polls_at_once_share_one_read(self):
+        """Two pages polling while B's read is under way cause one read."""
+        self.publish(5)
+        self.store.hang = True
+        first, second = self.a.admin.nodes(), self.a.admin.nodes()
+        self.store.answer_waiting()  # the views
+        self.store.answer_waiting()  # B's samples
+        self.assertEqual(self.reads(), [720])
+        self.assertEqual(self.successResultOf(first), self.successResultOf(second))
 
 
 class SampleJSONTests(SynchronousTestCase):
