@@ -143,8 +143,7 @@ class ClusterService(MultiService):
         from shellserver.cluster.redis import RedisLinkService
 
         self._clock = clock
-        self._membership = membership
-        # What the admin page reads and writes (shellserver.cluster.admin).
+        # Also what the admin page reads and writes (shellserver.cluster.admin).
         self.membership = membership
         self.store = store
         self._idle = idle
@@ -156,12 +155,12 @@ class ClusterService(MultiService):
     def stopService(self):
         from twisted.internet.task import deferLater
 
-        self._membership.announce_stopping()
+        self.membership.announce_stopping()
         deadline = self._clock.seconds() + self._most_wait
 
         def wait_for_idle(_=None):
             if self._idle() or self._clock.seconds() >= deadline:
-                return self._membership.leave()
+                return self.membership.leave()
             return deferLater(self._clock, min(0.2, self._interval), wait_for_idle)
 
         d = wait_for_idle()
