@@ -662,6 +662,11 @@ class Config:
             self, server=attrs.evolve(self.server, state_dir=os.fspath(path))
         )
 
+    def node_name(self) -> str:
+        """This node's name in tokens, logs and the admin page: the cluster's
+        ``node_name`` when clustered, else ``server.node`` or the host name."""
+        return self.cluster.node_name or self.server.node_name()
+
     @property
     def tls_dir(self) -> str:
         """Where the self-signed certificate and its key are kept."""

@@ -169,7 +169,7 @@ class ConsoleSettings:
             max_age=config.console.max_age,
             output_high_water=config.console.output_high_water,
             output_low_water=config.console.output_low_water,
-            node=config.server.node_name(),
+            node=config.node_name(),
             reattach_grace=(min(config.console.reattach_grace, config.console.max_age)
                             if config.console.max_age else config.console.reattach_grace),
         )

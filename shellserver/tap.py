@@ -182,7 +182,7 @@ def makeService(options: Options, *, reactor=None,
     connections: ConnectionPlan = options["connections"]
     for notice in (*prepared.notices, *connections.notices):
         log.warn("start-up: {notice}", notice=notice)
-    node_name = config.cluster.node_name or config.server.node_name()
+    node_name = config.node_name()
     tokens = TokenAuthority(
         prepared.secret,
         node=node_name,
