@@ -465,22 +465,35 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
     pty = PtyTarget()
     log("starting terminado and shellserver")
     peer = TerminadoTarget(tmp)
+    uid_min, uid_max = bench_server.UID_MIN, bench_server.UID_MAX
+    if args.baseline:
+        # two servers: each its half of the uid range, never the same uid
+        middle = (uid_min + uid_max) // 2
+        bench_server.UID_MIN, bench_server.UID_MAX = middle + 1, uid_max
+        before = bench_server.start(tmp / "baseline", pool=0, source=Path(args.baseline))
+        servers.append(before)
+        bench_server.UID_MIN, bench_server.UID_MAX = uid_min, middle
     srv = bench_server.start(tmp / "shellserver", pool=0)
     servers.append(srv)
     ours = ShellserverTarget(srv, tls=False)
     targets = [pty, peer, ours]
-    expected = {name: workload(name, args.megabytes) for name in WORKLOADS}
-    results: dict[str, dict[str, list[dict]]] = {t.label: {w: [] for w in WORKLOADS}
+    if args.baseline:
+        baseline = ShellserverTarget(before, tls=False)
+        baseline.label = "baseline"
+        targets.append(baseline)
+    workloads = args.workloads
+    expected = {name: workload(name, args.megabytes) for name in workloads}
+    results: dict[str, dict[str, list[dict]]] = {t.label: {w: [] for w in workloads}
                                                  for t in targets}
     echoes: dict[str, dict] = {}
     try:
         for i in range(args.runs):
-            for name in WORKLOADS:
+            for name in workloads:
                 for target in targets:
                     log(f"{target.label}: {name}, run {i + 1}")
                     results[target.label][name].append(await flood(target, name,
                                                                    *expected[name]))
-        for target in targets:
+        for target in targets if args.echo else ():
             log(f"{target.label}: echo (raw loop, then the prompt)")
             echoes[target.label] = {"raw": await raw_echo(target, args.echo),
                                     "prompt": await s.echo(target, args.echo // 2)}
@@ -489,51 +502,64 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
         peer.cleanup()
     log("stopping the server")
     srv.stop()
+    bench_server.UID_MIN, bench_server.UID_MAX = uid_min, uid_max
+    # the baseline's column, when there is one, comes last
+    extra = ["baseline"] if args.baseline else []
 
     header = ["row", "raw PTY", "terminado", "shellserver", "shellserver / PTY",
-              "shellserver / terminado", "goal"]
+              "shellserver / terminado", "goal", *(f"baseline ({args.baseline})"
+                                                   for _ in extra)]
     rows = [header]
-    for name in WORKLOADS:
+    for name in workloads:
         med = {label: median_run(results[label][name]) for label in results}
         p, t, o = med["raw PTY"], med["terminado"], med["shellserver"]
+        b = [med[label] for label in extra]
         mb = p["expected"] / 1e6
         goal = ">= 0.9x PTY" if name != "blocks" else ">= today"
         rows.append([f"{name} ({mb:.0f} MB): MB/s", f"{p['mb_per_s']:.1f}",
                      f"{t['mb_per_s']:.1f}", f"{o['mb_per_s']:.1f}",
                      ratio(o["mb_per_s"], p["mb_per_s"]), ratio(o["mb_per_s"], t["mb_per_s"]),
-                     goal])
+                     goal, *(f"{m['mb_per_s']:.1f}" for m in b)])
         rows.append([f"{name}: CPU ms/MB outside the console's program", "—",
                      f"{t['cpu']['outside']:.1f}", f"{o['cpu']['outside']:.1f}", "",
-                     ratio(o["cpu"]["outside"], t["cpu"]["outside"]), "<= 0.5x terminado"])
+                     ratio(o["cpu"]["outside"], t["cpu"]["outside"]), "<= 0.5x terminado",
+                     *(f"{m['cpu']['outside']:.1f}" for m in b)])
         for role in ("server", "relay", "launcher", "console", "client", "machine"):
             rows.append([f"  {name}: CPU ms/MB, {role}",
                          f"{p['cpu'][role]:.1f}" if role in p["cpu"] else "—",
                          f"{t['cpu'][role]:.1f}" if role in t["cpu"] else "—",
-                         f"{o['cpu'][role]:.1f}", "", "", ""])
+                         f"{o['cpu'][role]:.1f}", "", "", "",
+                         *(f"{m['cpu'][role]:.1f}" for m in b)])
         for role in ("console", "relay", "server"):
             rows.append([f"  {name}: {role} wake-ups / reads / writes per MB",
                          *("/".join(f"{v:.0f}" for v in m["calls"][role])
-                           if role in m["calls"] else "—" for m in (p, t, o)), "", "", ""])
+                           if role in m["calls"] else "—" for m in (p, t, o)), "", "", "",
+                         *("/".join(f"{v:.0f}" for v in m["calls"][role]) for m in b)])
         rows.append([f"  {name}: messages to the client per MB",
                      f"{p['messages'] / mb:.0f}", f"{t['messages'] / mb:.0f}",
-                     f"{o['messages'] / mb:.0f}", "", "", ""])
+                     f"{o['messages'] / mb:.0f}", "", "", "",
+                     *(f"{m['messages'] / mb:.0f}" for m in b)])
         verified = {label: all(r["error"] is None and r["bytes"] == r["expected"]
                                for r in results[label][name]) for label in results}
         rows.append([f"  {name}: bytes verified (count + sha256, every run)",
-                     *("exact" if verified[label] else "WRONG" for label in results),
-                     "", "", "exact"])
+                     *("exact" if verified[label] else "WRONG"
+                       for label in ("raw PTY", "terminado", "shellserver")),
+                     "", "", "exact", *("exact" if verified[label] else "WRONG"
+                                        for label in extra)])
         for label in results:
             errors = [r["error"] for r in results[label][name] if r["error"]]
             if errors:
                 notes.append(f"{label} {name}: {errors[0]}")
             notes.append(f"{label} {name} MB/s per run: "
                          + ", ".join(f"{r['mb_per_s']:.1f}" for r in results[label][name]))
-    for kind, what in (("raw", "raw-mode echo loop"), ("prompt", "echo at the prompt")):
+    kinds = (("raw", "raw-mode echo loop"), ("prompt", "echo at the prompt"))
+    for kind, what in kinds if echoes else ():
         p, t, o = (echoes[label][kind] for label in ("raw PTY", "terminado", "shellserver"))
         for q, goal in (("p50", "<= 2x PTY"), ("p99", "<= 3x PTY")):
             rows.append([f"{what} {q} (ms)", f"{p[q] * 1000:.2f}", f"{t[q] * 1000:.2f}",
                          f"{o[q] * 1000:.2f}", ratio(o[q], p[q]), ratio(o[q], t[q]),
-                         goal if kind == "raw" else ""])
+                         goal if kind == "raw" else "",
+                         *(f"{echoes[label][kind][q] * 1000:.2f}" for label in extra)])
     return render(rows), notes
 
 
@@ -543,10 +569,29 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="10 MB, one run, 100 echoes")
     parser.add_argument("--megabytes", type=float, default=30.0, help="output per workload")
     parser.add_argument("--runs", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument("--echo", type=int, default=300, help="raw-mode echoes")
+    parser.add_argument("--echo", type=int, default=300, help="raw-mode echoes (0: none)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated subset of " + ",".join(WORKLOADS)
+                        + " (empty: echo only)")
+    parser.add_argument("--uids", default=f"{bench_server.UID_MIN}-{bench_server.UID_MAX}",
+                        help="the server's uid range, MIN-MAX (apart from other runs')")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also run this checkout of another version (e.g. a git "
+                        "worktree of main) as a fourth target, in its own column")
     args = parser.parse_args()
     if args.quick:
         args.megabytes, args.runs, args.echo = 10.0, 1, 100
+    args.workloads = [name for name in args.workloads.split(",") if name]
+    unknown = set(args.workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
+    try:
+        uid_min, uid_max = (int(part) for part in args.uids.split("-"))
+    except ValueError:
+        parser.error(f"--uids takes MIN-MAX, got {args.uids!r}")
+    if not 0 < uid_min <= uid_max:
+        parser.error(f"--uids: {args.uids!r} is not a range of positive uids")
+    bench_server.UID_MIN, bench_server.UID_MAX = uid_min, uid_max
     if os.geteuid() != 0:
         print("bench/efficiency.py needs root: the server builds real sandboxes",
               file=sys.stderr)
