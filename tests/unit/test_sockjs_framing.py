@@ -66,6 +66,23 @@ class EncodeMessageTests(SynchronousTestCase):
             if not "\ud800" <= character <= "\udfff":
                 self.assertEqual(json.loads(encoded), character)
 
+    def test_every_ascii_character_round_trips(self) -> None:
+        """
+        Every ASCII character (controls, quote, backslash, DEL) decodes back
+        to itself, alone and beside non-ASCII text.
+        """
+        for code in range(128):
+            for text in (chr(code) + "x", chr(code) + "é\u2028"):
+                self.assertEqual(json.loads(encode_message(text)), text, repr(text))
+
+    def test_terminal_output_round_trips(self) -> None:
+        """
+        Terminal output (escape sequences, CR LF, tabs) decodes back to itself.
+        """
+        text = "\x1b[1;32mIn [\x1b[1;32m1\x1b[0m]: \tprint(1)\r\n1\r\n\x07\x7f"
+        self.assertEqual(json.loads(encode_message(text)), text)
+        self.assertEqual(encode_message(text), json.dumps(text).encode())
+
     def test_escape_is_lowercase_hex(self) -> None:
         """
         Escapes use four lowercase hex digits, as the protocol suite expects.
