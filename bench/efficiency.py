@@ -182,6 +182,14 @@ def descendants(root: int, children: dict[int, list[int]]) -> list[tuple[int, in
     return found
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def cpu_ns(pid: int) -> int:
     """On-CPU time of every thread of ``pid`` (schedstat: nanoseconds), 0 if gone."""
     total = 0
@@ -245,7 +253,13 @@ class ShellserverTarget(s.WireTarget):
         """twistd; the launcher, init (the relay) and the console below them."""
         children = children_map()
         known = getattr(self, "_seen", set())
-        launchers = [p for p in children.get(self.server.pid, []) if p not in known]
+        # with sandbox.fork_server (the default) the launchers are the
+        # template's children, not twistd's
+        below = children.get(self.server.pid, [])
+        templates = [p for p in below if b"forkserver.py" in cmdline(p)]
+        below = [p for p in below if p not in templates]
+        below += [p for t in templates for p in children.get(t, [])]
+        launchers = [p for p in below if p not in known]
         if len(launchers) != 1:
             raise RuntimeError(f"expected one new launcher under twistd, found {launchers}")
         self._seen = known | set(launchers)
@@ -254,7 +268,7 @@ class ShellserverTarget(s.WireTarget):
         console_pids = [p for init in inits for p in children.get(init, [])]
         console_pids += [p for c in console_pids for p, _ in descendants(c, children)]
         return Roles({"server": [self.server.pid], "launcher": [launcher], "relay": inits,
-                      "console": console_pids})
+                      "console": console_pids, "template": templates})
 
 
 class TerminadoConsole(wire.Terminal):
@@ -397,7 +411,8 @@ async def flood(target, name: str, line: str, length: int, sha256: str) -> dict:
     cpu = {role: (after[role] - before[role]) * NS * 1000 / mb for role in before}
     cpu["client"] = (client1 - client0) * 1000 / mb
     cpu["machine"] = (machine1 - machine0) * NS * 1000 / mb
-    cpu["outside"] = sum(cpu.get(role, 0.0) for role in ("server", "launcher", "relay"))
+    cpu["outside"] = sum(cpu.get(role, 0.0)
+                         for role in ("server", "launcher", "relay", "template"))
     # wake-ups, reads and writes per MB of each role
     calls = {role: tuple((a - b) / mb for a, b in zip(counts[1][role], counts[0][role],
                                                        strict=True))
@@ -476,10 +491,12 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
     srv = bench_server.start(tmp / "shellserver", pool=0)
     servers.append(srv)
     ours = ShellserverTarget(srv, tls=False)
+    ours.framed = args.framed
     targets = [pty, peer, ours]
     if args.baseline:
         baseline = ShellserverTarget(before, tls=False)
         baseline.label = "baseline"
+        baseline.framed = args.framed
         targets.append(baseline)
     workloads = args.workloads
     expected = {name: workload(name, args.megabytes) for name in workloads}
@@ -524,7 +541,8 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
                      f"{t['cpu']['outside']:.1f}", f"{o['cpu']['outside']:.1f}", "",
                      ratio(o["cpu"]["outside"], t["cpu"]["outside"]), "<= 0.5x terminado",
                      *(f"{m['cpu']['outside']:.1f}" for m in b)])
-        for role in ("server", "relay", "launcher", "console", "client", "machine"):
+        for role in ("server", "relay", "launcher", "template", "console", "client",
+                     "machine"):
             rows.append([f"  {name}: CPU ms/MB, {role}",
                          f"{p['cpu'][role]:.1f}" if role in p["cpu"] else "—",
                          f"{t['cpu'][role]:.1f}" if role in t["cpu"] else "—",
@@ -575,6 +593,9 @@ def main() -> int:
                         + " (empty: echo only)")
     parser.add_argument("--uids", default=f"{bench_server.UID_MIN}-{bench_server.UID_MAX}",
                         help="the server's uid range, MIN-MAX (apart from other runs')")
+    parser.add_argument("--framed", action="store_true",
+                        help="shellserver over SockJS frames on the session websocket, "
+                        "as the page's sockjs-client, instead of the raw websocket")
     parser.add_argument("--baseline", metavar="CHECKOUT",
                         help="also run this checkout of another version (e.g. a git "
                         "worktree of main) as a fourth target, in its own column")

@@ -88,6 +88,10 @@ class Target:
 
 
 class WireTarget(Target):
+    # SockJS frames over the session websocket, as the page's sockjs-client
+    # sends them, instead of the raw websocket
+    framed = False
+
     def __init__(self, server: BenchServer, tls: bool) -> None:
         self.server = server
         self.tls = wire.client_ssl_context(server.cert) if tls else None
@@ -96,7 +100,7 @@ class WireTarget(Target):
 
     async def console(self, source: str | None = None) -> wire.Terminal:
         console = wire.WireConsole("127.0.0.1", self.port, tls=self.tls, source=source,
-                                   name=f"{self.name} console")
+                                   name=f"{self.name} console", framed=self.framed)
         try:
             console.open_seconds = await console.open()
         except BaseException:

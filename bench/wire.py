@@ -17,6 +17,7 @@ import asyncio
 import base64
 import codecs
 import fcntl
+import json
 import os
 import pty
 import re
@@ -317,9 +318,13 @@ class WireConsole(Terminal):
     """
 
     def __init__(self, host: str, port: int, *, tls: ssl.SSLContext | None,
-                 source: str | None = None, name: str = "wire", acks: bool = True) -> None:
+                 source: str | None = None, name: str = "wire", acks: bool = True,
+                 framed: bool = False) -> None:
         super().__init__()
         self.acks = acks
+        # framed: SockJS frames over the session's websocket, as sockjs-client
+        # (the page) speaks; else the raw websocket, one message per message
+        self.framed = framed
         self.written_units = self.acked_units = 0
         self._ack_timer: asyncio.TimerHandle | None = None
         self.host, self.port, self.tls, self.source = host, port, tls, source
@@ -341,7 +346,7 @@ class WireConsole(Terminal):
     async def connect(self, timeout: float = 10.0) -> None:
         key = base64.b64encode(secrets.token_bytes(16)).decode()
         request = (
-            f"GET /sockjs/websocket HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"GET {self._websocket_path()} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             f"Origin: {self.origin}\r\n\r\n").encode()
@@ -353,8 +358,14 @@ class WireConsole(Terminal):
         self.protocol = protocol
         await asyncio.wait_for(protocol.handshake, timeout)
 
+    def _websocket_path(self) -> str:
+        if self.framed:
+            return f"/sockjs/000/{secrets.token_hex(8)}/websocket"
+        return "/sockjs/websocket"
+
     def send(self, message: str) -> None:
-        self.protocol.send_frame(0x1, message.encode("utf-8"))
+        payload = json.dumps([message]) if self.framed else message
+        self.protocol.send_frame(0x1, payload.encode("utf-8"))
 
     def authenticate(self, token: str, cols: int = 100, rows: int = 30) -> None:
         self.send("a" + token)
@@ -387,6 +398,16 @@ class WireConsole(Terminal):
         return await self.wait_prompt(timeout, expectation) - start
 
     def _message(self, message: str) -> None:
+        if not self.framed:
+            self._console_message(message)
+        elif message[:1] == "a":
+            for each in json.loads(message[1:]):
+                self._console_message(each)
+        elif message[:1] == "c":
+            self.ends.append(message)
+        # "o" (open) and "h" (heartbeat) carry nothing for the console
+
+    def _console_message(self, message: str) -> None:
         kind = message[:1]
         if kind == "o":
             text = message[1:]
