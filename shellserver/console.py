@@ -77,6 +77,9 @@ _SIZE = re.compile(r"\A([0-9]{1,4}),([0-9]{1,4})\Z")
 # ASCII digits only: str.isdigit() also accepts "²" or "١", which int() refuses
 # (or reads as another number).
 _COUNT = re.compile(r"\A[0-9]{1,15}\Z")
+# A timer that fires this close to its due time counts as due (the float sums
+# of the clock and of the timer's own time differ in the last bits).
+_TIMER_SLACK = 0.001
 
 
 class ProtocolError(Exception):
@@ -311,6 +314,9 @@ class ConsoleSession:
     _retained: deque[tuple[int, str]] = field(factory=deque)
     _retained_from: int = 0
     _warned: dict[str, float] = field(factory=dict)
+    # When the last keystroke came (or the sandbox started): the idle time
+    # counts from it.
+    _input_at: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         self._start_timer("auth", self._settings.auth_timeout, self._auth_timed_out)
@@ -336,6 +342,13 @@ class ConsoleSession:
 
     def _warning_due(self, kind: str, seconds: float) -> None:
         self._timers.pop(kind + "_warning", None)
+        if kind == "idle":
+            later = self._input_at + self._settings.idle_timeout - seconds - self._clock.seconds()
+            if later > _TIMER_SLACK:
+                # input came since the timer was set (keystrokes leave the timers be)
+                self._timers["idle_warning"] = self._clock.callLater(
+                    later, self._warning_due, kind, seconds)
+                return
         self.warn(kind, seconds)
 
     def warn(self, kind: str, seconds: float) -> None:
@@ -357,6 +370,11 @@ class ConsoleSession:
 
     def _idle_timed_out(self) -> None:
         self._timers.pop("idle", None)
+        later = self._input_at + self._settings.idle_timeout - self._clock.seconds()
+        if later > _TIMER_SLACK:
+            # input came since the timer was set: the rest of the time from it
+            self._timers["idle"] = self._clock.callLater(later, self._idle_timed_out)
+            return
         self._ended_for("idle")
         self._end(f"Console ended after {describe_duration(self._settings.idle_timeout)}"
                   " without input.")
@@ -381,8 +399,14 @@ class ConsoleSession:
             elif kind == "i":
                 if self.sandbox is not None:
                     self.sandbox.write(payload.encode("utf-8", "surrogatepass"))
-                    self._start_timer("idle", self._settings.idle_timeout,
-                                      self._idle_timed_out)
+                    # The idle timers look at this when they fire: a keystroke
+                    # costs no timer of its own (one cancel and schedule each
+                    # of two timers, per key, before).
+                    self._input_at = self._clock.seconds()
+                    if "idle" in self._warned:
+                        # the warning is out: withdraw it now, start the time anew
+                        self._start_timer("idle", self._settings.idle_timeout,
+                                          self._idle_timed_out)
             elif kind == "r":
                 self._size = parse_size(payload)
                 if self.sandbox is not None:
@@ -706,6 +730,7 @@ class ConsoleSession:
         # Stop reading the PTY while the client has too much output pending.
         self._gate = OutputGate(self.sandbox, metrics=self._metrics)
         self._connection.register_producer(self._gate)
+        self._input_at = self._clock.seconds()
         self._start_timer("idle", self._settings.idle_timeout, self._idle_timed_out)
         self._start_timer("age", self._settings.max_age, self._max_age_reached)
 

@@ -391,6 +391,31 @@ class WarningTests(ReattachTestCase):
         self.clock.advance(100)
         self.assertEqual(sandbox.terminated, 0)
 
+    def test_idle_warning_counts_from_last_keystroke(self):
+        """Keystrokes before the warning move it to a minute before the idle ending of the last."""
+        connection, console, sandbox, secret = self.running()
+        for _ in range(3):
+            self.clock.advance(200)
+            connection.handler.message_received("ix")
+        self.clock.advance(539)
+        self.assertEqual(self.warnings(connection), [])
+        self.clock.advance(1)
+        self.assertEqual(self.warnings(connection), ["widle,60"])
+        self.clock.advance(59)
+        self.assertEqual(sandbox.terminated, 0)
+        self.clock.advance(1)
+        self.assertEqual(sandbox.terminated, 1)
+
+    def test_keystroke_schedules_no_timer(self):
+        """A keystroke outside a warning leaves the console's timers as they were."""
+        connection, console, sandbox, secret = self.running()
+        self.clock.advance(10)
+        before = list(self.clock.getDelayedCalls())
+        for _ in range(5):
+            connection.handler.message_received("ix")
+        self.assertEqual(self.clock.getDelayedCalls(), before)
+        self.assertEqual(sandbox.written, [b"x"] * 5)
+
     def test_max_age_warning(self):
         """A minute before the maximum age ``wage,60`` goes out."""
         connection, console, sandbox, secret = self.running()
