@@ -149,15 +149,17 @@ class Rig:
                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                        "Sec-WebSocket-Version: 13\r\n"
                        f"Origin: {ORIGIN}\r\n\r\n")
+            channel.dataReceived(request.encode())
         else:
-            path = {"xhr-streaming": "xhr_streaming", "eventsource": "eventsource"}[
-                self.transport_name]
-            request = (f"POST /sockjs/000/s1/{path} HTTP/1.1\r\nHost: example.com\r\n"
-                       f"Origin: {ORIGIN}\r\nContent-Length: 0\r\n\r\n")
-            if self.transport_name == "eventsource":
-                request = request.replace("POST", "GET", 1)
-        channel.dataReceived(request.encode())
+            channel.dataReceived(self._stream_request())
         return transport
+
+    def _stream_request(self) -> bytes:
+        path = {"xhr-streaming": "xhr_streaming", "eventsource": "eventsource"}[
+            self.transport_name]
+        method = "GET" if self.transport_name == "eventsource" else "POST"
+        return (f"{method} /sockjs/000/s1/{path} HTTP/1.1\r\nHost: example.com\r\n"
+                f"Origin: {ORIGIN}\r\nContent-Length: 0\r\n\r\n").encode()
 
     def send(self, message: str) -> None:
         body = json.dumps([message]).encode()
@@ -177,9 +179,14 @@ class Rig:
 
     def drain(self) -> int:
         """Drop what the server wrote; acknowledge what the page would have."""
-        size = len(self.transport.value())
+        data = self.transport.value()
         self.transport.clear()
-        return size
+        if self.transport_name != "websocket" and data.endswith(b"\r\n0\r\n\r\n"):
+            # a streaming response ends after its byte limit (its last
+            # chunk): the client asks for the next, as sockjs-client does
+            self.transport.protocol.dataReceived(self._stream_request())
+            return len(data) + self.drain()
+        return len(data)
 
     def acknowledge(self, units: int) -> None:
         self.sent_units += units
