@@ -64,10 +64,14 @@ WARNING_LEAD = 60.0
 _REATTACH = re.compile(r"\A([A-Za-z0-9_-]{43}),([0-9]{1,15})\Z")
 
 DEFAULT_COLS, DEFAULT_ROWS = 80, 24
-# Output read within this window after a send is coalesced into one message
-# (fewer, larger messages under load); output after a quiet spell, such as a
-# keystroke's echo, goes out at once.
-COALESCE_WINDOW = 0.002
+# Output read within this window after a send of at least COALESCE_STREAM
+# characters is coalesced into one message: a stream (a print loop, a
+# pipeline) goes out in fewer, larger messages, each of which costs the
+# server (and the browser) far more than its bytes do. Output after a quiet
+# spell or after a small message, such as a keystroke's echo or the prompt's
+# redraw, goes out at once: keystrokes never wait for the window.
+COALESCE_WINDOW = 0.008
+COALESCE_STREAM = 512
 # Pending output is sent at once from this size on. One read of the output
 # pipe (up to 64 KiB) is one message at most; past the websocket message size
 # limit a message goes out through autobahn's fragment API (websocket.py).
@@ -301,6 +305,7 @@ class ConsoleSession:
     _pending: list[str] = field(factory=list)
     _pending_units: int = 0
     _last_send: float = float("-inf")
+    _last_send_size: int = 0
     user_id: str | None = None
     # For the metrics: when the token was redeemed, whether the sandbox came
     # from the warm pool, and the first reason the console was ended for.
@@ -759,7 +764,8 @@ class ConsoleSession:
         if self._pending_units >= COALESCE_MAX:
             self._flush_output()
         elif "flush" not in self._timers:
-            if self._clock.seconds() - self._last_send >= COALESCE_WINDOW:
+            if (self._last_send_size < COALESCE_STREAM
+                    or self._clock.seconds() - self._last_send >= COALESCE_WINDOW):
                 self._flush_output()
             else:
                 self._start_timer("flush", COALESCE_WINDOW, self._flush_output)
@@ -771,6 +777,7 @@ class ConsoleSession:
             self._pending.clear()
             self._pending_units = 0
             self._last_send = self._clock.seconds()
+            self._last_send_size = len(text)
             self._send_output(text)
 
     def _send_output(self, text: str) -> None:

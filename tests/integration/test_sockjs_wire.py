@@ -105,6 +105,22 @@ def test_framed_websocket_echo(port: int) -> None:
         ws.close()
 
 
+def test_framed_websocket_every_character(port: int) -> None:
+    """Every ASCII character, alone and beside non-ASCII text, comes back intact in a-frames."""
+    ws = websocket.create_connection(
+        f"ws://127.0.0.1:{port}{session_url()}/websocket", timeout=TIMEOUT
+    )
+    try:
+        assert ws.recv() == "o"
+        ascii_text = "".join(chr(code) for code in range(128))
+        texts = [ascii_text, ascii_text + "é\u2028😀", "\x1b[1;32mIn [1]:\x1b[0m \r\n"]
+        ws.send(json.dumps(texts))
+        received = [json.loads(ws.recv()[1:]) for _ in texts]
+        assert received == [[text] for text in texts]
+    finally:
+        ws.close()
+
+
 def test_framed_websocket_close(port: int) -> None:
     """The close service sends "o", the 3000 close frame, and closes cleanly."""
     ws = websocket.create_connection(

@@ -225,20 +225,56 @@ class CoalescingTests(ConsoleTestCase):
         self.assertEqual(connection.sent[-1], "ox")
 
     def test_burst_is_one_message(self):
-        """Reads within the window after a send go out together, in order."""
+        """Reads within the window after a large send go out together, in order."""
+        from shellserver.console import COALESCE_STREAM, COALESCE_WINDOW
+
         connection, session, sandbox = self.running()
+        self.clock.advance(1)
+        session.output(b"s" * COALESCE_STREAM)
         before = len(connection.sent)
         for chunk in (b"a", b"b", b"c"):
             session.output(chunk)
         self.assertEqual(len(connection.sent), before)
-        self.clock.advance(0.002)
+        self.clock.advance(COALESCE_WINDOW)
         self.assertEqual(connection.sent[before:], ["oabc"])
+
+    def test_small_messages_never_wait(self):
+        """Output after a small message (an echo after an echo) goes out at once."""
+        from shellserver.console import COALESCE_STREAM
+
+        connection, session, sandbox = self.running()
+        self.clock.advance(1)
+        for key in "abcdef":
+            session.output(key.encode())
+            self.assertEqual(connection.sent[-1], "o" + key)
+            self.clock.advance(0.001)
+        session.output(b"p" * (COALESCE_STREAM - 1))
+        self.clock.advance(0.001)
+        session.output(b"x")
+        self.assertEqual(connection.sent[-1], "ox")
+
+    def test_stream_goes_in_fewer_messages(self):
+        """A stream of reads 2 ms apart goes out one message per window, nothing lost."""
+        from shellserver.console import COALESCE_STREAM, COALESCE_WINDOW
+
+        connection, session, sandbox = self.running()
+        self.clock.advance(1)
+        before = len(connection.sent)
+        chunks = [b"%04d" % i * (COALESCE_STREAM // 4) for i in range(40)]
+        for chunk in chunks:
+            session.output(chunk)
+            self.clock.advance(0.002)
+        self.clock.advance(COALESCE_WINDOW)
+        sent = connection.sent[before:]
+        self.assertEqual("".join(m[1:] for m in sent), b"".join(chunks).decode())
+        self.assertLessEqual(len(sent), 40 * 0.002 / COALESCE_WINDOW + 2)
 
     def test_large_burst_not_held(self):
         """A window's worth over COALESCE_MAX is sent without waiting for the timer."""
-        from shellserver.console import COALESCE_MAX
+        from shellserver.console import COALESCE_MAX, COALESCE_STREAM
 
         connection, session, sandbox = self.running()
+        session.output(b"s" * COALESCE_STREAM)  # a stream: the window holds what follows
         half = COALESCE_MAX // 2 + 1
         session.output(b"x" * half)
         self.assertFalse(connection.sent[-1].startswith("ox"))
