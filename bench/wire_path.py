@@ -42,13 +42,15 @@ from twisted.web.server import Site  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
 from shellserver.auth import TokenAuthority  # noqa: E402
-from shellserver.console import ConsoleFactory, ConsoleSettings  # noqa: E402
+from shellserver.console import COALESCE_WINDOW, ConsoleFactory, ConsoleSettings  # noqa: E402
 from shellserver.metrics import Metrics  # noqa: E402
 from shellserver.sockjs import SockJSOptions, SockJSResource  # noqa: E402
 from shellserver.testing import FakeSandboxStarter  # noqa: E402
 
 ORIGIN = "https://console.example"
 ACK_EVERY = 8192
+# between reads: past the coalescing window, so each read is one message
+PAST_WINDOW = COALESCE_WINDOW + 0.001
 
 
 @implementer(IReactorTime)
@@ -202,7 +204,7 @@ def flood(rig: Rig, megabytes: float, chunk: int) -> dict:
     started = time.process_time()
     for _ in range(reads):
         rig.sandbox.events.output(line)
-        rig.clock.advance(0.003)  # past the coalescing window: one message per read
+        rig.clock.advance(PAST_WINDOW)  # one message per read
         wire += rig.drain()
         rig.acknowledge(chunk)
     seconds = time.process_time() - started
@@ -217,7 +219,7 @@ def keys(rig: Rig, count: int) -> dict:
         key = "abcdefghij"[i % 10]
         rig.send("i" + key)
         rig.sandbox.events.output(key.encode())
-        rig.clock.advance(0.003)
+        rig.clock.advance(PAST_WINDOW)
         rig.drain()
         rig.acknowledge(1)
     seconds = time.process_time() - started

@@ -5,8 +5,9 @@ the JSON payloads the client sends.  Pure functions, no I/O.
 
 import json
 import re
-from json.encoder import encode_basestring, encode_basestring_ascii
+from json.encoder import encode_basestring
 
+import ujson
 from attrs import frozen
 
 OPEN_FRAME = b"o"
@@ -34,9 +35,10 @@ def encode_message(text: str) -> bytes:
     """
     if text.isascii():
         # Console output mostly is (isascii is a flag, not a scan): nothing
-        # in it is one of SockJS's extra escapes, and for ASCII the ASCII
-        # encoder writes the same JSON in two thirds of the time.
-        return encode_basestring_ascii(text).encode("ascii")
+        # in it is one of SockJS's extra escapes, and ujson writes its JSON
+        # in a third to a half of the time of json's C encoder (the same
+        # text, but for DEL, which JSON allows raw).
+        return ujson.dumps(text, escape_forward_slashes=False).encode("ascii")
     quoted = _ESCAPABLE.sub(_escape_character, encode_basestring(text))
     return quoted.encode("utf-8")
 

@@ -77,11 +77,13 @@ class EncodeMessageTests(SynchronousTestCase):
 
     def test_terminal_output_round_trips(self) -> None:
         """
-        Terminal output (escape sequences, CR LF, tabs) decodes back to itself.
+        Terminal output (escape sequences, CR LF, tabs, "/") decodes back to
+        itself, escaped as json escapes it.
         """
-        text = "\x1b[1;32mIn [\x1b[1;32m1\x1b[0m]: \tprint(1)\r\n1\r\n\x07\x7f"
+        text = "\x1b[1;32mIn [\x1b[1;32m1\x1b[0m]: \tprint(1/2)\r\n0.5\r\n\x07"
         self.assertEqual(json.loads(encode_message(text)), text)
         self.assertEqual(encode_message(text), json.dumps(text).encode())
+        self.assertEqual(json.loads(encode_message(text + "\x7f")), text + "\x7f")
 
     def test_escape_is_lowercase_hex(self) -> None:
         """
