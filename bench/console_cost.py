@@ -41,7 +41,7 @@ import server  # noqa: E402
 import wire  # noqa: E402
 
 MIB = 1024 * 1024
-UID_MIN, UID_MAX = 251000, 252199  # this bench's own (1000 consoles need 1000 uids)
+UID_MIN, UID_MAX = 256500, 257599  # this bench's own (1000 consoles need 1000 uids)
 PER_ADDRESS = 40  # consoles per loopback source address (SockJS per-address limit)
 OPEN_AT_ONCE = 8
 PER_CONSOLE_MB = 40  # what the memory guard assumes a console may take

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shellserver.interfaces import IProcessReactor
-from shellserver.sandbox.spec import console_env
+from shellserver.sandbox.spec import console_argv, console_env
 
 log = Logger()
 
@@ -219,10 +219,14 @@ class ForkServer:
         self._stopping = False
         self._protocol = _TemplateProtocol(self)
         # The console's environment: modules that read it at import (where
-        # caches go, the terminal type) see what a console would.
+        # caches go, the terminal type) see what a console would. The
+        # consoles' argv follows the socket: the template prebuilds the
+        # IPython application it makes (template_shell.py).
+        runtime = os.path.dirname(os.path.dirname(self.python))
         self._transport = self.reactor.spawnProcess(
-            self._protocol, self.python, [self.python, "-I", self.template, self.socket_path],
-            env=console_env(os.path.dirname(os.path.dirname(self.python)), 0), path="/",
+            self._protocol, self.python,
+            [self.python, "-I", self.template, self.socket_path, *console_argv(runtime)],
+            env=console_env(runtime, 0), path="/",
         )
         self.pid = self._transport.pid
         log.info("fork server template starting (pid {pid})", pid=self.pid)

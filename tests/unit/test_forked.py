@@ -17,7 +17,7 @@ from shellserver.sandbox.forked import (
     ForkServerUnavailable,
 )
 from shellserver.sandbox.service import LAUNCHER, SandboxStarter, SandboxUnavailable
-from shellserver.sandbox.spec import console_env
+from shellserver.sandbox.spec import console_argv, console_env
 from shellserver.sandbox.uids import UidPool
 from shellserver.testing import FakeOutputPipes
 from tests.unit.test_sandbox_service import (
@@ -39,11 +39,13 @@ def fork_server(reactor) -> ForkServer:
 
 class ForkServerTests(SynchronousTestCase):
     def test_starts_template_with_runtime_python(self):
-        """The template is the runtime's Python, isolated, on the socket, in a console's env."""
+        """The template is the runtime's Python, isolated, on the socket, in a console's
+        env, given the consoles' argv to prebuild."""
         reactor = FakeProcessReactor()
         fork_server(reactor)
         spawned = reactor.spawned[0]
-        self.assertEqual(spawned.args, [PYTHON, "-I", TEMPLATE, SOCKET])
+        self.assertEqual(spawned.args,
+                         [PYTHON, "-I", TEMPLATE, SOCKET, *console_argv("/runtime")])
         self.assertEqual(spawned.env, console_env("/runtime", 0))
         self.assertFalse(spawned.usePTY)
 
