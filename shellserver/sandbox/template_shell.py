@@ -66,6 +66,7 @@ def prebuild(argv, console_env):
         sys.argv = [argv[0]] + list(argv[argv.index("IPython") + 1:])
         app = TerminalIPythonApp.instance()
         app.initialize(sys.argv[1:])
+        rehearse(app.shell)
         config_env = {name: value for name, value in os.environ.items()
                       if name not in console_env and name != "IPYTHONDIR"}
     finally:
@@ -81,6 +82,19 @@ def prebuild(argv, console_env):
     if left_open:
         raise PrebuildError(f"the build left descriptors open: {sorted(left_open)}")
     return app, config_env
+
+
+def rehearse(shell):
+    """One prompt shown and left at once, on the throwaway terminal.
+
+    The first prompt fills caches that every prompt then reads (the key
+    bindings' lookups, the style's parsed attributes, the lexer's): made
+    here, they are shared with every console instead of built (and their
+    pages written) in each. Nothing is typed, run or kept in the history.
+    """
+    prompt = shell.pt_app
+    prompt.app.pre_run_callables.append(lambda: prompt.app.exit(result=""))
+    shell.prompt_for_code()
 
 
 def start(app):

@@ -101,6 +101,23 @@ def test_template_death_spares_running_consoles(forking):
     assert wait_until(lambda: not processes_of_uids(uid_after, uid_after), timeout=15)
 
 
+def test_orphaned_launcher_is_reaped(forking):
+    """A launcher orphaned by its template's death is adopted by the server and
+    reaped when its console ends: no zombie is left (PID 1 here never reaps)."""
+    client, uid = open_console(forking)
+    (init,) = sandbox_inits(uid)
+    launcher = parent_of(init)
+    template = ready_template(forking)
+    assert parent_of(launcher) == template
+    os.kill(template, signal.SIGKILL)
+    assert wait_until(lambda: ready_template(forking) != template, timeout=30), forking.log()
+    assert parent_of(launcher) == forking.process.pid
+    client.type("exit\r")
+    assert client.wait_closed(timeout=15), client.display()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{launcher}"), timeout=15), \
+        open(f"/proc/{launcher}/status").read()
+
+
 @pytest.fixture(scope="module")
 def classic(tmp_path_factory):
     srv = start_server(tmp_path_factory.mktemp("classic"), uid_min=252220, uid_max=252229,
