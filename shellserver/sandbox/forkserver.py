@@ -1,7 +1,7 @@
 """The fork server's template: IPython imported once, a fork per console.
 
 The server runs this file as root with the console runtime's Python
-(``RUNTIME/bin/python -I forkserver.py SOCKET``), outside every console's
+(``RUNTIME/bin/python -I forkserver.py SOCKET CONSOLE_ARGV...``), outside every console's
 cgroup. It imports IPython, prompt_toolkit, jedi and the rest of what a
 console's start-up imports, freezes them for the collector, then listens on
 SOCKET (a SOCK_SEQPACKET unix socket in the server's 0700 state directory).
@@ -13,6 +13,9 @@ path runs, and the escape suite covers) on that PTY, except that at the
 end the console is not exec'd: the console process, already inside its
 namespaces, root, uid, limits, cgroup and seccomp filter, starts IPython
 from the modules it shares copy-on-write with the template. The template
+has also built the console's IPython application once (template_shell.py,
+for the consoles' argv, given after SOCKET): a console only binds it to its
+terminal, home and history and shows the prompt. The template
 answers with the child's pid and a pidfd for it (the server signals and
 watches the launcher through it, so a reused pid can never be hit); the
 launcher writes its exit status on the request's connection before it

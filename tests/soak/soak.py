@@ -33,13 +33,11 @@ import threading
 import time
 from pathlib import Path
 
-import websocket
-
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
 from conftest import RunningServer, processes_of_uids, start_server  # noqa: E402
-from console_client import ConsoleClient, fetch_token  # noqa: E402
+from console_client import ConsoleClient, WebSocketWire, fetch_token  # noqa: E402
 
 # What the server's log says about its sandboxes (twistd rotates the log at
 # 1 MB, so every twistd.log* file is read).
@@ -101,16 +99,20 @@ class SoakClient(ConsoleClient):
         self.second_ctrl_c = False
         self.received = 0   # output so far in UTF-16 units, and what was acknowledged
         self.acked = 0
+        # What ConsoleClient's pump and close read (its own acknowledging off:
+        # this client acknowledges in ``pump``).
+        self.origin, self.transport, self.port = server.origin, "websocket", server.port
+        self.acknowledge, self.written, self._acked = False, 0, 0
+        self.secret = self.grace = self.close_code = self.close_reason = None
         raw = socket.create_connection(("127.0.0.1", server.port), timeout=10,
                                        source_address=(source, 0))
         try:
             tls = server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1")
-            self.ws = websocket.create_connection(
-                f"wss://127.0.0.1:{server.port}/sockjs/websocket",
-                socket=tls, origin=server.origin, timeout=10)
+            self.wire = WebSocketWire(server, origin=server.origin, port=server.port, sock=tls)
         except BaseException:
             raw.close()
             raise
+        self.ws = self.wire.ws
 
     def login(self, token: str | None = None) -> None:
         super().login(token)
