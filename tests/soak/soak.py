@@ -86,7 +86,7 @@ class SoakClient(ConsoleClient):
         # ConsoleClient.__init__, but from a loopback address of the worker's
         # own, so that per-address limits (connections, sessions, wrong
         # tokens) see each worker as one visitor, not all of them as one.
-        self.server = server
+        self.server, self.source = server, source
         # Bounded: a flood must not make the client slower and slower.
         self.messages = collections.deque(maxlen=64)
         self.raw_output = collections.deque(maxlen=64)
@@ -115,7 +115,9 @@ class SoakClient(ConsoleClient):
         self.ws = self.wire.ws
 
     def login(self, token: str | None = None) -> None:
-        super().login(token)
+        # A token fetched from this client's own address: tokens are bound
+        # to the address that loaded the page.
+        super().login(token if token is not None else fetch_token(self.server, self.source))
         self.send("k0")  # flow control on, as the page does
 
     def pump(self, timeout: float) -> bool:
