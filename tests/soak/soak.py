@@ -53,6 +53,7 @@ POOL_SIZE = 2
 TEXT_KEEP = 64 * 1024
 ACK_EVERY = 32768  # UTF-16 units, as the terminal page acknowledges
 AUTH_TIMEOUT = 2.0
+REATTACH_GRACE = 3.0
 
 # Scenario name -> relative weight.
 WEIGHTS = {
@@ -787,7 +788,11 @@ def main() -> int:
         server = start_server(
             tmp, uid_min=args.uid_min, uid_max=args.uid_max,
             config=f"pool_size = {POOL_SIZE}\n",
-            console=f"auth_timeout = {AUTH_TIMEOUT}\n",
+            # A dropped connection's console waits reattach_grace for its
+            # page to come back, holding its slot: a short grace keeps that
+            # path in the churn without the abrupt scenarios filling the
+            # capacity for a minute each.
+            console=f"auth_timeout = {AUTH_TIMEOUT}\nreattach_grace = {REATTACH_GRACE}\n",
             admission=(f"capacity = {4 * args.concurrency + POOL_SIZE + 8}\n"
                        "per_address = 1000\nper_address_per_minute = 1000000\n"
                        "pages_per_address_per_minute = 0\n"),
