@@ -98,6 +98,7 @@ class SoakClient(ConsoleClient):
         self.dropped = 0    # chars dropped from the front of self.text
         self._held = ""     # an escape sequence split across messages
         self.second_ctrl_c = False
+        self.started = False  # the server said the console started (s ready/resumed)
         self.received = 0   # output so far in UTF-16 units, and what was acknowledged
         self.acked = 0
         # What ConsoleClient's pump and close read (its own acknowledging off:
@@ -125,6 +126,9 @@ class SoakClient(ConsoleClient):
         """ConsoleClient.pump, acknowledging output like the terminal page:
         every ACK_EVERY units, and once caught up (nothing more to read)."""
         got = super().pump(timeout)
+        if got and self.messages[-1] in ("sready", "sresumed"):
+            # Kept apart: the bounded message list forgets it in a flood.
+            self.started = True
         behind = self.received - self.acked
         if behind and not self.closed and (behind >= ACK_EVERY or not got):
             self.acked = self.received
@@ -176,7 +180,16 @@ class SoakClient(ConsoleClient):
         websocket-client's close() does nothing once a close frame has been
         received (the server ended the console), leaving the socket open.
         """
-        super().close()
+        # ConsoleClient.close, with the console's start remembered apart from
+        # the bounded message list: ``q`` ends the console at once instead of
+        # leaving it to wait out its reattach grace, holding a slot.
+        if not self.closed and self.started:
+            try:
+                self.send("q")
+            except Exception:
+                pass
+        self.wire.close()
+        self.closed = True
         self.ws.shutdown()
 
     def abort(self) -> None:
