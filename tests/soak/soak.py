@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import http.client
 import json
 import os
 import random
@@ -37,7 +38,7 @@ TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
 from conftest import RunningServer, processes_of_uids, start_server  # noqa: E402
-from console_client import ConsoleClient, WebSocketWire, fetch_token  # noqa: E402
+from console_client import TOKEN, ConsoleClient, WebSocketWire  # noqa: E402
 
 # What the server's log says about its sandboxes (twistd rotates the log at
 # 1 MB, so every twistd.log* file is read).
@@ -54,6 +55,13 @@ TEXT_KEEP = 64 * 1024
 ACK_EVERY = 32768  # UTF-16 units, as the terminal page acknowledges
 AUTH_TIMEOUT = 2.0
 REATTACH_GRACE = 3.0
+# The console page's text when the node is full (shellserver.admission).
+FULL_TEXT = "All consoles are in use right now."
+# How long a client waits for a slot before the node counts as stuck full:
+# far above the seconds an ending console's teardown takes on a saturated
+# node, far below the run.
+FULL_WAIT = 30.0
+FULL_WAITS: list[tuple[int, float]] = []  # (refusals, seconds) per console that waited
 
 # Scenario name -> relative weight.
 WEIGHTS = {
@@ -119,7 +127,7 @@ class SoakClient(ConsoleClient):
     def login(self, token: str | None = None) -> None:
         # A token fetched from this client's own address: tokens are bound
         # to the address that loaded the page.
-        super().login(token if token is not None else fetch_token(self.server, self.source))
+        super().login(token if token is not None else _fetch_token(self.server))
         self.send("k0")  # flow control on, as the page does
 
     def pump(self, timeout: float) -> bool:
@@ -211,10 +219,50 @@ def _connect(server: RunningServer) -> SoakClient:
     return SoakClient(server, getattr(_worker, "source", "127.0.0.1"))
 
 
+def _console_page(server: RunningServer, source: str) -> tuple[int, str]:
+    """``GET /console/`` from ``source``: the status and the page."""
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", server.port, timeout=10, context=server.ssl_context(),
+        source_address=(source, 0))
+    try:
+        connection.request("GET", "/console/")
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
 def _fetch_token(server: RunningServer) -> str:
     """A token for this worker's address (tokens are bound to the address
-    that fetched them)."""
-    return fetch_token(server, getattr(_worker, "source", "127.0.0.1"))
+    that fetched them), waiting for a slot while the node is full.
+
+    "Full" is the server's correct answer while the capacity is held, and
+    an ending console holds its slot until its sandbox is gone: its
+    teardown runs only on spare CPU (launcher.yield_cpu, cgroup weight 1),
+    so with the CPUs saturated by the soak itself, a burst of ended
+    consoles holds more slots than ``4 * concurrency`` for a second or
+    two. The client does what a page does ("full, try again"): it waits
+    and asks again, and the wait is counted. A slot that is never given
+    back keeps the node full past FULL_WAIT: that fails.
+    """
+    source = getattr(_worker, "source", "127.0.0.1")
+    started = time.monotonic()
+    pause, refusals = 0.25, 0
+    while True:
+        status, page = _console_page(server, source)
+        if not (status == 503 and FULL_TEXT in page):
+            break
+        refusals += 1
+        if time.monotonic() - started > FULL_WAIT:
+            raise Failed(f"the node stayed full for {FULL_WAIT:.0f} s")
+        time.sleep(pause)
+        pause = min(2.0, pause * 2)
+    if refusals:
+        FULL_WAITS.append((refusals, time.monotonic() - started))
+    match = TOKEN.search(page)
+    if status != 200 or not match:
+        raise Failed(f"console page: HTTP {status} without a token")
+    return match.group(1)
 
 
 def _open(server: RunningServer, registry: set, token: str | None = None) -> SoakClient:
@@ -710,6 +758,11 @@ def print_report(soak: Soak, report: dict, after: dict, final_log: dict, args) -
             f"{soak.results[(scenario, 'ok')]}/{soak.results[(scenario, 'failed')]}")
     for note, count in soak.notes.items():
         row(f"  note: {note}", count)
+    if FULL_WAITS:
+        waits = sorted(seconds for _, seconds in FULL_WAITS)
+        row("  note: consoles that waited for a slot (full)",
+            f"{len(waits)}, {sum(n for n, _ in FULL_WAITS)} refusals",
+            note=f"wait p50 {percentile(waits, 0.5):.1f} s, max {waits[-1]:.1f} s")
     row("sandboxes started (server log)", final_log["started"])
     row("  handed out from the warm pool", final_log["handed_out"])
     row("  distinct uids used", final_log["uids_used"])
