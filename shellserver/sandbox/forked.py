@@ -13,6 +13,7 @@ a template that dies leaves running consoles as they are.
 from __future__ import annotations
 
 import array
+import ctypes
 import os
 import pty
 import signal
@@ -20,16 +21,17 @@ import socket
 
 from attrs import define, field
 from twisted.application.service import Service
-from twisted.internet import abstract, fdesc
+from twisted.internet import abstract, fdesc, process
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shellserver.interfaces import IProcessReactor
-from shellserver.sandbox.spec import console_env
+from shellserver.sandbox.spec import console_argv, console_env
 
 log = Logger()
 
@@ -38,15 +40,18 @@ TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forkserver.
 ANSWER_TIMEOUT = 2.0
 FIRST_RESTART = 0.5
 MAX_RESTART = 30.0
+# How often the server looks for orphans it must reap (see OrphanReaper).
+ORPHAN_SWEEP = 5.0
+PR_SET_CHILD_SUBREAPER = 36
 
 
 # What a console costs in memory, measured with bench/console_cost.py (PSS:
 # shared pages split among their sharers; the table is in docs/sandbox.md):
 # an idle console, everything counted (launcher, init, IPython, the server's
 # share), on each path; the template, once per server.
-FORKED_CONSOLE_MB = 23.0
+FORKED_CONSOLE_MB = 14.6
 CLASSIC_CONSOLE_MB = 37.0
-TEMPLATE_MB = 38.0
+TEMPLATE_MB = 41.0
 # What a console in use adds over an idle one, for sizing: completions
 # (jedi's caches), tracebacks, a few modules and some data. A console that
 # uses more is bounded by sandbox.memory_mb, not by this.
@@ -58,6 +63,49 @@ def console_cost_mb(fork_server: bool) -> tuple[float, float]:
     if fork_server:
         return TEMPLATE_MB, FORKED_CONSOLE_MB + CONSOLE_IN_USE_MB
     return 0.0, CLASSIC_CONSOLE_MB + CONSOLE_IN_USE_MB
+
+
+class OrphanReaper:
+    """The server as its descendants' reaper: orphans come to it, and it reaps them.
+
+    A forked launcher is the template's child; when the template dies
+    (killed, crashed), its running launchers are orphaned. Without a
+    subreaper they would go to the host's PID 1, which on some hosts (a
+    container's, this machine's) never reaps: each would stay a zombie
+    after its console ends. As ``PR_SET_CHILD_SUBREAPER`` the server gets
+    them instead, and ``reap`` collects every child that has exited and
+    that Twisted does not know (Twisted reaps its own spawned processes:
+    the template and classic launchers). The same goes for a classic
+    sandbox's init whose launcher was killed before it.
+    """
+
+    def become_subreaper(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(error)}")
+
+    def children(self) -> set[int]:
+        found: set[int] = set()
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/children") as f:
+                    found.update(int(pid) for pid in f.read().split())
+            except FileNotFoundError:  # a thread that has ended
+                continue
+        return found
+
+    def reap(self) -> list[int]:
+        """Reap the exited children Twisted does not watch; their pids."""
+        reaped = []
+        for pid in sorted(self.children() - set(process.reapProcessHandlers)):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done:
+                reaped.append(done)
+        return reaped
 
 
 class ForkServerUnavailable(Exception):
@@ -104,8 +152,11 @@ class ForkedLauncher(abstract.FileDescriptor):
     pid: int | None  # None once ended, as in Twisted's process transports
 
     def __init__(self, reactor, protocol: ProcessProtocol, master: int, pid: int,
-                 pidfd: int, status: socket.socket) -> None:
+                 pidfd: int, status: socket.socket, on_exit=None) -> None:
         super().__init__(reactor)
+        # Called once the launcher has exited (the fork server reaps it if
+        # it is an orphan of a dead template).
+        self._on_exit = on_exit
         fdesc.setNonBlocking(master)
         self.fd, self.pid, self._pidfd, self._status = master, pid, pidfd, status
         self._exit_status: int | None = None
@@ -146,6 +197,8 @@ class ForkedLauncher(abstract.FileDescriptor):
             message = b""
         self._status.close()
         os.close(self._pidfd)
+        if self._on_exit is not None:
+            self._on_exit()
         # No status message: the launcher was killed (KILL is the only
         # signal it does not handle and write its status for).
         self._exit_status = int(message) if message.isdigit() else None
@@ -214,15 +267,27 @@ class ForkServer:
     _retry: float = FIRST_RESTART
     _restart_call: IDelayedCall | None = None
     _waiters: list = field(factory=list)
+    reaper: OrphanReaper = field(factory=OrphanReaper)
+    _sweep: LoopingCall | None = None
 
     def start(self) -> None:
         self._stopping = False
+        if self._sweep is None:
+            # Before the first template: its launchers, if it dies, come to us.
+            self.reaper.become_subreaper()
+            self._sweep = LoopingCall(self.reap_orphans)
+            self._sweep.clock = self.reactor
+            self._sweep.start(ORPHAN_SWEEP, now=False)
         self._protocol = _TemplateProtocol(self)
         # The console's environment: modules that read it at import (where
-        # caches go, the terminal type) see what a console would.
+        # caches go, the terminal type) see what a console would. The
+        # consoles' argv follows the socket: the template prebuilds the
+        # IPython application it makes (template_shell.py).
+        runtime = os.path.dirname(os.path.dirname(self.python))
         self._transport = self.reactor.spawnProcess(
-            self._protocol, self.python, [self.python, "-I", self.template, self.socket_path],
-            env=console_env(os.path.dirname(os.path.dirname(self.python)), 0), path="/",
+            self._protocol, self.python,
+            [self.python, "-I", self.template, self.socket_path, *console_argv(runtime)],
+            env=console_env(runtime, 0), path="/",
         )
         self.pid = self._transport.pid
         log.info("fork server template starting (pid {pid})", pid=self.pid)
@@ -238,6 +303,9 @@ class ForkServer:
         if protocol is not self._protocol:
             return
         self.ready, self.pid, self._protocol = False, None, None
+        # Its launchers that had already ended but were not yet reaped by
+        # it are ours now.
+        self.reap_orphans()
         if self._stopping:
             return
         log.warn("fork server template ended ({reason}); restarting in {delay}s "
@@ -247,6 +315,11 @@ class ForkServer:
         self._restart_call = self.reactor.callLater(self._retry, self._restart)
         self._retry = min(MAX_RESTART, self._retry * 2)
 
+    def reap_orphans(self) -> None:
+        reaped = self.reaper.reap()
+        if reaped:
+            log.info("reaped {count} orphaned processes: {pids}", count=len(reaped), pids=reaped)
+
     def _restart(self) -> None:
         self._restart_call = None
         if not self._stopping:
@@ -255,6 +328,9 @@ class ForkServer:
     def stop(self) -> None:
         self._stopping = True
         self.ready = False
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
         if self._transport is not None:
@@ -301,7 +377,7 @@ class ForkServer:
         os.set_inheritable(fds[0], False)
         connection.setblocking(False)
         return ForkedLauncher(self.reactor, protocol, master, int(answer[4:]), fds[0],
-                              connection)
+                              connection, on_exit=self.reap_orphans)
 
     def _replace_template(self) -> None:
         self.ready = False

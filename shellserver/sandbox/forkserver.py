@@ -1,7 +1,7 @@
 """The fork server's template: IPython imported once, a fork per console.
 
 The server runs this file as root with the console runtime's Python
-(``RUNTIME/bin/python -I forkserver.py SOCKET``), outside every console's
+(``RUNTIME/bin/python -I forkserver.py SOCKET CONSOLE_ARGV...``), outside every console's
 cgroup. It imports IPython, prompt_toolkit, jedi and the rest of what a
 console's start-up imports, freezes them for the collector, then listens on
 SOCKET (a SOCK_SEQPACKET unix socket in the server's 0700 state directory).
@@ -13,6 +13,9 @@ path runs, and the escape suite covers) on that PTY, except that at the
 end the console is not exec'd: the console process, already inside its
 namespaces, root, uid, limits, cgroup and seccomp filter, starts IPython
 from the modules it shares copy-on-write with the template. The template
+has also built the console's IPython application once (template_shell.py,
+for the consoles' argv, given after SOCKET): a console only binds it to its
+terminal, home and history and shows the prompt. The template
 answers with the child's pid and a pidfd for it (the server signals and
 watches the launcher through it, so a reused pid can never be hit); the
 launcher writes its exit status on the request's connection before it
@@ -66,7 +69,19 @@ PRELOAD = (
     "pygments.styles.default",
     "jedi",
     "sqlite3",
+    # Imported lazily by a console's first prompt (the magics IPython
+    # registers by name, the runtime's console promises and their ctypes).
+    "IPython.core.magics.logging",
+    "IPython.core.magics.script",
+    "ctypes",
+    "shellserver_console",
+    "pygments.lexers",
 )
+# The lexers a console's first prompt builds (IPython highlights what is
+# typed with Python3Lexer, ``!`` lines with BashLexer): a pygments lexer
+# class compiles its token rules, some hundred regular expressions, when
+# its first instance is made, about 25 ms of each console's start-up.
+WARM_LEXERS = ("Python3Lexer", "BashLexer")
 
 
 class RunConsole(BaseException):
@@ -79,8 +94,12 @@ class RunConsole(BaseException):
 
 
 def load_launcher():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
-    module_spec = importlib.util.spec_from_file_location("shellserver_launcher", path)
+    return load_sibling("launcher")
+
+
+def load_sibling(name):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    module_spec = importlib.util.spec_from_file_location("shellserver_" + name, path)
     assert module_spec is not None and module_spec.loader is not None  # a .py file's
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -94,10 +113,45 @@ def preload():
         except ImportError as e:
             # An older or smaller runtime: that module is imported per console.
             print(f"fork server: not preloaded: {name}: {e}", file=sys.stderr, flush=True)
-    # The long-lived objects of the imports, out of the collector's sight:
-    # a collection in a console would otherwise write to (and so copy) the
-    # pages they share with the template.
-    gc.freeze()
+    warm_lexers()
+
+
+# The console's IPython application, built by ``prebuild`` for this argv
+# (the server passes the consoles' argv after the socket's path).
+PREBUILT = {"argv": None, "app": None, "env": {}}
+
+
+def prebuild(argv):
+    """IPython's start-up done once here (template_shell.py), if it can be."""
+    if not argv:
+        return
+    try:
+        template_shell = load_sibling("template_shell")
+        app, config_env = template_shell.prebuild(argv, dict(os.environ))
+    except Exception as e:  # noqa: BLE001 - any failure: consoles start from scratch
+        print(f"fork server: IPython not prebuilt, consoles start it: {e!r}",
+              file=sys.stderr, flush=True)
+        return
+    PREBUILT.update(argv=list(argv), app=app, env=config_env, module=template_shell)
+
+
+def warm_lexers():
+    """The lexers' compiled rules, made once here and shared with every console.
+
+    Class-level caches of the runtime's own code: they hold nothing of any
+    console (the template never runs a visitor's code).
+    """
+    try:
+        lexers = importlib.import_module("pygments.lexers")
+    except ImportError:
+        return
+    for name in WARM_LEXERS:
+        lexer = getattr(lexers, name, None)
+        if lexer is not None:
+            # Lexing a line also fills the regular-expression caches the
+            # first keystrokes use.
+            for _ in lexer().get_tokens("x = [1, 'a'] # b\n"):
+                pass
 
 
 class Stopping(Exception):
@@ -108,8 +162,8 @@ def stop(signum, frame):
     raise Stopping()
 
 
-def preload_on_a_terminal():
-    """``preload`` with a terminal on 0, 1 and 2, as a console has.
+def preload_on_a_terminal(argv=()):
+    """``preload`` and ``prebuild`` with a terminal on 0, 1 and 2, as a console has.
 
     Some modules decide at import whether they run on a terminal (IPython's
     default ``simple_prompt``, for one: without a terminal at import, every
@@ -123,12 +177,17 @@ def preload_on_a_terminal():
         for fd in (0, 1, 2):
             os.dup2(slave, fd)
         preload()
+        prebuild(argv)
     finally:
         for fd, copy in zip((0, 1, 2), saved, strict=True):
             os.dup2(copy, fd)
             os.close(copy)
         os.close(slave)
         os.close(master)
+    # The long-lived objects of the imports and the prebuilt shell, out of
+    # the collector's sight: a collection in a console would otherwise
+    # write to (and so copy) the pages they share with the template.
+    gc.freeze()
 
 
 def reap_children(signum=None, frame=None):
@@ -209,6 +268,13 @@ def start_ipython(argv, env):
         # and so does a console's here.
         vars(sys).update(__stdin__=sys.stdin, __stdout__=sys.stdout, __stderr__=sys.stderr)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if PREBUILT["app"] is not None and list(argv) == PREBUILT["argv"]:
+            # What the runtime's configuration set when the template built
+            # the shell (EDITOR, VISUAL), unless the console's own says.
+            for name, value in PREBUILT["env"].items():
+                os.environ.setdefault(name, value)
+            PREBUILT["module"].start(PREBUILT["app"])
+            raise SystemExit(0)
         # By name: IPython is the runtime's (imported in ``preload``), not
         # the server's, so it has no type information here.
         importlib.import_module("IPython").start_ipython()
@@ -289,7 +355,7 @@ def main(argv):
     # Init builds the seccomp filter: the module and libseccomp loaded here
     # once are shared with every sandbox instead of loaded by each.
     launcher._load_sibling("seccomp").Filter().release()
-    preload_on_a_terminal()
+    preload_on_a_terminal(argv[2:])
     # Reap the launchers: they are our children (the server watches them
     # through their pidfds).
     signal.signal(signal.SIGCHLD, reap_children)

@@ -11,10 +11,10 @@ Only the native ABI is in the filter. Any syscall made through another ABI
 numbers differ per ABI, so a deny list written for one ABI is an allow list
 for the others, and no console program makes such calls.
 
-Arguments are compared as the kernel reads them: ``ioctl``'s request and
-``socket``'s family are 32-bit ``int`` in the kernel, so their rules mask the
-upper half a caller may fill with garbage (the bug in flatpak's TIOCSTI rule,
-CVE-2019-10063).
+Arguments are compared as the kernel reads them: ``ioctl``'s request,
+``socket``'s family, ``madvise``'s advice and ``prctl``'s option are 32-bit
+``int`` in the kernel, so their rules mask the upper half a caller may
+fill with garbage (the bug in flatpak's TIOCSTI rule, CVE-2019-10063).
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ TIOCSETD = 0x5423
 
 AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
 NETLINK_ROUTE = 0
+
+# Kernel same-page merging, asked for by the process itself (mman-common.h,
+# prctl.h). MADV_UNMERGEABLE and PR_GET_MEMORY_MERGE stay allowed.
+MADV_MERGEABLE = 12
+PR_SET_MEMORY_MERGE = 67
 ALLOWED_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
 # Families below the last allowed one that are denied one by one; every
 # family above AF_NETLINK is denied by a single range rule.
@@ -153,6 +158,17 @@ RULES = (
          "netlink other than NETLINK_ROUTE (audit, uevents, sock_diag...)"),
     Rule("socketpair", errno.EAFNOSUPPORT, (Arg(0, CMP_NE, AF_UNIX),),
          "socketpair of anything but unix sockets"),
+    # Kernel same-page merging is a timing side channel between processes:
+    # writing a merged page takes a copy-on-write fault, so a console whose
+    # own pages are mergeable could learn which page contents other consoles
+    # (or the host) hold. Both ways to opt in work unprivileged; they matter
+    # wherever the host runs ksmd. EINVAL, as on a kernel built without KSM.
+    # Every other madvise advice (glibc's and CPython's MADV_DONTNEED,
+    # MADV_FREE, ...) and prctl option stays allowed.
+    Rule("madvise", errno.EINVAL, (Arg(2, CMP_MASKED_EQ, LOW32, MADV_MERGEABLE),),
+         "MADV_MERGEABLE: no same-page merging, a cross-process timing channel"),
+    Rule("prctl", errno.EINVAL, (Arg(0, CMP_MASKED_EQ, LOW32, PR_SET_MEMORY_MERGE),),
+         "PR_SET_MEMORY_MERGE: no same-page merging of the whole process"),
 )
 
 

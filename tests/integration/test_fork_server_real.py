@@ -79,6 +79,33 @@ def test_console_is_a_fork_of_the_template(forking):
     assert wait_until(lambda: not processes_of_uids(uid, uid), timeout=15)
 
 
+def test_prebuilt_shell_keeps_nothing_between_consoles(forking):
+    """Consoles start from the template's prebuilt IPython, each bound to its own
+    home and history, and what one console does to its shell the next never sees."""
+    assert "not prebuilt" not in forking.log()
+    first, _ = open_console(forking)
+    try:
+        first.run("leak = 'L' * 3; get_ipython().run_line_magic('alias', 'leaky echo hi')", 3)
+        first.run("get_ipython().separate_in = 'XX'", 4)
+    finally:
+        first.close()
+    second, _ = open_console(forking)
+    try:
+        output = second.run("print('SEEN', 'leak' in globals(), "
+                            "get_ipython().alias_manager.is_alias('leaky'), "
+                            "repr(get_ipython().separate_in))", 3)
+        assert "SEEN False False '\\n'" in output, output
+        output = second.run("print('HOME', get_ipython().profile_dir.location, _dh[0])", 4)
+        assert "HOME /home/console/.ipython/profile_default /home/console" in output, output
+        output = second.run("print('HIST', len(get_ipython().history_manager.input_hist_raw))",
+                            5)
+        # Its own inputs only: IPython's empty first entry and the four lines
+        # typed here (this one stored before it runs).
+        assert "HIST 5" in output, output
+    finally:
+        second.close()
+
+
 def test_template_death_spares_running_consoles(forking):
     """Killing the template leaves a running console working and its end noticed;
     the template is restarted and new consoles are forked by the new one."""
@@ -99,6 +126,23 @@ def test_template_death_spares_running_consoles(forking):
     assert wait_until(lambda: f"uid {uid_before}) ended" in forking.log(), timeout=15)
     after.close()
     assert wait_until(lambda: not processes_of_uids(uid_after, uid_after), timeout=15)
+
+
+def test_orphaned_launcher_is_reaped(forking):
+    """A launcher orphaned by its template's death is adopted by the server and
+    reaped when its console ends: no zombie is left (PID 1 here never reaps)."""
+    client, uid = open_console(forking)
+    (init,) = sandbox_inits(uid)
+    launcher = parent_of(init)
+    template = ready_template(forking)
+    assert parent_of(launcher) == template
+    os.kill(template, signal.SIGKILL)
+    assert wait_until(lambda: ready_template(forking) != template, timeout=30), forking.log()
+    assert parent_of(launcher) == forking.process.pid
+    client.type("exit\r")
+    assert client.wait_closed(timeout=15), client.display()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{launcher}"), timeout=15), \
+        open(f"/proc/{launcher}/status").read()
 
 
 @pytest.fixture(scope="module")

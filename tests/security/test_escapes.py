@@ -988,6 +988,57 @@ def test_kernel_attack_surface(console):
     assert result == expected
 
 
+KSM_OPT_INS = """
+import ctypes, mmap
+size = 1 << 20
+m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+m.write(b"x" * size)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+"""
+HOST_KSM_OPT_INS = KSM_OPT_INS + """
+import errno
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def call(number, *args):
+    ctypes.set_errno(0)
+    if libc.syscall(ctypes.c_long(number), *map(ctypes.c_long, args)) < 0:
+        return errno.errorcode[ctypes.get_errno()]
+    return "ok"
+print({"madvise": call(28, addr, size, 12), "prctl": call(157, 67, 1, 0, 0, 0)})
+"""
+
+
+def test_same_page_merging_opt_ins(console):
+    """madvise(MADV_MERGEABLE) and prctl(PR_SET_MEMORY_MERGE) fail with EINVAL
+    (with clean or dirty upper bits), though the kernel grants them outside the
+    sandbox; other madvise advice and unmerging still work."""
+    host = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", HOST_KSM_OPT_INS],
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert ast.literal_eval(host.stdout.strip()) == {"madvise": "ok", "prctl": "ok"}
+    result = console.run(KSM_OPT_INS + textwrap.dedent("""
+        out = {
+            "mmap.madvise MERGEABLE": attempt(m.madvise, mmap.MADV_MERGEABLE),
+            "madvise MERGEABLE": syscall(28, addr, size, 12),
+            "madvise high bits": syscall(28, addr, size, 0xFFFFFFFF0000000C),
+            "prctl SET_MEMORY_MERGE": syscall(157, 67, 1, 0, 0, 0),
+            "prctl high bits": syscall(157, 0x100000043, 1, 0, 0, 0),
+            "prctl GET_MEMORY_MERGE": syscall(157, 68, 0, 0, 0, 0),
+            "madvise DONTNEED": attempt(m.madvise, mmap.MADV_DONTNEED),
+        }
+        out["zeroed by DONTNEED"] = m[:4] == bytes(4)
+        out["madvise FREE"] = syscall(28, addr, size, 8)
+        out["madvise UNMERGEABLE"] = syscall(28, addr, size, 13)
+        report(out)
+    """))
+    assert result == {
+        "mmap.madvise MERGEABLE": "EINVAL", "madvise MERGEABLE": "EINVAL",
+        "madvise high bits": "EINVAL", "prctl SET_MEMORY_MERGE": "EINVAL",
+        "prctl high bits": "EINVAL", "prctl GET_MEMORY_MERGE": "ok",
+        "madvise DONTNEED": "ok", "zeroed by DONTNEED": True, "madvise FREE": "ok",
+        "madvise UNMERGEABLE": "ok",
+    }
+
+
 # -- hostile output, and the server afterwards -------------------------------------
 
 def test_hostile_terminal_output(console):

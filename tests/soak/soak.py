@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import http.client
 import json
 import os
 import random
@@ -33,13 +34,11 @@ import threading
 import time
 from pathlib import Path
 
-import websocket
-
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
 from conftest import RunningServer, processes_of_uids, start_server  # noqa: E402
-from console_client import ConsoleClient, fetch_token  # noqa: E402
+from console_client import TOKEN, ConsoleClient, WebSocketWire  # noqa: E402
 
 # What the server's log says about its sandboxes (twistd rotates the log at
 # 1 MB, so every twistd.log* file is read).
@@ -55,6 +54,14 @@ POOL_SIZE = 2
 TEXT_KEEP = 64 * 1024
 ACK_EVERY = 32768  # UTF-16 units, as the terminal page acknowledges
 AUTH_TIMEOUT = 2.0
+REATTACH_GRACE = 3.0
+# The console page's text when the node is full (shellserver.admission).
+FULL_TEXT = "All consoles are in use right now."
+# How long a client waits for a slot before the node counts as stuck full:
+# far above the seconds an ending console's teardown takes on a saturated
+# node, far below the run.
+FULL_WAIT = 30.0
+FULL_WAITS: list[tuple[int, float]] = []  # (refusals, seconds) per console that waited
 
 # Scenario name -> relative weight.
 WEIGHTS = {
@@ -88,7 +95,7 @@ class SoakClient(ConsoleClient):
         # ConsoleClient.__init__, but from a loopback address of the worker's
         # own, so that per-address limits (connections, sessions, wrong
         # tokens) see each worker as one visitor, not all of them as one.
-        self.server = server
+        self.server, self.source = server, source
         # Bounded: a flood must not make the client slower and slower.
         self.messages = collections.deque(maxlen=64)
         self.raw_output = collections.deque(maxlen=64)
@@ -99,27 +106,37 @@ class SoakClient(ConsoleClient):
         self.dropped = 0    # chars dropped from the front of self.text
         self._held = ""     # an escape sequence split across messages
         self.second_ctrl_c = False
+        self.started = False  # the server said the console started (s ready/resumed)
         self.received = 0   # output so far in UTF-16 units, and what was acknowledged
         self.acked = 0
+        # What ConsoleClient's pump and close read (its own acknowledging off:
+        # this client acknowledges in ``pump``).
+        self.origin, self.transport, self.port = server.origin, "websocket", server.port
+        self.acknowledge, self.written, self._acked = False, 0, 0
+        self.secret = self.grace = self.close_code = self.close_reason = None
         raw = socket.create_connection(("127.0.0.1", server.port), timeout=10,
                                        source_address=(source, 0))
         try:
             tls = server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1")
-            self.ws = websocket.create_connection(
-                f"wss://127.0.0.1:{server.port}/sockjs/websocket",
-                socket=tls, origin=server.origin, timeout=10)
+            self.wire = WebSocketWire(server, origin=server.origin, port=server.port, sock=tls)
         except BaseException:
             raw.close()
             raise
+        self.ws = self.wire.ws
 
     def login(self, token: str | None = None) -> None:
-        super().login(token)
+        # A token fetched from this client's own address: tokens are bound
+        # to the address that loaded the page.
+        super().login(token if token is not None else _fetch_token(self.server))
         self.send("k0")  # flow control on, as the page does
 
     def pump(self, timeout: float) -> bool:
         """ConsoleClient.pump, acknowledging output like the terminal page:
         every ACK_EVERY units, and once caught up (nothing more to read)."""
         got = super().pump(timeout)
+        if got and self.messages[-1] in ("sready", "sresumed"):
+            # Kept apart: the bounded message list forgets it in a flood.
+            self.started = True
         behind = self.received - self.acked
         if behind and not self.closed and (behind >= ACK_EVERY or not got):
             self.acked = self.received
@@ -171,7 +188,16 @@ class SoakClient(ConsoleClient):
         websocket-client's close() does nothing once a close frame has been
         received (the server ended the console), leaving the socket open.
         """
-        super().close()
+        # ConsoleClient.close, with the console's start remembered apart from
+        # the bounded message list: ``q`` ends the console at once instead of
+        # leaving it to wait out its reattach grace, holding a slot.
+        if not self.closed and self.started:
+            try:
+                self.send("q")
+            except Exception:
+                pass
+        self.wire.close()
+        self.closed = True
         self.ws.shutdown()
 
     def abort(self) -> None:
@@ -193,10 +219,50 @@ def _connect(server: RunningServer) -> SoakClient:
     return SoakClient(server, getattr(_worker, "source", "127.0.0.1"))
 
 
+def _console_page(server: RunningServer, source: str) -> tuple[int, str]:
+    """``GET /console/`` from ``source``: the status and the page."""
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", server.port, timeout=10, context=server.ssl_context(),
+        source_address=(source, 0))
+    try:
+        connection.request("GET", "/console/")
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
 def _fetch_token(server: RunningServer) -> str:
     """A token for this worker's address (tokens are bound to the address
-    that fetched them)."""
-    return fetch_token(server, getattr(_worker, "source", "127.0.0.1"))
+    that fetched them), waiting for a slot while the node is full.
+
+    "Full" is the server's correct answer while the capacity is held, and
+    an ending console holds its slot until its sandbox is gone: its
+    teardown runs only on spare CPU (launcher.yield_cpu, cgroup weight 1),
+    so with the CPUs saturated by the soak itself, a burst of ended
+    consoles holds more slots than ``4 * concurrency`` for a second or
+    two. The client does what a page does ("full, try again"): it waits
+    and asks again, and the wait is counted. A slot that is never given
+    back keeps the node full past FULL_WAIT: that fails.
+    """
+    source = getattr(_worker, "source", "127.0.0.1")
+    started = time.monotonic()
+    pause, refusals = 0.25, 0
+    while True:
+        status, page = _console_page(server, source)
+        if not (status == 503 and FULL_TEXT in page):
+            break
+        refusals += 1
+        if time.monotonic() - started > FULL_WAIT:
+            raise Failed(f"the node stayed full for {FULL_WAIT:.0f} s")
+        time.sleep(pause)
+        pause = min(2.0, pause * 2)
+    if refusals:
+        FULL_WAITS.append((refusals, time.monotonic() - started))
+    match = TOKEN.search(page)
+    if status != 200 or not match:
+        raise Failed(f"console page: HTTP {status} without a token")
+    return match.group(1)
 
 
 def _open(server: RunningServer, registry: set, token: str | None = None) -> SoakClient:
@@ -692,6 +758,11 @@ def print_report(soak: Soak, report: dict, after: dict, final_log: dict, args) -
             f"{soak.results[(scenario, 'ok')]}/{soak.results[(scenario, 'failed')]}")
     for note, count in soak.notes.items():
         row(f"  note: {note}", count)
+    if FULL_WAITS:
+        waits = sorted(seconds for _, seconds in FULL_WAITS)
+        row("  note: consoles that waited for a slot (full)",
+            f"{len(waits)}, {sum(n for n, _ in FULL_WAITS)} refusals",
+            note=f"wait p50 {percentile(waits, 0.5):.1f} s, max {waits[-1]:.1f} s")
     row("sandboxes started (server log)", final_log["started"])
     row("  handed out from the warm pool", final_log["handed_out"])
     row("  distinct uids used", final_log["uids_used"])
@@ -783,7 +854,11 @@ def main() -> int:
         server = start_server(
             tmp, uid_min=args.uid_min, uid_max=args.uid_max,
             config=f"pool_size = {POOL_SIZE}\n",
-            console=f"auth_timeout = {AUTH_TIMEOUT}\n",
+            # A dropped connection's console waits reattach_grace for its
+            # page to come back, holding its slot: a short grace keeps that
+            # path in the churn without the abrupt scenarios filling the
+            # capacity for a minute each.
+            console=f"auth_timeout = {AUTH_TIMEOUT}\nreattach_grace = {REATTACH_GRACE}\n",
             admission=(f"capacity = {4 * args.concurrency + POOL_SIZE + 8}\n"
                        "per_address = 1000\nper_address_per_minute = 1000000\n"
                        "pages_per_address_per_minute = 0\n"),

@@ -12,12 +12,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from shellserver.sandbox.cgroups import CgroupReaper
 from shellserver.sandbox.forked import (
     FIRST_RESTART,
+    MAX_RESTART,
+    ORPHAN_SWEEP,
     TEMPLATE,
     ForkServer,
     ForkServerUnavailable,
 )
 from shellserver.sandbox.service import LAUNCHER, SandboxStarter, SandboxUnavailable
-from shellserver.sandbox.spec import console_env
+from shellserver.sandbox.spec import console_argv, console_env
 from shellserver.sandbox.uids import UidPool
 from shellserver.testing import FakeOutputPipes
 from tests.unit.test_sandbox_service import (
@@ -31,21 +33,78 @@ PYTHON = "/runtime/bin/python"
 SOCKET = "/state/forkserver.sock"
 
 
-def fork_server(reactor) -> ForkServer:
-    server = ForkServer(reactor, PYTHON, SOCKET)
+@define
+class FakeOrphanReaper:
+    """Stands in for OrphanReaper: counts the calls, reaps what it is given."""
+
+    subreaper_calls: int = 0
+    sweeps: int = 0
+    exited: list = field(factory=list)
+
+    def become_subreaper(self) -> None:
+        self.subreaper_calls += 1
+
+    def reap(self) -> list[int]:
+        self.sweeps += 1
+        reaped, self.exited = self.exited, []
+        return reaped
+
+
+def fork_server(reactor, reaper=None) -> ForkServer:
+    server = ForkServer(reactor, PYTHON, SOCKET, reaper=reaper or FakeOrphanReaper())
     server.start()
     return server
 
 
 class ForkServerTests(SynchronousTestCase):
     def test_starts_template_with_runtime_python(self):
-        """The template is the runtime's Python, isolated, on the socket, in a console's env."""
+        """The template is the runtime's Python, isolated, on the socket, in a console's
+        env, given the consoles' argv to prebuild."""
         reactor = FakeProcessReactor()
         fork_server(reactor)
         spawned = reactor.spawned[0]
-        self.assertEqual(spawned.args, [PYTHON, "-I", TEMPLATE, SOCKET])
+        self.assertEqual(spawned.args,
+                         [PYTHON, "-I", TEMPLATE, SOCKET, *console_argv("/runtime")])
         self.assertEqual(spawned.env, console_env("/runtime", 0))
         self.assertFalse(spawned.usePTY)
+
+    def test_server_becomes_subreaper_once(self):
+        """Starting (and restarting) the template makes the server its launchers'
+        subreaper once, before the first template is spawned."""
+        reactor = FakeProcessReactor()
+        reaper = FakeOrphanReaper()
+        server = fork_server(reactor, reaper)
+        self.assertEqual(reaper.subreaper_calls, 1)
+        reactor.spawned[0].protocol.processEnded(Failure(ProcessTerminated(None, 9, None)))
+        reactor.advance(MAX_RESTART)
+        self.assertEqual(len(reactor.spawned), 2)
+        self.assertEqual(reaper.subreaper_calls, 1)
+        server.stop()
+
+    def test_template_death_reaps_its_orphans(self):
+        """When the template dies, the launchers it left exited but unreaped are reaped
+        at once, not at the next sweep."""
+        reactor = FakeProcessReactor()
+        reaper = FakeOrphanReaper()
+        server = fork_server(reactor, reaper)
+        reaper.exited = [5001, 5002]
+        reactor.spawned[0].protocol.processEnded(Failure(ProcessTerminated(None, 9, None)))
+        self.assertEqual(reaper.exited, [])
+        server.stop()
+
+    def test_orphans_swept_periodically_until_stopped(self):
+        """Orphans (a classic init whose launcher was killed) are swept every
+        ORPHAN_SWEEP seconds while the fork server runs, and no more once stopped."""
+        reactor = FakeProcessReactor()
+        reaper = FakeOrphanReaper()
+        server = fork_server(reactor, reaper)
+        reactor.advance(ORPHAN_SWEEP)
+        reactor.advance(ORPHAN_SWEEP)
+        self.assertEqual(reaper.sweeps, 2)
+        server.stop()
+        reactor.advance(ORPHAN_SWEEP * 3)
+        self.assertEqual(reaper.sweeps, 2)
+        self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_ready_only_after_template_says_so(self):
         """Not ready until the template prints its ready line (even split in two reads)."""

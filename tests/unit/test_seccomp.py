@@ -14,6 +14,7 @@ from shellserver.sandbox.seccomp import (
     CMP_MASKED_EQ,
     LOW32,
     RULES,
+    Arg,
     Filter,
     SeccompError,
 )
@@ -66,12 +67,14 @@ class RuleTableTests(SynchronousTestCase):
             self.assertTrue(rule.why, rule)
 
     def test_fallback_errnos(self):
-        """clone3 and io_uring fail with ENOSYS (callers fall back); others EPERM or
-        an address-family error."""
+        """clone3 and io_uring fail with ENOSYS (callers fall back), KSM opt-ins
+        with EINVAL (as without KSM); others EPERM or an address-family error."""
         for rule in RULES:
             if (rule.syscall == "clone3" or rule.syscall.startswith("io_uring")
                     or rule.syscall in AIO_SYSCALLS):
                 self.assertEqual(rule.errno, errno.ENOSYS)
+            elif rule.syscall in ("madvise", "prctl"):
+                self.assertEqual(rule.errno, errno.EINVAL)
             else:
                 self.assertIn(rule.errno, (errno.EPERM, errno.EAFNOSUPPORT,
                                            errno.EPROTONOSUPPORT))
@@ -94,6 +97,14 @@ class RuleTableTests(SynchronousTestCase):
             self.assertEqual((arg.index, arg.op, arg.a), (1, CMP_MASKED_EQ, LOW32))
             requests.add(arg.b)
         self.assertEqual(requests, {0x5412, 0x541C, 0x5423})
+
+    def test_ksm_opt_ins_compared_on_32_bits(self):
+        """Only madvise(MADV_MERGEABLE) and prctl(PR_SET_MEMORY_MERGE) are denied,
+        whatever the upper half of the int argument holds."""
+        self.assertEqual([r.args for r in rules_for("madvise")],
+                         [(Arg(2, CMP_MASKED_EQ, LOW32, 12),)])
+        self.assertEqual([r.args for r in rules_for("prctl")],
+                         [(Arg(0, CMP_MASKED_EQ, LOW32, 67),)])
 
     def test_socket_families(self):
         """Only unix, inet, inet6 and netlink are left; packet and vsock are denied."""
