@@ -118,7 +118,7 @@ def preload():
 
 # The console's IPython application, built by ``prebuild`` for this argv
 # (the server passes the consoles' argv after the socket's path).
-PREBUILT = {"argv": None, "app": None, "env": {}}
+PREBUILT: dict = {"argv": None, "app": None, "env": {}}
 
 
 def prebuild(argv):

@@ -21,6 +21,7 @@ and a shared descriptor would be shared between consoles).
 Runs under the console runtime's Python, standard library only at the top.
 """
 
+import importlib
 import logging
 import os
 import shutil
@@ -38,6 +39,12 @@ class PrebuildError(Exception):
     """The shell could not be prebuilt; consoles start IPython from scratch."""
 
 
+def runtime_module(name):
+    """A module of the console runtime's (IPython, prompt_toolkit), by name:
+    the server's own Python need not have them, so they carry no types."""
+    return importlib.import_module(name)
+
+
 def open_descriptors():
     return set(int(name) for name in os.listdir("/proc/self/fd"))
 
@@ -50,7 +57,7 @@ def prebuild(argv, console_env):
     sets EDITOR and VISUAL), which each console's environment keeps.
     Called with a terminal on 0, 1 and 2 (the template's throwaway one).
     """
-    from IPython.terminal.ipapp import TerminalIPythonApp
+    TerminalIPythonApp = runtime_module("IPython.terminal.ipapp").TerminalIPythonApp
 
     scratch = tempfile.mkdtemp(prefix="shellserver-template-")
     saved_env = dict(os.environ)
@@ -103,13 +110,13 @@ def start(app):
     The environment, the standard streams and the working directory are
     the console's already (forkserver.start_ipython set them).
     """
-    from IPython.core.profiledir import ProfileDir
-    from prompt_toolkit.application.current import get_app_session
-    from prompt_toolkit.input import create_input
-    from prompt_toolkit.output import create_output
+    ProfileDir = runtime_module("IPython.core.profiledir").ProfileDir
+    get_app_session = runtime_module("prompt_toolkit.application.current").get_app_session
+    create_input = runtime_module("prompt_toolkit.input").create_input
+    create_output = runtime_module("prompt_toolkit.output").create_output
 
     shell = app.shell
-    sys.excepthook = console_excepthook
+    sys.excepthook = console_excepthook or sys.__excepthook__
     # prompt_toolkit's input and output on this console's terminal (the
     # template's were on its throwaway one, long closed).
     terminal_in, terminal_out = create_input(sys.stdin), create_output(sys.stdout)
