@@ -44,7 +44,7 @@ log = Logger()
 
 READ_SIZE = 65536  # bytes asked for per read (a PTY gives at most 4 KiB)
 FLOOD_READ = 4000  # a read this long took a full PTY buffer: more is coming
-BATCH = 32768  # a flood is passed on in pieces of this much
+BATCH = 65536  # a flood is passed on in pieces of this much
 HOLD = 0.001  # seconds a flood's piece waits for more
 STREAM_GAP = 0.002  # output this close to the last is a stream
 RESTS = (0.0, 0.0005, 0.001, 0.002)  # seconds
@@ -153,8 +153,11 @@ class ConsoleTerminal(abstract.FileDescriptor):
                 return main.CONNECTION_DONE
             self._pending += data
             got += len(data)
-            if len(data) < FLOOD_READ:
-                break  # all there was: a writer of small pieces is not chased
+            if got < FLOOD_READ:
+                break  # a lone small write: a writer of small pieces is not chased
+            # Otherwise on until EAGAIN: a read that finds the master's buffer
+            # empty first waits for the kernel's pending flush into it, so
+            # EAGAIN means the console has written nothing more yet.
         now = self.reactor.seconds()
         resting = False
         if got and now - self._last_read < STREAM_GAP:

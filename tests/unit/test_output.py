@@ -81,6 +81,14 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.terminal.doWrite()
         self.assertEqual(bytes(self.pty.written), b"print(1)\r")
 
+    def test_a_flood_is_read_until_the_terminal_is_empty(self):
+        """After a full read, reading goes on past short reads until EAGAIN."""
+        self.attach()
+        self.pty.held = [b"x" * 4096, b"y" * 100, b"z" * 4096]
+        self.terminal.doRead()
+        self.reactor.advance(HOLD)
+        self.assertEqual(b"".join(self.delivered), b"x" * 4096 + b"y" * 100 + b"z" * 4096)
+
     def test_a_lone_write_is_delivered_at_once(self):
         """A short read (an echo) is delivered in the same wake-up, without a rest."""
         self.attach()
@@ -110,11 +118,11 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.terminal.doRead()
         self.assertEqual(self.delivered, [])
         self.assertNotIn(self.terminal, self.reactor.getReaders())
-        self.pty.held = [b"x" * 4096] * 8
+        self.pty.held = [b"x" * 4096] * (BATCH // 4096)
         self.reactor.advance(HOLD)
         self.assertEqual([len(d) for d in self.delivered], [BATCH])
-        self.reactor.advance(HOLD)
         self.assertIn(self.terminal, self.reactor.getReaders())
+        self.assertEqual(self.pty.held, [b"x" * 4096])  # the rest: next wake-up
 
     def test_a_held_flood_goes_when_nothing_more_comes(self):
         """A held piece is delivered after HOLD if nothing more came."""
