@@ -1,13 +1,16 @@
 """Issue 17: efficiency on what consoles really print, against peers, in one run.
 
     .venv/bin/python bench/efficiency.py [--quick] [--megabytes N] [--runs N]
+        [--baseline REV] [--uid-min N]
 
-Three targets, the same IPython behind each (the runtime's, with the argv
+Four targets, the same IPython behind each (the runtime's, with the argv
 and environment of shellserver.sandbox.spec): a raw PTY read by this process
 (no server), terminado (bench/terminado_peer.py: a fresh PTY per websocket,
-installed with the `bench` extra) and shellserver (twistd on loopback, plain
-TCP, uids 250000-250499, read by bench/wire.py acknowledging as the page
-does). Workloads, interleaved target by target, median of ``--runs``:
+installed with the `bench` extra), shellserver at ``--baseline`` (default
+main: "today", exported with git archive and run from there) and this
+checkout's shellserver (twistd on loopback, plain TCP, read by bench/wire.py
+acknowledging as the page does; uids from ``--uid-min``, 250 per server).
+Workloads, interleaved target by target, median of ``--runs``:
 
 - pipeline: ``!head -c N /dev/zero | base64`` through IPython's ``!``
   (written as ``get_ipython().system(...)``, which is what ``!`` becomes);
@@ -16,7 +19,7 @@ does). Workloads, interleaved target by target, median of ``--runs``:
 
 Every byte between ``BEGIN 42`` and ``DONE 42`` is counted and hashed
 against the expected stream. CPU is per MB delivered, split by process:
-the server (twistd / terminado), init's relay, the launcher, the console's
+the server (twistd / terminado), init (today's relay), the launcher, the console's
 program (IPython and its children), the client (this process) and the whole
 machine (/proc/stat). Then keystroke echo: through a raw-mode read/write
 loop in IPython (``tty.setraw``, one byte in, the same byte out) and at
@@ -241,20 +244,32 @@ class PtyTarget(s.PtyTarget):
 class ShellserverTarget(s.WireTarget):
     label = "shellserver"
 
+    def __init__(self, server, tls: bool, label: str, uids: tuple[int, int]) -> None:
+        super().__init__(server, tls)
+        self.label, self.uids = label, uids
+        self._seen: set[int] = set()
+
     def roles(self, console) -> Roles:
-        """twistd; the launcher, init (the relay) and the console below them."""
+        """twistd; the console's launcher (twistd's child, or the fork server
+        template's), init and the console below it, found by the session's uid."""
         children = children_map()
-        known = getattr(self, "_seen", set())
-        launchers = [p for p in children.get(self.server.pid, []) if p not in known]
-        if len(launchers) != 1:
-            raise RuntimeError(f"expected one new launcher under twistd, found {launchers}")
-        self._seen = known | set(launchers)
-        launcher = launchers[0]
-        inits = children.get(launcher, [])
-        console_pids = [p for init in inits for p in children.get(init, [])]
-        console_pids += [p for c in console_pids for p, _ in descendants(c, children)]
-        return Roles({"server": [self.server.pid], "launcher": [launcher], "relay": inits,
-                      "console": console_pids})
+        parents = {child: parent for parent, kids in children.items() for child in kids}
+        pids = set(bench_server.processes_of_uids(*self.uids))
+        inits = [p for p in pids if parents.get(p) not in pids and p not in self._seen]
+        if len(inits) != 1:
+            raise RuntimeError(f"{self.label}: expected one new sandbox init, found {inits}")
+        init = inits[0]
+        self._seen.add(init)
+        console_pids = [p for p, _ in descendants(init, children)]
+        return Roles({"server": [self.server.pid], "launcher": [parents[init]],
+                      "relay": [init], "console": console_pids})
+
+    async def settle(self, timeout: float = 20.0) -> None:
+        """Until no console of this server's runs (its own uid range)."""
+        deadline = time.monotonic() + timeout
+        while (bench_server.processes_of_uids(*self.uids)
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
 
 
 class TerminadoConsole(wire.Terminal):
@@ -460,15 +475,45 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "—"
 
 
+UIDS_PER_SERVER = 250
+
+
+def export_revision(revision: str, into: Path) -> Path:
+    """A copy of the server's code at ``revision`` (git archive), to run as the baseline."""
+    root = os.path.dirname(HERE)
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", root, "archive", revision, "shellserver", "twisted"],
+                             capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def start_server(tmp: Path, uid_min: int, source: Path | None):
+    """A bench server with its own uid range (bench_server reads the range at start)."""
+    bench_server.UID_MIN, bench_server.UID_MAX = uid_min, uid_min + UIDS_PER_SERVER - 1
+    # A console the bench leaves ends with its connection (no reattach grace).
+    return bench_server.start(tmp, pool=0, source=source, console={"reattach_grace": 0})
+
+
 async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
     notes: list[str] = []
     pty = PtyTarget()
-    log("starting terminado and shellserver")
+    log("starting terminado and shellserver (this checkout, and the baseline)")
     peer = TerminadoTarget(tmp)
-    srv = bench_server.start(tmp / "shellserver", pool=0)
+    targets: list = [pty, peer]
+    if args.baseline:
+        source = export_revision(args.baseline, tmp / "baseline-source")
+        srv = start_server(tmp / "baseline", args.uid_min + UIDS_PER_SERVER, source)
+        servers.append(srv)
+        targets.append(ShellserverTarget(srv, False, f"today ({args.baseline})",
+                                         (args.uid_min + UIDS_PER_SERVER,
+                                          args.uid_min + 2 * UIDS_PER_SERVER - 1)))
+    srv = start_server(tmp / "shellserver", args.uid_min, None)
     servers.append(srv)
-    ours = ShellserverTarget(srv, tls=False)
-    targets = [pty, peer, ours]
+    ours = ShellserverTarget(srv, False, "shellserver",
+                             (args.uid_min, args.uid_min + UIDS_PER_SERVER - 1))
+    targets.append(ours)
+    labels = [t.label for t in targets]
     expected = {name: workload(name, args.megabytes) for name in WORKLOADS}
     results: dict[str, dict[str, list[dict]]] = {t.label: {w: [] for w in WORKLOADS}
                                                  for t in targets}
@@ -487,41 +532,50 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
     finally:
         pty.cleanup()
         peer.cleanup()
-    log("stopping the server")
-    srv.stop()
+    log("stopping the servers")
+    for srv in servers:
+        srv.stop()
 
-    header = ["row", "raw PTY", "terminado", "shellserver", "shellserver / PTY",
-              "shellserver / terminado", "goal"]
+    today = labels[2] if len(labels) == 4 else None
+    header = ["row", *labels, "shellserver / PTY", "shellserver / terminado",
+              "shellserver / today", "goal"]
     rows = [header]
+
     for name in WORKLOADS:
         med = {label: median_run(results[label][name]) for label in results}
         p, t, o = med["raw PTY"], med["terminado"], med["shellserver"]
+        b = med[today] if today else None
         mb = p["expected"] / 1e6
         goal = ">= 0.9x PTY" if name != "blocks" else ">= today"
-        rows.append([f"{name} ({mb:.0f} MB): MB/s", f"{p['mb_per_s']:.1f}",
-                     f"{t['mb_per_s']:.1f}", f"{o['mb_per_s']:.1f}",
+        rows.append([f"{name} ({mb:.0f} MB): MB/s",
+                     *(f"{med[label]['mb_per_s']:.1f}" for label in labels),
                      ratio(o["mb_per_s"], p["mb_per_s"]), ratio(o["mb_per_s"], t["mb_per_s"]),
-                     goal])
-        rows.append([f"{name}: CPU ms/MB outside the console's program", "—",
-                     f"{t['cpu']['outside']:.1f}", f"{o['cpu']['outside']:.1f}", "",
-                     ratio(o["cpu"]["outside"], t["cpu"]["outside"]), "<= 0.5x terminado"])
+                     ratio(o["mb_per_s"], b["mb_per_s"]) if b else "—", goal])
+        rows.append([f"{name}: CPU ms/MB outside the console's program",
+                     *("—" if label == "raw PTY" else f"{med[label]['cpu']['outside']:.1f}"
+                       for label in labels), "",
+                     ratio(o["cpu"]["outside"], t["cpu"]["outside"]),
+                     ratio(o["cpu"]["outside"], b["cpu"]["outside"]) if b else "—",
+                     "<= 0.5x terminado"])
         for role in ("server", "relay", "launcher", "console", "client", "machine"):
-            rows.append([f"  {name}: CPU ms/MB, {role}",
-                         f"{p['cpu'][role]:.1f}" if role in p["cpu"] else "—",
-                         f"{t['cpu'][role]:.1f}" if role in t["cpu"] else "—",
-                         f"{o['cpu'][role]:.1f}", "", "", ""])
+            shown = "init (relay today)" if role == "relay" else role
+            rows.append([f"  {name}: CPU ms/MB, {shown}",
+                         *(f"{med[label]['cpu'][role]:.1f}" if role in med[label]["cpu"]
+                           else "—" for label in labels), "", "", "", ""])
         for role in ("console", "relay", "server"):
-            rows.append([f"  {name}: {role} wake-ups / reads / writes per MB",
-                         *("/".join(f"{v:.0f}" for v in m["calls"][role])
-                           if role in m["calls"] else "—" for m in (p, t, o)), "", "", ""])
+            rows.append([f"  {name}: {'init' if role == 'relay' else role} "
+                         "wake-ups / reads / writes per MB",
+                         *("/".join(f"{v:.0f}" for v in med[label]["calls"][role])
+                           if role in med[label]["calls"] else "—" for label in labels),
+                         "", "", "", ""])
         rows.append([f"  {name}: messages to the client per MB",
-                     f"{p['messages'] / mb:.0f}", f"{t['messages'] / mb:.0f}",
-                     f"{o['messages'] / mb:.0f}", "", "", ""])
+                     *(f"{med[label]['messages'] / mb:.0f}" for label in labels),
+                     "", "", "", ""])
         verified = {label: all(r["error"] is None and r["bytes"] == r["expected"]
                                for r in results[label][name]) for label in results}
         rows.append([f"  {name}: bytes verified (count + sha256, every run)",
-                     *("exact" if verified[label] else "WRONG" for label in results),
-                     "", "", "exact"])
+                     *("exact" if verified[label] else "WRONG" for label in labels),
+                     "", "", "", "exact"])
         for label in results:
             errors = [r["error"] for r in results[label][name] if r["error"]]
             if errors:
@@ -530,10 +584,12 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
                          + ", ".join(f"{r['mb_per_s']:.1f}" for r in results[label][name]))
     for kind, what in (("raw", "raw-mode echo loop"), ("prompt", "echo at the prompt")):
         p, t, o = (echoes[label][kind] for label in ("raw PTY", "terminado", "shellserver"))
+        b = echoes[today][kind] if today else None
         for q, goal in (("p50", "<= 2x PTY"), ("p99", "<= 3x PTY")):
-            rows.append([f"{what} {q} (ms)", f"{p[q] * 1000:.2f}", f"{t[q] * 1000:.2f}",
-                         f"{o[q] * 1000:.2f}", ratio(o[q], p[q]), ratio(o[q], t[q]),
-                         goal if kind == "raw" else ""])
+            rows.append([f"{what} {q} (ms)",
+                         *(f"{echoes[label][kind][q] * 1000:.2f}" for label in labels),
+                         ratio(o[q], p[q]), ratio(o[q], t[q]),
+                         ratio(o[q], b[q]) if b else "—", goal if kind == "raw" else ""])
     return render(rows), notes
 
 
@@ -544,6 +600,10 @@ def main() -> int:
     parser.add_argument("--megabytes", type=float, default=30.0, help="output per workload")
     parser.add_argument("--runs", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--echo", type=int, default=300, help="raw-mode echoes")
+    parser.add_argument("--baseline", default="main",
+                        help="git revision run beside this checkout as 'today' ('' for none)")
+    parser.add_argument("--uid-min", type=int, default=250000,
+                        help="first uid of the bench's range (250 per server)")
     args = parser.parse_args()
     if args.quick:
         args.megabytes, args.runs, args.echo = 10.0, 1, 100
@@ -551,6 +611,8 @@ def main() -> int:
         print("bench/efficiency.py needs root: the server builds real sandboxes",
               file=sys.stderr)
         return 2
+    bench_server.UID_MIN, bench_server.UID_MAX = (args.uid_min,
+                                                   args.uid_min + 2 * UIDS_PER_SERVER - 1)
     if bench_server.processes_of_uids(bench_server.UID_MIN, bench_server.UID_MAX):
         print("processes already run in the bench's uid range: another bench? stop it first",
               file=sys.stderr)
@@ -565,6 +627,8 @@ def main() -> int:
     except KeyboardInterrupt:
         log("interrupted")
     finally:
+        bench_server.UID_MIN, bench_server.UID_MAX = (args.uid_min,
+                                                       args.uid_min + 2 * UIDS_PER_SERVER - 1)
         problems = [p for srv in servers for p in srv.stop()]
         killed = bench_server.kill_leftover_processes()
         problems += [p for srv in servers for p in bench_server.leftovers(srv)]
