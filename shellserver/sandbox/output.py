@@ -16,7 +16,7 @@ stops reading for a short rest after each read (RESTS, adapted to the
 console's pace: the PTY holds about 20 KB before the console blocks in its
 write), so that the writes gather in the PTY and cost one wake-up per rest. A
 lone write (an echo) is read at once. A flood (full reads without rests) is
-held until BATCH is together or nothing came for HOLD.
+read on, and passed on once BATCH is together or nothing more came for HOLD.
 
 Pausing (flow control) stops reading the master: the PTY fills and the
 console blocks in its write.
@@ -112,7 +112,8 @@ class ConsoleTerminal(abstract.FileDescriptor):
         self.finished = False
         self._size: tuple[int, int] | None = None
         self._pending = bytearray()  # read, held to gather a flood
-        self._wait: IDelayedCall | None = None  # a rest or a flood's hold
+        self._wait: IDelayedCall | None = None  # a rest: not reading
+        self._flush: IDelayedCall | None = None  # a flood's piece passed on then
         self._holding = False
         self._last_read = -STREAM_GAP
         self._rest = 0  # index into RESTS, adapted to the console's pace
@@ -169,33 +170,37 @@ class ConsoleTerminal(abstract.FileDescriptor):
         if got:
             self._last_read = now
         # Without a rest, a full read means a flood: pass it on once BATCH is
-        # together (or nothing more came within HOLD), not at each 4 KiB.
+        # together (or nothing more came within HOLD), not at each 4 KiB. The
+        # master stays read meanwhile: a console writing large pieces fills
+        # the PTY in well under HOLD and would wait for the server.
         self._holding = (not resting and got >= FLOOD_READ
                          and len(self._pending) < BATCH)
-        if not self._holding:
+        if not self._holding and not (got == 0 and self._flush is not None):
             self._pass_on()
-        if resting or self._holding:
+            self._cancel_flush()
+        if resting:
             self.stopReading()
-            self._wait = self.reactor.callLater(HOLD if self._holding else RESTS[self._rest],
-                                                self._wait_over)
+            self._wait = self.reactor.callLater(RESTS[self._rest], self._rest_over)
+        elif self._holding and self._flush is None:
+            self._flush = self.reactor.callLater(HOLD, self._flush_over)
         return None
 
-    def _wait_over(self) -> None:
+    def _flush_over(self) -> None:
+        self._flush = None
+        self._holding = False
+        self._pass_on()
+
+    def _cancel_flush(self) -> None:
+        if self._flush is not None:
+            if self._flush.active():
+                self._flush.cancel()
+            self._flush = None
+
+    def _rest_over(self) -> None:
         self._wait = None
         if self.hung_up or self.finished:
             return
-        if self._holding:
-            self._holding = False
-            if self.paused:
-                self._pass_on()
-                return
-            if self.doRead() is not None:
-                self.connectionLost(Failure(main.CONNECTION_DONE))
-                return
-            if self._wait is not None:
-                return  # another rest or hold
-        else:
-            self._last_read = self.reactor.seconds()
+        self._last_read = self.reactor.seconds()
         if not self.paused:
             self.startReading()
 
@@ -232,6 +237,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
         if self._wait is not None and self._wait.active():
             self._wait.cancel()
         self._wait = None
+        self._cancel_flush()
         self.stopReading()
         self.stopWriting()
         if self.fd < 0:

@@ -112,17 +112,19 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.assertIn(self.terminal, self.reactor.getReaders())
 
     def test_a_flood_is_held_until_a_batch_is_together(self):
-        """Full reads are not delivered one by one: held until BATCH is together."""
+        """Full reads are not delivered one by one: held (reading on) until
+        BATCH is together."""
         self.attach()
         self.pty.held = [b"x" * 4096]
         self.terminal.doRead()
         self.assertEqual(self.delivered, [])
-        self.assertNotIn(self.terminal, self.reactor.getReaders())
+        self.assertIn(self.terminal, self.reactor.getReaders())
         self.pty.held = [b"x" * 4096] * (BATCH // 4096)
+        self.terminal.doRead()
+        self.assertEqual([len(d) for d in self.delivered], [BATCH])
+        self.assertEqual(self.pty.held, [b"x" * 4096])  # the rest: next wake-up
         self.reactor.advance(HOLD)
         self.assertEqual([len(d) for d in self.delivered], [BATCH])
-        self.assertIn(self.terminal, self.reactor.getReaders())
-        self.assertEqual(self.pty.held, [b"x" * 4096])  # the rest: next wake-up
 
     def test_a_held_flood_goes_when_nothing_more_comes(self):
         """A held piece is delivered after HOLD if nothing more came."""
