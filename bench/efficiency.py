@@ -1,13 +1,16 @@
 """Issue 17: efficiency on what consoles really print, against peers, in one run.
 
     .venv/bin/python bench/efficiency.py [--quick] [--megabytes N] [--runs N]
+        [--baseline REV] [--uid-min N]
 
-Three targets, the same IPython behind each (the runtime's, with the argv
+Four targets, the same IPython behind each (the runtime's, with the argv
 and environment of shellserver.sandbox.spec): a raw PTY read by this process
 (no server), terminado (bench/terminado_peer.py: a fresh PTY per websocket,
-installed with the `bench` extra) and shellserver (twistd on loopback, plain
-TCP, uids 250000-250499, read by bench/wire.py acknowledging as the page
-does). Workloads, interleaved target by target, median of ``--runs``:
+installed with the `bench` extra), shellserver at ``--baseline`` (default
+main: "today", exported with git archive and run from there) and this
+checkout's shellserver (twistd on loopback, plain TCP, read by bench/wire.py
+acknowledging as the page does; uids from ``--uid-min``, 250 per server).
+Workloads, interleaved target by target, median of ``--runs``:
 
 - pipeline: ``!head -c N /dev/zero | base64`` through IPython's ``!``
   (written as ``get_ipython().system(...)``, which is what ``!`` becomes);
@@ -16,7 +19,7 @@ does). Workloads, interleaved target by target, median of ``--runs``:
 
 Every byte between ``BEGIN 42`` and ``DONE 42`` is counted and hashed
 against the expected stream. CPU is per MB delivered, split by process:
-the server (twistd / terminado), init's relay, the launcher, the console's
+the server (twistd / terminado), init (today's relay), the launcher, the console's
 program (IPython and its children), the client (this process) and the whole
 machine (/proc/stat). Then keystroke echo: through a raw-mode read/write
 loop in IPython (``tty.setraw``, one byte in, the same byte out) and at
@@ -249,26 +252,32 @@ class PtyTarget(s.PtyTarget):
 class ShellserverTarget(s.WireTarget):
     label = "shellserver"
 
+    def __init__(self, server, tls: bool, label: str, uids: tuple[int, int]) -> None:
+        super().__init__(server, tls)
+        self.label, self.uids = label, uids
+        self._seen: set[int] = set()
+
     def roles(self, console) -> Roles:
-        """twistd; the launcher, init (the relay) and the console below them."""
+        """twistd; the console's launcher (twistd's child, or the fork server
+        template's), init and the console below it, found by the session's uid."""
         children = children_map()
-        known = getattr(self, "_seen", set())
-        # with sandbox.fork_server (the default) the launchers are the
-        # template's children, not twistd's
-        below = children.get(self.server.pid, [])
-        templates = [p for p in below if b"forkserver.py" in cmdline(p)]
-        below = [p for p in below if p not in templates]
-        below += [p for t in templates for p in children.get(t, [])]
-        launchers = [p for p in below if p not in known]
-        if len(launchers) != 1:
-            raise RuntimeError(f"expected one new launcher under twistd, found {launchers}")
-        self._seen = known | set(launchers)
-        launcher = launchers[0]
-        inits = children.get(launcher, [])
-        console_pids = [p for init in inits for p in children.get(init, [])]
-        console_pids += [p for c in console_pids for p, _ in descendants(c, children)]
-        return Roles({"server": [self.server.pid], "launcher": [launcher], "relay": inits,
-                      "console": console_pids, "template": templates})
+        parents = {child: parent for parent, kids in children.items() for child in kids}
+        pids = set(bench_server.processes_of_uids(*self.uids))
+        inits = [p for p in pids if parents.get(p) not in pids and p not in self._seen]
+        if len(inits) != 1:
+            raise RuntimeError(f"{self.label}: expected one new sandbox init, found {inits}")
+        init = inits[0]
+        self._seen.add(init)
+        console_pids = [p for p, _ in descendants(init, children)]
+        return Roles({"server": [self.server.pid], "launcher": [parents[init]],
+                      "relay": [init], "console": console_pids})
+
+    async def settle(self, timeout: float = 20.0) -> None:
+        """Until no console of this server's runs (its own uid range)."""
+        deadline = time.monotonic() + timeout
+        while (bench_server.processes_of_uids(*self.uids)
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
 
 
 class TerminadoConsole(wire.Terminal):
@@ -475,29 +484,47 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "—"
 
 
+UIDS_PER_SERVER = 250
+
+
+def export_revision(revision: str, into: Path) -> Path:
+    """A copy of the server's code at ``revision`` (git archive), to run as the baseline."""
+    root = os.path.dirname(HERE)
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", root, "archive", revision, "shellserver", "twisted"],
+                             capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def start_server(tmp: Path, uid_min: int, source: Path | None):
+    """A bench server with its own uid range (bench_server reads the range at start)."""
+    bench_server.UID_MIN, bench_server.UID_MAX = uid_min, uid_min + UIDS_PER_SERVER - 1
+    # A console the bench leaves ends with its connection (no reattach grace).
+    return bench_server.start(tmp, pool=0, source=source, console={"reattach_grace": 0})
+
+
 async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
     notes: list[str] = []
     pty = PtyTarget()
-    log("starting terminado and shellserver")
+    log("starting terminado and shellserver (this checkout, and the baseline)")
     peer = TerminadoTarget(tmp)
-    uid_min, uid_max = bench_server.UID_MIN, bench_server.UID_MAX
+    targets: list = [pty, peer]
     if args.baseline:
-        # two servers: each its half of the uid range, never the same uid
-        middle = (uid_min + uid_max) // 2
-        bench_server.UID_MIN, bench_server.UID_MAX = middle + 1, uid_max
-        before = bench_server.start(tmp / "baseline", pool=0, source=Path(args.baseline))
-        servers.append(before)
-        bench_server.UID_MIN, bench_server.UID_MAX = uid_min, middle
-    srv = bench_server.start(tmp / "shellserver", pool=0)
+        source = export_revision(args.baseline, tmp / "baseline-source")
+        srv = start_server(tmp / "baseline", args.uid_min + UIDS_PER_SERVER, source)
+        servers.append(srv)
+        targets.append(ShellserverTarget(srv, False, f"today ({args.baseline})",
+                                         (args.uid_min + UIDS_PER_SERVER,
+                                          args.uid_min + 2 * UIDS_PER_SERVER - 1)))
+        targets[-1].framed = args.framed
+    srv = start_server(tmp / "shellserver", args.uid_min, None)
     servers.append(srv)
-    ours = ShellserverTarget(srv, tls=False)
+    ours = ShellserverTarget(srv, False, "shellserver",
+                             (args.uid_min, args.uid_min + UIDS_PER_SERVER - 1))
     ours.framed = args.framed
-    targets = [pty, peer, ours]
-    if args.baseline:
-        baseline = ShellserverTarget(before, tls=False)
-        baseline.label = "baseline"
-        baseline.framed = args.framed
-        targets.append(baseline)
+    targets.append(ours)
+    labels = [t.label for t in targets]
     workloads = args.workloads
     expected = {name: workload(name, args.megabytes) for name in workloads}
     results: dict[str, dict[str, list[dict]]] = {t.label: {w: [] for w in workloads}
@@ -517,53 +544,50 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
     finally:
         pty.cleanup()
         peer.cleanup()
-    log("stopping the server")
-    srv.stop()
-    bench_server.UID_MIN, bench_server.UID_MAX = uid_min, uid_max
-    # the baseline's column, when there is one, comes last
-    extra = ["baseline"] if args.baseline else []
+    log("stopping the servers")
+    for srv in servers:
+        srv.stop()
 
-    header = ["row", "raw PTY", "terminado", "shellserver", "shellserver / PTY",
-              "shellserver / terminado", "goal", *(f"baseline ({args.baseline})"
-                                                   for _ in extra)]
+    today = labels[2] if len(labels) == 4 else None
+    header = ["row", *labels, "shellserver / PTY", "shellserver / terminado",
+              "shellserver / today", "goal"]
     rows = [header]
+
     for name in workloads:
         med = {label: median_run(results[label][name]) for label in results}
         p, t, o = med["raw PTY"], med["terminado"], med["shellserver"]
-        b = [med[label] for label in extra]
+        b = med[today] if today else None
         mb = p["expected"] / 1e6
         goal = ">= 0.9x PTY" if name != "blocks" else ">= today"
-        rows.append([f"{name} ({mb:.0f} MB): MB/s", f"{p['mb_per_s']:.1f}",
-                     f"{t['mb_per_s']:.1f}", f"{o['mb_per_s']:.1f}",
+        rows.append([f"{name} ({mb:.0f} MB): MB/s",
+                     *(f"{med[label]['mb_per_s']:.1f}" for label in labels),
                      ratio(o["mb_per_s"], p["mb_per_s"]), ratio(o["mb_per_s"], t["mb_per_s"]),
-                     goal, *(f"{m['mb_per_s']:.1f}" for m in b)])
-        rows.append([f"{name}: CPU ms/MB outside the console's program", "—",
-                     f"{t['cpu']['outside']:.1f}", f"{o['cpu']['outside']:.1f}", "",
-                     ratio(o["cpu"]["outside"], t["cpu"]["outside"]), "<= 0.5x terminado",
-                     *(f"{m['cpu']['outside']:.1f}" for m in b)])
-        for role in ("server", "relay", "launcher", "template", "console", "client",
-                     "machine"):
-            rows.append([f"  {name}: CPU ms/MB, {role}",
-                         f"{p['cpu'][role]:.1f}" if role in p["cpu"] else "—",
-                         f"{t['cpu'][role]:.1f}" if role in t["cpu"] else "—",
-                         f"{o['cpu'][role]:.1f}", "", "", "",
-                         *(f"{m['cpu'][role]:.1f}" for m in b)])
+                     ratio(o["mb_per_s"], b["mb_per_s"]) if b else "—", goal])
+        rows.append([f"{name}: CPU ms/MB outside the console's program",
+                     *("—" if label == "raw PTY" else f"{med[label]['cpu']['outside']:.1f}"
+                       for label in labels), "",
+                     ratio(o["cpu"]["outside"], t["cpu"]["outside"]),
+                     ratio(o["cpu"]["outside"], b["cpu"]["outside"]) if b else "—",
+                     "<= 0.5x terminado"])
+        for role in ("server", "relay", "launcher", "console", "client", "machine"):
+            shown = "init (relay today)" if role == "relay" else role
+            rows.append([f"  {name}: CPU ms/MB, {shown}",
+                         *(f"{med[label]['cpu'][role]:.1f}" if role in med[label]["cpu"]
+                           else "—" for label in labels), "", "", "", ""])
         for role in ("console", "relay", "server"):
-            rows.append([f"  {name}: {role} wake-ups / reads / writes per MB",
-                         *("/".join(f"{v:.0f}" for v in m["calls"][role])
-                           if role in m["calls"] else "—" for m in (p, t, o)), "", "", "",
-                         *("/".join(f"{v:.0f}" for v in m["calls"][role]) for m in b)])
+            rows.append([f"  {name}: {'init' if role == 'relay' else role} "
+                         "wake-ups / reads / writes per MB",
+                         *("/".join(f"{v:.0f}" for v in med[label]["calls"][role])
+                           if role in med[label]["calls"] else "—" for label in labels),
+                         "", "", "", ""])
         rows.append([f"  {name}: messages to the client per MB",
-                     f"{p['messages'] / mb:.0f}", f"{t['messages'] / mb:.0f}",
-                     f"{o['messages'] / mb:.0f}", "", "", "",
-                     *(f"{m['messages'] / mb:.0f}" for m in b)])
+                     *(f"{med[label]['messages'] / mb:.0f}" for label in labels),
+                     "", "", "", ""])
         verified = {label: all(r["error"] is None and r["bytes"] == r["expected"]
                                for r in results[label][name]) for label in results}
         rows.append([f"  {name}: bytes verified (count + sha256, every run)",
-                     *("exact" if verified[label] else "WRONG"
-                       for label in ("raw PTY", "terminado", "shellserver")),
-                     "", "", "exact", *("exact" if verified[label] else "WRONG"
-                                        for label in extra)])
+                     *("exact" if verified[label] else "WRONG" for label in labels),
+                     "", "", "", "exact"])
         for label in results:
             errors = [r["error"] for r in results[label][name] if r["error"]]
             if errors:
@@ -573,11 +597,12 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
     kinds = (("raw", "raw-mode echo loop"), ("prompt", "echo at the prompt"))
     for kind, what in kinds if echoes else ():
         p, t, o = (echoes[label][kind] for label in ("raw PTY", "terminado", "shellserver"))
+        b = echoes[today][kind] if today else None
         for q, goal in (("p50", "<= 2x PTY"), ("p99", "<= 3x PTY")):
-            rows.append([f"{what} {q} (ms)", f"{p[q] * 1000:.2f}", f"{t[q] * 1000:.2f}",
-                         f"{o[q] * 1000:.2f}", ratio(o[q], p[q]), ratio(o[q], t[q]),
-                         goal if kind == "raw" else "",
-                         *(f"{echoes[label][kind][q] * 1000:.2f}" for label in extra)])
+            rows.append([f"{what} {q} (ms)",
+                         *(f"{echoes[label][kind][q] * 1000:.2f}" for label in labels),
+                         ratio(o[q], p[q]), ratio(o[q], t[q]),
+                         ratio(o[q], b[q]) if b else "—", goal if kind == "raw" else ""])
     return render(rows), notes
 
 
@@ -591,14 +616,13 @@ def main() -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="comma-separated subset of " + ",".join(WORKLOADS)
                         + " (empty: echo only)")
-    parser.add_argument("--uids", default=f"{bench_server.UID_MIN}-{bench_server.UID_MAX}",
-                        help="the server's uid range, MIN-MAX (apart from other runs')")
     parser.add_argument("--framed", action="store_true",
                         help="shellserver over SockJS frames on the session websocket, "
                         "as the page's sockjs-client, instead of the raw websocket")
-    parser.add_argument("--baseline", metavar="CHECKOUT",
-                        help="also run this checkout of another version (e.g. a git "
-                        "worktree of main) as a fourth target, in its own column")
+    parser.add_argument("--baseline", default="main",
+                        help="git revision run beside this checkout as 'today' ('' for none)")
+    parser.add_argument("--uid-min", type=int, default=250000,
+                        help="first uid of the bench's range (250 per server)")
     args = parser.parse_args()
     if args.quick:
         args.megabytes, args.runs, args.echo = 10.0, 1, 100
@@ -606,17 +630,14 @@ def main() -> int:
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
-    try:
-        uid_min, uid_max = (int(part) for part in args.uids.split("-"))
-    except ValueError:
-        parser.error(f"--uids takes MIN-MAX, got {args.uids!r}")
-    if not 0 < uid_min <= uid_max:
-        parser.error(f"--uids: {args.uids!r} is not a range of positive uids")
-    bench_server.UID_MIN, bench_server.UID_MAX = uid_min, uid_max
+    if args.uid_min <= 0:
+        parser.error(f"--uid-min: {args.uid_min} is not a positive uid")
     if os.geteuid() != 0:
         print("bench/efficiency.py needs root: the server builds real sandboxes",
               file=sys.stderr)
         return 2
+    bench_server.UID_MIN, bench_server.UID_MAX = (args.uid_min,
+                                                   args.uid_min + 2 * UIDS_PER_SERVER - 1)
     if bench_server.processes_of_uids(bench_server.UID_MIN, bench_server.UID_MAX):
         print("processes already run in the bench's uid range: another bench? stop it first",
               file=sys.stderr)
@@ -631,6 +652,8 @@ def main() -> int:
     except KeyboardInterrupt:
         log("interrupted")
     finally:
+        bench_server.UID_MIN, bench_server.UID_MAX = (args.uid_min,
+                                                       args.uid_min + 2 * UIDS_PER_SERVER - 1)
         problems = [p for srv in servers for p in srv.stop()]
         killed = bench_server.kill_leftover_processes()
         problems += [p for srv in servers for p in bench_server.leftovers(srv)]

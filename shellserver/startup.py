@@ -37,8 +37,9 @@ EXIT_HOST_REFUSED = 78
 EXIT_CONFIG_INVALID = EXIT_HOST_REFUSED
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
 # Open files the server holds for each console besides its connection (the
-# launcher's PTY, the output pipe, and, on the fork server's path, the
-# launcher's pidfd and status connection; the classic path has one spare),
+# launcher's PTY, the console's PTY master or, before it, its handoff socket,
+# and, on the fork server's path, the launcher's pidfd and status
+# connection; the classic path has one spare),
 # and for everything else (listeners, the log, the state directory, the
 # reactor's own).
 FILES_PER_CONSOLE = 4
@@ -213,7 +214,7 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
         ) from e
 
     if stale_pipes:
-        notices.append(f"removed {stale_pipes} output pipes a previous run left behind")
+        notices.append(f"removed {stale_pipes} terminal handoff sockets a previous run left behind")
     removed, remaining = sweep(layout)
     if removed:
         notices.append(f"removed {len(removed)} cgroups a previous run left behind")

@@ -162,7 +162,7 @@ def makeService(options: Options, *, reactor=None,
     from shellserver.reload import reload_service
     from shellserver.sandbox.budget import CpuBudgetWatcher
     from shellserver.sandbox.lifecycle import FLUSH_DELAY, SandboxService
-    from shellserver.sandbox.output import FifoPipes
+    from shellserver.sandbox.output import TerminalHandoffs
     from shellserver.sandbox.pool import SandboxPool
     from shellserver.sandbox.service import SandboxStarter
     from shellserver.sandbox.spec import SandboxLimits
@@ -202,7 +202,7 @@ def makeService(options: Options, *, reactor=None,
         root=prepared.sandbox_root,
         cgroup_layout=prepared.layout,
         uids=uids,
-        outputs=FifoPipes(reactor, prepared.pipes),
+        outputs=TerminalHandoffs(reactor, prepared.pipes),
         system_python=config.sandbox.system_python,
     )
     fork_server = None

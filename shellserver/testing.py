@@ -131,13 +131,26 @@ class FakeSandboxStarter:
 @implementer(IOutputPipe)
 @define
 class FakeOutputPipe:
-    """One session's output pipe: ``send`` delivers bytes as if init wrote them."""
+    """One session's console terminal: ``send`` delivers bytes as if the
+    console wrote them; keystrokes and sizes are recorded."""
 
     path: str
     deliver: Callable[[bytes], None]
     reading: bool = True
-    held: list[bytes] = field(factory=list)  # in the pipe, not read yet
+    held: list[bytes] = field(factory=list)  # in the terminal, not read yet
     finished: bool = False
+    written: list[bytes] = field(factory=list)
+    sizes: list[tuple[int, int]] = field(factory=list)
+    producer: object = None
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.sizes.append((cols, rows))
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
 
     def send(self, data: bytes) -> None:
         """Output arrives; read at once unless paused."""

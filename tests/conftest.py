@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -284,8 +285,12 @@ def sandbox_leftovers(server: RunningServer) -> list[str]:
 
 
 def server_pipe_fds(server: RunningServer) -> list[tuple[int, str]]:
-    """The server's open descriptors on output pipes (its sandboxes' FIFOs)."""
+    """The server's open descriptors on consoles' terminals: PTY masters of a
+    devpts other than the host's (a sandbox's), and anything in the handoff
+    directory."""
     pipes = str(server.state_dir / "pipes") + "/"
+    host_devices = {os.stat(path).st_dev for path in ("/dev/ptmx", "/dev/pts/ptmx")
+                    if os.path.exists(path)}
     found = []
     directory = f"/proc/{server.process.pid}/fd"
     if server.process.poll() is not None:
@@ -293,9 +298,12 @@ def server_pipe_fds(server: RunningServer) -> list[tuple[int, str]]:
     for name in os.listdir(directory):
         try:
             target = os.readlink(f"{directory}/{name}")
+            st = os.stat(f"{directory}/{name}")
         except OSError:
             continue
-        if target.startswith(pipes):
+        console_master = (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 5
+                          and os.minor(st.st_rdev) == 2 and st.st_dev not in host_devices)
+        if target.startswith(pipes) or console_master:
             found.append((int(name), target))
     return found
 

@@ -39,29 +39,6 @@ import types
 SETUP_FAILED = 111
 MAX_FD = 65536
 
-# The relay (init's loop): how much console output it holds before it stops
-# reading the console's terminal, and how long, and how much, it still passes
-# on once the console has exited.
-RELAY_HIGH = 65536
-RELAY_BATCH = 32768
-RELAY_FLOOD_READ = 4000  # a PTY read returns at most 4 KiB
-RELAY_HOLD_MS = 1
-# A stream of output (print in a loop, IPython's `!` passing on a pipeline
-# line by line): while output keeps coming within RELAY_STREAM_GAP, init
-# passes on what it read and then sleeps a rest, so that the console's writes
-# gather in the PTY and cost one read, one pipe write and one wake-up of the
-# server per rest instead of one each per write. A lone write (an echo) still
-# goes at once. The PTY holds about 20 KB before the console blocks in its
-# write, so the rest adapts: shorter when a read brings RELAY_REST_FULL or
-# more (a fast writer, which a long rest would block), longer when it brings
-# less than RELAY_REST_THIN; at 0 the flood hold above applies instead.
-RELAY_STREAM_GAP = 0.002
-RELAY_RESTS = (0.0, 0.0005, 0.001, 0.002)  # seconds
-RELAY_REST_FULL = 12288
-RELAY_REST_THIN = 3072
-RELAY_FLUSH_BYTES = 1 << 20
-RELAY_FLUSH_SECONDS = 2.0
-
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -331,7 +308,7 @@ def drop_privileges(spec):
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_init(spec, go_fd, out_fd, console_entry=None):
+def run_init(spec, go_fd, handoff_fd, console_entry=None):
     """Pid 1 of the sandbox: build it, start the console, reap, exit with it."""
     # Wait until the launcher has moved us into the session's cgroups, so the
     # cgroup namespace is rooted there.
@@ -361,40 +338,39 @@ def run_init(spec, go_fd, out_fd, console_entry=None):
         os._exit(SETUP_FAILED)
 
     try:
-        master, console, wake = start_console(spec, console_entry)
+        console = start_console(spec, handoff_fd, console_entry)
     except OSError as e:
         os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n".encode())
         os._exit(SETUP_FAILED)
-    os._exit(relay(master, out_fd, console, wake))
+    os._exit(reap_until(console))
 
 
-def start_console(spec, console_entry=None):
-    """The console on a terminal of the sandbox's own.
+def start_console(spec, handoff_fd, console_entry=None):
+    """The console on a terminal of the sandbox's own; returns its pid.
 
-    Returns the terminal's master, the console's pid, and the pipe signals
-    arrive on (a byte each, to wake relay's poll). ``console_entry`` (the
-    fork server's) is called instead of execve, with everything else done.
-    The launcher's terminal (the server's PTY) stays with init and carries
-    keystrokes in; the console's output leaves through the output pipe.
+    The terminal's master goes to the server (SCM_RIGHTS on the handoff
+    socket), which reads the console's output from it and writes keystrokes
+    and the size to it; init keeps no copy, so the console's terminal hangs
+    up when the server closes it (or dies). ``console_entry`` (the fork
+    server's) is called instead of execve, with everything else done.
     """
-    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
-    for sig in (signal.SIGCHLD, signal.SIGWINCH):
-        signal.signal(sig, lambda signum, frame: None)
     master, slave = os.openpty()
     copy_size(master)
+    handoff = socket.socket(fileno=handoff_fd)
+    try:
+        socket.send_fds(handoff, [b"pty"], [master])
+    finally:
+        handoff.close()
     console = os.fork()
     if console == 0:
         try:
-            for sig in TERMINAL_SIGNALS + (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
-                                           signal.SIGWINCH):
+            for sig in TERMINAL_SIGNALS + (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
             os.setsid()
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
             for fd in (0, 1, 2):
                 os.dup2(slave, fd)
-            # Nothing of init's: not the server's terminal, not the output pipe.
+            # Nothing of init's: not the server's terminal, not the master.
             os.closerange(3, MAX_FD)
             os.chdir(spec["cwd"])
             if console_entry is not None:
@@ -404,14 +380,16 @@ def start_console(spec, console_entry=None):
             os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n"
                      .encode())
         os._exit(SETUP_FAILED)
+    os.close(master)
     # Init keeps the slave open (it is never closed): the master does not hang
     # up while init runs, and what the console wrote before it exited can
-    # still be read.
-    return master, console, wake_read
+    # still be read by the server.
+    return console
 
 
 def copy_size(master):
-    """The server's terminal size onto the console's (which then gets SIGWINCH)."""
+    """The launcher's terminal size (the server set it) onto the console's,
+    before the console starts; later sizes the server sets on the master."""
     try:
         size = fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(8))
         fcntl.ioctl(master, termios.TIOCSWINSZ, size)
@@ -419,144 +397,16 @@ def copy_size(master):
         pass
 
 
-def relay(master, out, console, wake):
-    """Init's loop until the console exits; returns its exit status.
-
-    Output: the console's terminal (the kernel hands a PTY's reader 4 KiB at a
-    time, so this loop pays that cost, on the sandbox's CPU) into the output
-    pipe, which the server reads in large pieces. When the pipe is full (the
-    server stopped reading: its client is behind) this stops reading the
-    terminal and the console blocks. A stream of small writes is gathered
-    by rests between reads (RELAY_RESTS). Keystrokes: the server's terminal into
-    the console's, whatever the output does. Signals: SIGWINCH copies the
-    size, SIGCHLD reaps (init reaps orphans too).
-    """
-    import select
-
-    for fd in (0, master, out):
-        os.set_blocking(fd, False)
-    pending = bytearray()  # output not yet in the pipe
-    typed = bytearray()  # keystrokes not yet in the console's terminal
-    poller = select.poll()
-    poller.register(wake, select.POLLIN)
-    keys_open = True
-    holding = False  # gathering a flood's output into one write
-    last_read = -RELAY_STREAM_GAP  # when output last came, or a rest ended
-    rest = 0  # index into RELAY_RESTS, adapted to the console's pace
-    status = None
-    while status is None:
-        poller.register(master, (select.POLLIN if len(pending) < RELAY_HIGH else 0)
-                        | (select.POLLOUT if typed else 0))
-        if out >= 0:
-            poller.register(out, select.POLLOUT if pending and not holding else 0)
-        if keys_open:
-            poller.register(0, select.POLLIN if len(typed) < RELAY_HIGH else 0)
-        events = dict(poller.poll(RELAY_HOLD_MS if holding else None))
-        holding = False
-        resting = False
-        if wake in events:
-            try:
-                signals = os.read(wake, 256)
-            except BlockingIOError:
-                signals = b""
-            if signal.SIGWINCH in signals:
-                copy_size(master)
-            status = reap(console)
-        if events.get(master, 0) & select.POLLIN:
-            got = read_output(master, pending)
-            now = time.monotonic()
-            if got and now - last_read < RELAY_STREAM_GAP:
-                if got >= RELAY_REST_FULL:
-                    rest = max(0, rest - 1)
-                elif got < RELAY_REST_THIN:
-                    rest = min(len(RELAY_RESTS) - 1, rest + 1)
-                resting = rest > 0
-            if got:
-                last_read = now
-            # Without a rest, a full read means a flood: write once
-            # RELAY_BATCH is together (or nothing came for RELAY_HOLD_MS),
-            # not at each 4 KiB; every write wakes the server.
-            holding = not resting and got >= RELAY_FLOOD_READ and len(pending) < RELAY_BATCH
-        if pending and out >= 0 and not holding:
-            out = write_output(out, pending)
-        if out < 0:
-            pending.clear()  # the server has gone: nobody to show it to
-        if 0 in events:
-            try:
-                keys = os.read(0, 65536)
-            except BlockingIOError:
-                keys = None
-            except OSError:
-                keys = b""
-            if keys == b"":
-                keys_open = False
-                poller.unregister(0)
-            elif keys:
-                typed += keys
-        if typed:
-            try:
-                del typed[:os.write(master, typed)]
-            except BlockingIOError:
-                pass
-        if resting and status is None:
-            # Keystrokes and signals wait too, at most the rest (2 ms).
-            time.sleep(RELAY_RESTS[rest])
-            last_read = time.monotonic()
-    # The console has exited: what it wrote last, then its status.
-    read_output(master, pending, limit=RELAY_FLUSH_BYTES, drain=True)
-    deadline = time.monotonic() + RELAY_FLUSH_SECONDS
-    while pending and out >= 0 and time.monotonic() < deadline:
-        select.select([], [out], [], max(0.0, deadline - time.monotonic()))
-        out = write_output(out, pending)
-    return status
-
-
-def read_output(master, pending, limit=RELAY_HIGH, drain=False):
-    """Read what the console's terminal has (up to ``limit`` held); how much.
-
-    A read shorter than a PTY's 4 KiB took all there was: stop there unless
-    ``drain``. A console writing small pieces as fast as it can would
-    otherwise keep this loop reading them one by one, a read per write.
-    """
-    got = 0
-    while len(pending) < limit:
-        try:
-            data = os.read(master, 65536)
-        except (BlockingIOError, OSError):
-            return got
-        if not data:
-            return got
-        pending += data
-        got += len(data)
-        if len(data) < RELAY_FLOOD_READ and not drain:
-            return got
-    return got
-
-
-def write_output(out, pending):
-    """Write what the pipe takes; -1 when the server closed it."""
-    try:
-        del pending[:os.write(out, pending)]
-    except BlockingIOError:
-        pass
-    except OSError:
-        os.close(out)
-        return -1
-    return out
-
-
-def reap(console):
-    """Reap every exited child; the console's exit status once it has gone."""
-    status = None
+def reap_until(console):
+    """Init's life after the start: reap every child (orphans too) until the
+    console has exited; its exit status. No byte of the console passes here."""
     while True:
         try:
-            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            pid, wait_status = os.waitpid(-1, 0)
         except ChildProcessError:
-            return SETUP_FAILED if status is None else status
-        if pid == 0:
-            return status
+            return SETUP_FAILED
         if pid == console:
-            status = os.waitstatus_to_exitcode(wait_status) & 0xFF
+            return os.waitstatus_to_exitcode(wait_status) & 0xFF
 
 
 # -- launcher -----------------------------------------------------------------
@@ -588,10 +438,16 @@ def run(spec, console_entry=None, close_in_init=()):
     signal.signal(signal.SIGHUP, stop)
 
     try:
-        # The server made this FIFO and has it open for reading; init writes
-        # the console's output to it. Nobody else may ever open it.
-        out = os.open(spec["output"], os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        os.unlink(spec["output"])
+        # The server bound this socket and waits on it for the console's
+        # terminal, which init sends. Nobody else may ever reach it.
+        handoff = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            handoff.connect(spec["output"])
+            os.unlink(spec["output"])
+        except OSError:
+            handoff.close()
+            raise
+        out = handoff.detach()
         create_cgroups(cgroups)
         unshare(CLONE_NEWPID)
     except (OSError, SetupError) as e:

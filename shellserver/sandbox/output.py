@@ -1,42 +1,61 @@
-"""The console's output pipe: a FIFO per session, read by the reactor.
+"""The console's terminal, read and written by the server itself.
 
-A PTY hands its reader at most 4 KiB per read, each after a round trip
-through the kernel's tty worker, so a server reading the PTY itself pays that
-per 4 KiB and, while it frames and sends what it read, keeps the console
-waiting on a full 12 KiB of PTY buffer. Instead, init in the sandbox reads the
-console's terminal and writes a FIFO that the server made and reads here, in
-pieces of up to READ_SIZE, with PIPE_SIZE of buffer between the two: the PTY
-cost lands on the sandbox's own CPU quota, and the server's work no longer
-stalls the console.
+Init in the sandbox opens the console's PTY (a PTY of the sandbox's own
+devpts) and hands its master to the server over a unix datagram socket
+(SCM_RIGHTS), then closes its own copy: from then on the server reads the
+console's output from that master and writes its keystrokes and size to it,
+and no process of the sandbox copies the bytes in between (init only reaps
+and reports the exit status). The socket lives in a directory only root can
+enter; the launcher connects to it and unlinks it at once, before anything of
+the console runs, and only init ever sends on it.
 
-The FIFO lives in a directory only root can enter; the launcher opens its
-write end and unlinks it at once, before anything of the console runs.
-Pausing (flow control) stops reading it: the pipe fills, init stops reading
-the console's terminal, and the console blocks in its write.
+Reads are gathered: a console printing line by line (a print loop, IPython's
+``!`` passing a pipeline on) would otherwise cost the server a wake-up and a
+message per write. While output keeps coming within STREAM_GAP, the terminal
+stops reading for a short rest after each read (RESTS, adapted to the
+console's pace: the PTY holds about 20 KB before the console blocks in its
+write), so that the writes gather in the PTY and cost one wake-up per rest. A
+lone write (an echo) is read at once. A flood (full reads without rests) is
+read on, and passed on once BATCH is together or nothing more came for HOLD.
+
+Pausing (flow control) stops reading the master: the PTY fills and the
+console blocks in its write.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import os
+import socket
 import stat
+import struct
+import termios
 from collections.abc import Callable
 
 from twisted.internet import abstract, main
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 log = Logger()
 
-READ_SIZE = 65536  # bytes read per wake-up at most
-PIPE_SIZE = 262144  # the FIFO's buffer, in the sandbox's memory cgroup
-F_SETPIPE_SZ = 1031
+READ_SIZE = 65536  # bytes asked for per read (a PTY gives at most 4 KiB)
+FLOOD_READ = 4000  # a read this long took a full PTY buffer: more is coming
+BATCH = 65536  # a flood is passed on in pieces of this much
+HOLD = 0.001  # seconds a flood's piece waits for more
+STREAM_GAP = 0.002  # output this close to the last is a stream
+RESTS = (0.0, 0.0005, 0.001, 0.002)  # seconds
+REST_FULL = 12288  # a read this long: the rest shortens
+REST_THIN = 3072  # a read shorter than this: the rest lengthens
+FLUSH_BYTES = 1 << 20  # what is passed on once the sandbox has ended, at most
+PTMX_MAJOR, PTMX_MINOR = 5, 2  # a PTY master's device (any devpts instance's)
 
 
 class IOutputPipe(Interface):
-    """One session's output pipe, as the running sandbox uses it."""
+    """One session's console terminal, as the running sandbox uses it."""
 
     def pause() -> None:
         """Stop reading (the client is behind)."""
@@ -44,76 +63,300 @@ class IOutputPipe(Interface):
     def resume() -> None:
         """Read again."""
 
+    def write(data: bytes) -> None:
+        """Keystrokes for the console (held until its terminal has arrived)."""
+
+    def resize(cols: int, rows: int) -> None:
+        """Set the console's terminal size (it gets SIGWINCH)."""
+
+    def registerProducer(producer, streaming: bool) -> None:
+        """Paused while more keystrokes wait than the terminal takes."""
+
     def finish() -> None:
-        """The sandbox has ended: pass on what the pipe still holds, then close."""
+        """The sandbox has ended: pass on what the terminal still holds, then close."""
 
 
 class IOutputPipes(Interface):
     def open(session: str, deliver: Callable[[bytes], None]) -> tuple[str, IOutputPipe]:
-        """A new pipe for ``session``: its path (for the launcher) and the pipe.
+        """A new handoff for ``session``: its socket's path (for the launcher)
+        and the terminal that receives the console's PTY master through it.
 
         Raises OSError if it cannot be made.
         """
 
 
-@implementer(IOutputPipe)
-class FifoReader(abstract.FileDescriptor):
-    """The server's end of one FIFO, as a reactor reader."""
+def is_pty_master(fd: int) -> bool:
+    """Whether ``fd`` is a PTY master (opened through some devpts's ptmx)."""
+    mode = os.fstat(fd)
+    return (stat.S_ISCHR(mode.st_mode) and os.major(mode.st_rdev) == PTMX_MAJOR
+            and os.minor(mode.st_rdev) == PTMX_MINOR)
 
-    def __init__(self, reactor, path: str, fd: int, deliver: Callable[[bytes], None],
+
+@implementer(IOutputPipe)
+class ConsoleTerminal(abstract.FileDescriptor):
+    """The server's hold on one console's PTY master, as a reactor reader and
+    writer (keystrokes are buffered, with producer support, as on a socket)."""
+
+    def __init__(self, reactor, deliver: Callable[[bytes], None],
                  read: Callable[[int, int], bytes] = os.read,
+                 write: Callable[[int, bytes], int] = os.write,
                  close: Callable[[int], None] = os.close,
-                 unlink: Callable[[str], None] | None = None) -> None:
+                 ioctl: Callable[[int, int, bytes], object] = fcntl.ioctl) -> None:
         super().__init__(reactor)
-        self.path, self.fd = path, fd
-        self._deliver, self._read = deliver, read
-        self._close, self._unlink = close, unlink or unlink_quietly
-        self.connected = 1
+        self.fd = -1  # until init hands the master over
+        self._deliver = deliver
+        self._read, self._write, self._close, self._ioctl = read, write, close, ioctl
+        self.connected = 1  # FileDescriptor.write buffers only while connected
+        self.paused = False
+        self.hung_up = False  # the console's side has closed (init exited)
         self.finished = False
+        self._size: tuple[int, int] | None = None
+        self._pending = bytearray()  # read, held to gather a flood
+        self._wait: IDelayedCall | None = None  # a rest: not reading
+        self._flush: IDelayedCall | None = None  # a flood's piece passed on then
+        self._holding = False
+        self._last_read = -STREAM_GAP
+        self._rest = 0  # index into RESTS, adapted to the console's pace
 
     def fileno(self) -> int:
         return self.fd
 
+    def attach(self, master: int) -> None:
+        """The console's master has arrived: size it, type what waits, read."""
+        if self.finished:
+            self._close(master)
+            return
+        os.set_blocking(master, False)
+        self.fd = master
+        if self._size is not None:
+            self._set_size(*self._size)
+        if self.dataBuffer or self._tempDataBuffer:
+            self.startWriting()
+        if not self.paused:
+            self.startReading()
+
+    # -- output ---------------------------------------------------------------
+
     def doRead(self):
-        try:
-            data = self._read(self.fd, READ_SIZE)
-        except BlockingIOError:
-            return None
-        except OSError as e:
-            return main.CONNECTION_LOST if e.errno != errno.EINTR else None
-        if not data:
-            return main.CONNECTION_DONE  # init has gone (and the launcher with it)
-        self._deliver(data)
+        got = 0
+        while len(self._pending) < BATCH:
+            try:
+                data = self._read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                self._pass_on()
+                return main.CONNECTION_DONE  # EIO: init exited, the slave is closed
+            if not data:
+                self._pass_on()
+                return main.CONNECTION_DONE
+            self._pending += data
+            got += len(data)
+            if got < FLOOD_READ:
+                break  # a lone small write: a writer of small pieces is not chased
+            # Otherwise on until EAGAIN: a read that finds the master's buffer
+            # empty first waits for the kernel's pending flush into it, so
+            # EAGAIN means the console has written nothing more yet.
+        now = self.reactor.seconds()
+        resting = False
+        if got and now - self._last_read < STREAM_GAP:
+            if got >= REST_FULL:
+                self._rest = max(0, self._rest - 1)
+            elif got < REST_THIN:
+                self._rest = min(len(RESTS) - 1, self._rest + 1)
+            resting = self._rest > 0
+        if got:
+            self._last_read = now
+        # Without a rest, a full read means a flood: pass it on once BATCH is
+        # together (or nothing more came within HOLD), not at each 4 KiB. The
+        # master stays read meanwhile: a console writing large pieces fills
+        # the PTY in well under HOLD and would wait for the server.
+        self._holding = (not resting and got >= FLOOD_READ
+                         and len(self._pending) < BATCH)
+        if not self._holding and not (got == 0 and self._flush is not None):
+            self._pass_on()
+            self._cancel_flush()
+        if resting:
+            self.stopReading()
+            self._wait = self.reactor.callLater(RESTS[self._rest], self._rest_over)
+        elif self._holding and self._flush is None:
+            self._flush = self.reactor.callLater(HOLD, self._flush_over)
         return None
 
+    def _flush_over(self) -> None:
+        self._flush = None
+        self._holding = False
+        self._pass_on()
+
+    def _cancel_flush(self) -> None:
+        if self._flush is not None:
+            if self._flush.active():
+                self._flush.cancel()
+            self._flush = None
+
+    def _rest_over(self) -> None:
+        self._wait = None
+        if self.hung_up or self.finished:
+            return
+        self._last_read = self.reactor.seconds()
+        if not self.paused:
+            self.startReading()
+
+    def startReading(self) -> None:
+        if self.fd >= 0 and not self.hung_up and not self.finished:
+            super().startReading()
+
+    def _pass_on(self) -> None:
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            self._deliver(data)
+
     def connectionLost(self, reason: Failure) -> None:
-        # Only the end of the stream: finish() closes, once the launcher ended.
+        # The console's side has gone; finish() closes, once the launcher ended.
         self.stopReading()
-        self.connected = 0
+        self.stopWriting()
+        self.hung_up = True
 
     def pause(self) -> None:
+        self.paused = True
         self.stopReading()
 
     def resume(self) -> None:
-        if self.connected and not self.finished:
+        self.paused = False
+        if self.fd >= 0 and self._wait is None and not self.hung_up and not self.finished:
             self.startReading()
 
     def finish(self) -> None:
-        """Deliver what the pipe holds now (at most PIPE_SIZE), then close."""
+        """Deliver what the terminal holds now (at most FLUSH_BYTES), then close."""
         if self.finished:
             return
         self.finished = True
+        if self._wait is not None and self._wait.active():
+            self._wait.cancel()
+        self._wait = None
+        self._cancel_flush()
         self.stopReading()
-        while True:
+        self.stopWriting()
+        if self.fd < 0:
+            self._pass_on()
+            return
+        total = 0
+        while total < FLUSH_BYTES:
             try:
                 data = self._read(self.fd, READ_SIZE)
             except OSError:
                 break
             if not data:
                 break
-            self._deliver(data)
+            self._pending += data
+            total += len(data)
+        self._pass_on()
         self._close(self.fd)
-        self._unlink(self.path)  # the launcher unlinks it, unless it died first
+        self.fd = -1
+
+    # -- keystrokes and size ---------------------------------------------------
+
+    def startWriting(self) -> None:
+        if self.fd >= 0 and not self.hung_up and not self.finished:
+            super().startWriting()
+
+    def write(self, data: bytes) -> None:
+        if self.finished or self.hung_up:
+            return
+        super().write(data)
+
+    def writeSomeData(self, data: bytes) -> int:
+        try:
+            return self._write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return 0
+            # The console's side has gone: its keystrokes go nowhere.
+            return len(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._size = (cols, rows)
+        if self.fd >= 0 and not self.finished:
+            self._set_size(cols, rows)
+
+    def _set_size(self, cols: int, rows: int) -> None:
+        try:
+            self._ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        except OSError as e:
+            log.warn("console terminal resize failed: {error}", error=e)
+
+    def logPrefix(self) -> str:
+        return "ConsoleTerminal"
+
+
+@implementer(IReadDescriptor)
+class _Handoff:
+    """The bound datagram socket one console's master arrives on, once."""
+
+    def __init__(self, reactor, path: str, sock: socket.socket,
+                 terminal: ConsoleTerminal) -> None:
+        self.reactor, self.path, self._socket, self._terminal = reactor, path, sock, terminal
+        self.open = True
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def doRead(self) -> None:
+        try:
+            _, ancillary, flags, _ = self._socket.recvmsg(
+                16, socket.CMSG_SPACE(4 * array.array("i").itemsize))
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.warn("console terminal handoff failed: {error}", error=e)
+            self.close()
+            return
+        fds = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        master = fds[0] if len(fds) == 1 and not flags & socket.MSG_CTRUNC else None
+        if master is not None and not is_pty_master(master):
+            master = None
+        for fd in fds:
+            if fd != master:
+                os.close(fd)
+        if master is None:
+            log.error("console terminal handoff {path}: not one PTY master "
+                      "({count} descriptors); ignored", path=self.path, count=len(fds))
+            return
+        self.close()
+        os.set_inheritable(master, False)
+        self._terminal.attach(master)
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.reactor.removeReader(self)
+            self._socket.close()
+            unlink_quietly(self.path)  # the launcher unlinks it, unless it died first
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "ConsoleTerminalHandoff"
+
+
+class HandedTerminal(ConsoleTerminal):
+    """A ConsoleTerminal that also closes its handoff socket when it finishes."""
+
+    handoff: _Handoff | None = None
+
+    def finish(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
+        super().finish()
 
 
 def unlink_quietly(path: str) -> None:
@@ -122,44 +365,46 @@ def unlink_quietly(path: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as e:
-        log.warn("could not remove the output pipe {path}: {error}", path=path, error=e)
+        log.warn("could not remove the terminal handoff socket {path}: {error}",
+                 path=path, error=e)
 
 
 @implementer(IOutputPipes)
-class FifoPipes:
-    """Makes the FIFOs, in a directory of the state directory's."""
+class TerminalHandoffs:
+    """Binds the handoff sockets, in a directory of the state directory's."""
 
     def __init__(self, reactor, directory: str) -> None:
         self.reactor, self.directory = reactor, directory
 
-    def open(self, session: str, deliver: Callable[[bytes], None]) -> tuple[str, FifoReader]:
+    def open(self, session: str, deliver: Callable[[bytes], None]) -> tuple[str, HandedTerminal]:
         path = os.path.join(self.directory, session)
-        os.mkfifo(path, 0o600)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                             | socket.SOCK_NONBLOCK)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            sock.bind(path)
+            os.chmod(path, 0o600)
         except OSError:
+            sock.close()
             unlink_quietly(path)
             raise
-        try:
-            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError as e:  # a lower fs.pipe-max-size: the default size still works
-            log.warn("output pipe size {size} refused: {error}", size=PIPE_SIZE, error=e)
-        reader = FifoReader(self.reactor, path, fd, deliver)
-        reader.startReading()
-        return path, reader
+        terminal = HandedTerminal(self.reactor, deliver)
+        terminal.handoff = _Handoff(self.reactor, path, sock, terminal)
+        self.reactor.addReader(terminal.handoff)
+        return path, terminal
 
 
 def prepare_directory(directory: str) -> int:
-    """Make the FIFO directory (root only), removing what a previous run left.
+    """Make the handoff directory (root only), removing what a previous run left.
 
-    Returns how many FIFOs were removed.
+    Returns how many sockets (or FIFOs, of older versions) were removed.
     """
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
     removed = 0
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if stat.S_ISFIFO(os.lstat(path).st_mode):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
             os.unlink(path)
             removed += 1
     return removed

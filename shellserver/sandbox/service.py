@@ -1,11 +1,12 @@
 """The one seam that spawns sandboxes.
 
-``SandboxStarter.start`` allocates a uid, opens the session's output pipe
-(output.py), builds the spec, and spawns the root launcher in a fresh PTY
-with ``reactor.spawnProcess(..., usePTY=True)``. Keystrokes and the terminal
-size go in through that PTY; the console's output comes back through the
-output pipe (the PTY itself only carries the launcher's own messages, such as
-why a sandbox could not be built). The ``SandboxProcessProtocol`` only turns
+``SandboxStarter.start`` allocates a uid, opens the session's terminal
+handoff (output.py), builds the spec, and spawns the root launcher in a fresh
+PTY with ``reactor.spawnProcess(..., usePTY=True)``. Init hands the console's
+own PTY master to the server through the handoff: the console's output is
+read from it, keystrokes and the size are written to it (the launcher's PTY
+only carries the launcher's own messages, such as why a sandbox could not be
+built, and the size the console starts with). The ``SandboxProcessProtocol`` only turns
 bytes and the exit into calls on the console's ``IConsoleProcessEvents``.
 When the launcher ends, however it ends, the server kills and removes the
 session's cgroups (the launcher may have been SIGKILLed before its own
@@ -45,9 +46,9 @@ LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py
 # The launcher's exit status when the sandbox could not be built.
 SETUP_FAILED = 111
 READ_BATCH = 32768  # bytes of PTY output read per wake-up at most
-# Keystrokes the server holds for a console that does not read them (init
-# relays them as the console's terminal takes them); past this, more is
-# dropped, as a full terminal input queue drops it, and the user is told.
+# Keystrokes the server holds for a console that does not read them (written
+# as the console's terminal takes them); past this, more is dropped, as a
+# full terminal input queue drops it, and the user is told.
 INPUT_BACKLOG_MAX = 1 << 20
 
 
@@ -75,7 +76,7 @@ class ISandbox(IPushProducer):
     """A running sandbox, as its console sees it.
 
     As a push producer of terminal output, it can be paused (the server stops
-    reading its output pipe) while the client is behind.
+    reading the console's terminal) while the client is behind.
     """
 
     session = Attribute("The session name (also the cgroup directory name).")
@@ -129,8 +130,8 @@ class SandboxProcessProtocol(ProcessProtocol):
 @implementer(IPushProducer)
 @define
 class InputBacklog:
-    """Registered on the PTY transport, which pauses it while more than its
-    buffer size of keystrokes waits to be written to the PTY."""
+    """Registered on the console's terminal, which pauses it while more than
+    its buffer size of keystrokes waits to be written to it."""
 
     full: bool = False
 
@@ -198,15 +199,12 @@ class RunningSandbox:
             return
         else:
             self._input_held += len(data)
-        self._pty.write(data)
+        self._pipe.write(data)
 
     def make_raw(self) -> None:
-        """Put the PTY in raw mode before any keystroke reaches it.
-
-        Keystrokes typed while the sandbox is being built then wait as they
-        are (not echoed, not held for a newline) for init's relay, which
-        passes them to the console's own terminal. (Termios requests on a
-        master act on its slave.)
+        """Put the launcher's PTY in raw mode: what the launcher writes on it
+        (why a sandbox could not be built) is passed on as written.
+        (Termios requests on a master act on its slave.)
         """
         try:
             tty.setraw(self._pty.fileno(), termios.TCSANOW)
@@ -217,6 +215,9 @@ class RunningSandbox:
     def resize(self, cols: int, rows: int) -> None:
         if self.ended:
             return
+        # The console's terminal (once init has handed it over), and the
+        # launcher's, whose size init gives the console's before it starts.
+        self._pipe.resize(cols, rows)
         size = struct.pack("HHHH", rows, cols, 0, 0)
         try:
             fcntl.ioctl(self._pty.fileno(), termios.TIOCSWINSZ, size)
@@ -281,12 +282,12 @@ class RunningSandbox:
             status, signal = terminated.exitCode, terminated.signal
         log.info("console {session} (uid {uid}) ended: status {status}, signal {signal}",
                  session=self.session, uid=self.uid, status=status, signal=signal)
-        # Init wrote the console's last output before it exited, and the
-        # launcher ended after init: all of it is in the pipe now.
+        # The launcher ended after init, whose exit closed the console's
+        # terminal: all of the console's output is in the master now.
         try:
             self._pipe.finish()
         except Exception:
-            log.failure("console {session}: the output pipe's end failed",
+            log.failure("console {session}: the terminal's end failed",
                         session=self.session)
         # The console hears first; the cleanup may complete synchronously and
         # let a shutting-down reactor go on to close every connection.
@@ -356,7 +357,7 @@ class SandboxStarter:
             path, output = self.outputs.open(session, deliver)
         except OSError as e:
             self.uids.release(uid)
-            log.error("could not make the output pipe for {session}: {error}",
+            log.error("could not make the terminal handoff for {session}: {error}",
                       session=session, error=e)
             raise SandboxUnavailable("the console could not be started") from e
         spec = build_spec(
@@ -387,7 +388,7 @@ class SandboxStarter:
             raise SandboxUnavailable("the console could not be started") from e
         sandbox._transport = transport
         self.running[session] = sandbox
-        transport.registerProducer(sandbox._input, True)
+        output.registerProducer(sandbox._input, True)
         sandbox.make_raw()
         sandbox.resize(cols, rows)
         log.info("console {session} started as uid {uid}", session=session, uid=uid)

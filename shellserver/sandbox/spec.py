@@ -90,8 +90,8 @@ class SandboxSpec:
     copies: tuple[str, ...]
     rlimits: Mapping[str, tuple[int, int]]
     cgroups: tuple[CgroupGroup, ...] = field(default=())
-    # The FIFO the console's output goes to (see launcher.relay); the server
-    # made it and reads it.
+    # The unix socket init hands the console's terminal to the server on
+    # (see output.py); the server bound it and waits on it.
     output: str = ""
     # The sandbox's /dev: PTYs of its devpts, bytes and inodes of /dev/shm.
     dev: Mapping[str, int] = field(factory=dict)

@@ -141,26 +141,25 @@ def holders_of(inode: tuple[int, int], pids: list[int]) -> list[int]:
     return holders
 
 
-def test_output_pipe_and_terminals(console, server):
-    """The output FIFO is unlinked at once and held by init alone; the console
-    runs on a terminal of its own devpts and holds nothing of the server's PTY."""
+def test_console_terminal_and_terminals(console, server):
+    """The handoff socket is unlinked at once; the console's PTY master (of the
+    sandbox's own devpts) is held by the server alone, not by init or the
+    console; the console holds nothing of the server's PTY."""
     uid = int(ask(console, "__import__('os').getuid()", 2))
     assert list((server.state_dir / "pipes").iterdir()) == []
     pids = processes_of_uids(uid, uid)
     inits = sandbox_inits(uid)
     consoles = [pid for pid in pids if pid not in inits]
     assert len(inits) == 1 and consoles, pids
-    # The shared server may still hold another test's console (one dropped
-    # without "q" waits out its reattach grace): this console's pipe is the
-    # one its init holds, and init alone.
-    mine = []
-    for fd, target in server_pipe_fds(server):
-        assert target.endswith(" (deleted)")
+    # The console's terminal: its devpts is the one of the console's stdout.
+    console_devpts = os.stat(f"/proc/{consoles[0]}/fd/1").st_dev
+    masters = []
+    for fd, _ in server_pipe_fds(server):
         st = os.stat(f"/proc/{server.process.pid}/fd/{fd}")
-        if holders_of((st.st_dev, st.st_ino), pids):
-            mine.append((st.st_dev, st.st_ino))
-    (pipe,) = mine
-    assert holders_of(pipe, pids) == inits
+        if st.st_dev == console_devpts:
+            masters.append((st.st_dev, st.st_ino))
+    (master,) = masters
+    assert holders_of(master, pids) == []
     # The launcher's PTY (the server's) is init's fd 0; no console process has it.
     st = os.stat(f"/proc/{inits[0]}/fd/0")
     assert holders_of((st.st_dev, st.st_ino), consoles) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -95,14 +96,15 @@ def test_sigkill_of_server_and_launchers_is_swept_at_start(tmp_path):
     assert any(os.path.exists(p) for p in old_sessions), "nothing left to sweep"
     for client in clients:
         client.close()
-    # A server killed between making a console's output FIFO and its launcher
-    # opening it leaves the FIFO: the next start removes it.
+    # A server killed between binding a console's terminal handoff socket and
+    # its launcher connecting to it leaves the socket: the next start removes it.
     stale = server.state_dir / "pipes" / "s0000000000000000"
-    os.mkfifo(stale, 0o600)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bound:
+        bound.bind(str(stale))
     restarted = start_server(tmp_path, uid_min=222010, uid_max=222019)
     try:
         assert "removed" in restarted.log() and "cgroups a previous run left" in restarted.log()
-        assert "removed 1 output pipes a previous run left" in restarted.log()
+        assert "removed 1 terminal handoff sockets a previous run left" in restarted.log()
         assert not stale.exists()
         assert not any(os.path.exists(p) for p in old_sessions)
         (client,) = open_consoles(restarted, 1)

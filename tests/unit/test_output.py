@@ -1,41 +1,36 @@
-"""Tests for shellserver.sandbox.output: the server's end of a console's output pipe."""
+"""Tests for shellserver.sandbox.output: the server's hold on a console's PTY master."""
 
 import errno
+import os
+import socket
+import termios
 
 from twisted.internet import main
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from shellserver.sandbox.output import READ_SIZE, FifoReader
+from shellserver.sandbox import output
+from shellserver.sandbox.output import BATCH, HOLD, READ_SIZE, RESTS, ConsoleTerminal
 
 
-class FakeReactor:
-    """Records which readers are registered."""
-
-    def __init__(self):
-        self.readers = set()
-
-    def addReader(self, reader):
-        self.readers.add(reader)
-
-    def removeReader(self, reader):
-        self.readers.discard(reader)
-
-
-class Pipe:
-    """What the FIFO holds: reads take from it, then EAGAIN, or EOF once closed."""
+class Terminal:
+    """What the PTY master gives: reads take from it, then EAGAIN, or EIO once
+    the console's side has closed; writes take up to ``room`` bytes."""
 
     def __init__(self):
         self.held = []
-        self.writer_gone = False
-        self.sizes = []
+        self.hung_up = False
+        self.reads = 0
         self.closed = []
-        self.unlinked = []
+        self.written = bytearray()
+        self.room = 1 << 20
+        self.sizes = []
 
     def read(self, fd, size):
-        self.sizes.append(size)
+        self.reads += 1
         if not self.held:
-            if self.writer_gone:
-                return b""
+            if self.hung_up:
+                raise OSError(errno.EIO, "Input/output error")
             raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
         data = self.held.pop(0)
         if len(data) > size:
@@ -43,71 +38,225 @@ class Pipe:
             data = data[:size]
         return data
 
+    def write(self, fd, data):
+        if not self.room:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        taken = min(self.room, len(data))
+        self.room -= taken
+        self.written += data[:taken]
+        return taken
 
-class FifoReaderTests(SynchronousTestCase):
+    def ioctl(self, fd, request, argument):
+        self.sizes.append((fd, request, argument))
+
+
+class ConsoleTerminalTests(SynchronousTestCase):
     def setUp(self):
-        self.reactor = FakeReactor()
-        self.pipe = Pipe()
+        self.reactor = MemoryReactorClock()
+        self.pty = Terminal()
         self.delivered = []
-        self.reader = FifoReader(self.reactor, "/state/pipes/s1", 7, self.delivered.append,
-                                 read=self.pipe.read, close=self.pipe.closed.append,
-                                 unlink=self.pipe.unlinked.append)
-        self.reader.startReading()
+        self.terminal = ConsoleTerminal(self.reactor, self.delivered.append,
+                                        read=self.pty.read, write=self.pty.write,
+                                        close=self.pty.closed.append, ioctl=self.pty.ioctl)
+        self.patch(os, "set_blocking", lambda fd, blocking: None)
 
-    def test_read_delivers(self):
-        """Each wake-up reads up to READ_SIZE and delivers it."""
-        self.pipe.held = [b"a" * (READ_SIZE + 5)]
-        self.assertIsNone(self.reader.doRead())
-        self.assertEqual(self.delivered, [b"a" * READ_SIZE])
-        self.assertEqual(self.pipe.sizes, [READ_SIZE])
+    def attach(self):
+        self.terminal.attach(7)
+        self.assertIn(self.terminal, self.reactor.getReaders())
 
-    def test_nothing_waiting(self):
-        """EAGAIN delivers nothing and keeps reading."""
-        self.assertIsNone(self.reader.doRead())
+    def test_nothing_read_before_the_master_arrives(self):
+        """Until init hands the master over, nothing is registered with the reactor."""
+        self.terminal.resume()
+        self.terminal.write(b"early")
+        self.assertEqual((self.reactor.getReaders(), self.reactor.getWriters()), ([], []))
+
+    def test_keystrokes_and_size_wait_for_the_master(self):
+        """Keystrokes typed and the size set before the master arrives are
+        written and set once it does."""
+        self.terminal.write(b"print(1)\r")
+        self.terminal.resize(100, 30)
+        self.attach()
+        self.assertEqual(len(self.pty.sizes), 1)
+        self.assertEqual(self.pty.sizes[0][:2], (7, termios.TIOCSWINSZ))
+        self.terminal.doWrite()
+        self.assertEqual(bytes(self.pty.written), b"print(1)\r")
+
+    def test_a_flood_is_read_until_the_terminal_is_empty(self):
+        """After a full read, reading goes on past short reads until EAGAIN."""
+        self.attach()
+        self.pty.held = [b"x" * 4096, b"y" * 100, b"z" * 4096]
+        self.terminal.doRead()
+        self.reactor.advance(HOLD)
+        self.assertEqual(b"".join(self.delivered), b"x" * 4096 + b"y" * 100 + b"z" * 4096)
+
+    def test_a_lone_write_is_delivered_at_once(self):
+        """A short read (an echo) is delivered in the same wake-up, without a rest."""
+        self.attach()
+        self.pty.held = [b"a"]
+        self.assertIsNone(self.terminal.doRead())
+        self.assertEqual(self.delivered, [b"a"])
+        self.assertIn(self.terminal, self.reactor.getReaders())
+
+    def test_a_stream_of_small_writes_rests_between_reads(self):
+        """Small reads close together make the terminal rest (not read) for a
+        while, so that further writes gather; it reads again after the rest."""
+        self.attach()
+        self.pty.held = [b"1\r\n"]
+        self.terminal.doRead()
+        self.reactor.advance(0.0001)
+        self.pty.held = [b"2\r\n"]
+        self.terminal.doRead()
+        self.assertEqual(self.delivered, [b"1\r\n", b"2\r\n"])
+        self.assertNotIn(self.terminal, self.reactor.getReaders())
+        self.reactor.advance(RESTS[1])
+        self.assertIn(self.terminal, self.reactor.getReaders())
+
+    def test_a_flood_is_held_until_a_batch_is_together(self):
+        """Full reads are not delivered one by one: held (reading on) until
+        BATCH is together."""
+        self.attach()
+        self.pty.held = [b"x" * 4096]
+        self.terminal.doRead()
         self.assertEqual(self.delivered, [])
-        self.assertIn(self.reader, self.reactor.readers)
+        self.assertIn(self.terminal, self.reactor.getReaders())
+        self.pty.held = [b"x" * 4096] * (BATCH // 4096)
+        self.terminal.doRead()
+        self.assertEqual([len(d) for d in self.delivered], [BATCH])
+        self.assertEqual(self.pty.held, [b"x" * 4096])  # the rest: next wake-up
+        self.reactor.advance(HOLD)
+        self.assertEqual([len(d) for d in self.delivered], [BATCH])
 
-    def test_end_of_stream(self):
-        """EOF (init has gone) ends reading; the fd stays open until finish()."""
-        self.pipe.writer_gone = True
-        self.assertIs(self.reader.doRead(), main.CONNECTION_DONE)
-        self.reader.connectionLost(None)
-        self.assertNotIn(self.reader, self.reactor.readers)
-        self.assertEqual(self.pipe.closed, [])
-        self.reader.resume()
-        self.assertNotIn(self.reader, self.reactor.readers)
-
-    def test_read_error(self):
-        """Any other read error ends the stream as lost."""
-        def broken(fd, size):
-            raise OSError(errno.EIO, "Input/output error")
-        self.reader._read = broken
-        self.assertIs(self.reader.doRead(), main.CONNECTION_LOST)
+    def test_a_held_flood_goes_when_nothing_more_comes(self):
+        """A held piece is delivered after HOLD if nothing more came."""
+        self.attach()
+        self.pty.held = [b"y" * 4096]
+        self.terminal.doRead()
+        self.reactor.advance(HOLD)
+        self.assertEqual(self.delivered, [b"y" * 4096])
+        self.assertIn(self.terminal, self.reactor.getReaders())
 
     def test_pause_and_resume(self):
-        """Pausing unregisters the reader (the pipe fills); resuming registers it."""
-        self.reader.pause()
-        self.assertNotIn(self.reader, self.reactor.readers)
-        self.reader.resume()
-        self.assertIn(self.reader, self.reactor.readers)
+        """Pausing unregisters the reader (the console blocks); resuming registers it."""
+        self.attach()
+        self.terminal.pause()
+        self.assertNotIn(self.terminal, self.reactor.getReaders())
+        self.terminal.resume()
+        self.assertIn(self.terminal, self.reactor.getReaders())
 
-    def test_finish_drains_closes_and_unlinks(self):
+    def test_paused_during_a_rest_stays_paused(self):
+        """A rest ending while paused does not read again."""
+        self.attach()
+        self.pty.held = [b"1"]
+        self.terminal.doRead()
+        self.pty.held = [b"2"]
+        self.terminal.doRead()
+        self.terminal.pause()
+        self.reactor.advance(1)
+        self.assertNotIn(self.terminal, self.reactor.getReaders())
+
+    def test_hang_up_ends_reading_and_keeps_the_fd(self):
+        """EIO (init exited) delivers what was read and ends reading; the fd is
+        closed only by finish()."""
+        self.attach()
+        self.pty.held = [b"x" * 4096, b"x" * 4096]
+        self.pty.hung_up = True
+        self.assertIs(self.terminal.doRead(), main.CONNECTION_DONE)
+        self.terminal.connectionLost(None)
+        self.assertEqual(b"".join(self.delivered), b"x" * 8192)
+        self.assertNotIn(self.terminal, self.reactor.getReaders())
+        self.terminal.resume()
+        self.assertNotIn(self.terminal, self.reactor.getReaders())
+        self.assertEqual(self.pty.closed, [])
+
+    def test_finish_drains_and_closes(self):
         """finish() delivers everything held, even when paused, then closes once."""
-        self.pipe.held = [b"x" * READ_SIZE, b"tail"]
-        self.reader.pause()
-        self.reader.finish()
-        self.assertEqual(self.delivered, [b"x" * READ_SIZE, b"tail"])
-        self.assertEqual(self.pipe.closed, [7])
-        self.assertEqual(self.pipe.unlinked, ["/state/pipes/s1"])
-        self.reader.finish()
-        self.reader.resume()
-        self.assertEqual(self.pipe.closed, [7])
-        self.assertNotIn(self.reader, self.reactor.readers)
+        self.attach()
+        self.pty.held = [b"x" * READ_SIZE, b"tail"]
+        self.pty.hung_up = True
+        self.terminal.pause()
+        self.terminal.finish()
+        self.assertEqual(b"".join(self.delivered), b"x" * READ_SIZE + b"tail")
+        self.assertEqual(self.pty.closed, [7])
+        self.terminal.finish()
+        self.terminal.resume()
+        self.assertEqual(self.pty.closed, [7])
+        self.assertNotIn(self.terminal, self.reactor.getReaders())
 
-    def test_finish_after_eof(self):
-        """finish() after the stream ended only closes."""
-        self.pipe.writer_gone = True
-        self.reader.doRead()
-        self.reader.connectionLost(None)
-        self.reader.finish()
-        self.assertEqual((self.delivered, self.pipe.closed), ([], [7]))
+    def test_master_arriving_after_the_end_is_closed(self):
+        """A master that arrives once the sandbox has ended is closed, not read."""
+        self.terminal.finish()
+        self.terminal.attach(9)
+        self.assertEqual(self.pty.closed, [9])
+        self.assertEqual(self.reactor.getReaders(), [])
+
+    def test_keystrokes_wait_while_the_terminal_is_full(self):
+        """Keystrokes the terminal does not take now are written later, in order."""
+        self.attach()
+        self.pty.room = 3
+        self.terminal.write(b"abcdef")
+        self.terminal.doWrite()
+        self.assertEqual(bytes(self.pty.written), b"abc")
+        self.pty.room = 10
+        self.terminal.doWrite()
+        self.assertEqual(bytes(self.pty.written), b"abcdef")
+
+    def test_keystrokes_after_the_hang_up_are_dropped(self):
+        """Once the console's side has gone, keystrokes are not buffered."""
+        self.attach()
+        self.terminal.connectionLost(None)
+        self.terminal.write(b"lost")
+        self.assertEqual((bytes(self.pty.written), self.reactor.getWriters()), (b"", []))
+
+
+class HandoffTests(SynchronousTestCase):
+    """The handoff socket, on a real socketpair (no PTY of the host's is opened)."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.handoffs = output.TerminalHandoffs(self.reactor, self.directory)
+        self.path, self.terminal = self.handoffs.open("s1", print)
+        self.addCleanup(self.terminal.finish)
+
+    def send(self, fds):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(self.path)
+            socket.send_fds(sender, [b"pty"], fds)
+
+    def test_socket_is_bound_for_root_alone(self):
+        """The handoff socket is bound at its path, mode 0600, and read by the reactor."""
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        self.assertEqual(len(self.reactor.getReaders()), 1)
+
+    def test_anything_but_a_pty_master_is_refused(self):
+        """A descriptor that is not a PTY master is closed and the wait goes on."""
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        self.send([read_end])
+        os.close(read_end)
+        handoff = self.terminal.handoff
+        handoff.doRead()
+        self.assertEqual(self.terminal.fd, -1)
+        self.assertTrue(handoff.open)
+        self.assertEqual(self.reactor.getReaders(), [handoff])
+
+    def test_finish_removes_the_socket(self):
+        """Finishing before any master arrived closes and unlinks the socket."""
+        self.terminal.finish()
+        self.assertFalse(os.path.exists(self.path))
+        self.assertEqual(self.reactor.getReaders(), [])
+
+
+class PrepareDirectoryTests(SynchronousTestCase):
+    def test_stale_sockets_and_fifos_removed(self):
+        """Sockets and FIFOs a previous run left are removed and counted; the
+        directory is root's alone."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        os.mkfifo(os.path.join(directory, "old"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(os.path.join(directory, "s1"))
+        self.assertEqual(output.prepare_directory(directory), 2)
+        self.assertEqual(os.listdir(directory), [])
+        self.assertEqual(os.stat(directory).st_mode & 0o777, 0o700)

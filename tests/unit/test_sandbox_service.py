@@ -319,12 +319,20 @@ class SpawnTests(StarterTestCase):
         self.assertEqual((self.reactor.spawned, self.uids.in_use), ([], 0))
 
     def test_write(self):
-        """Keystrokes go to the PTY until the process ends, then are dropped."""
+        """Keystrokes go to the console's terminal (not the launcher's PTY)
+        until the process ends, then are dropped."""
         sandbox, _, spawned = self.start()
         sandbox.write(b"1+1\r")
         self.end(spawned)
         sandbox.write(b"more\r")
-        self.assertEqual(spawned.transport.written, [b"1+1\r"])
+        self.assertEqual(self.pipes.opened[sandbox.session].written, [b"1+1\r"])
+        self.assertEqual(spawned.transport.written, [])
+
+    def test_resize_reaches_the_console_terminal(self):
+        """A resize sets the console's terminal's size, as well as the launcher's."""
+        sandbox, _, spawned = self.start()
+        sandbox.resize(100, 30)
+        self.assertEqual(self.pipes.opened[sandbox.session].sizes, [(80, 24), (100, 30)])
 
     def test_unavailable(self):
         """While unavailable, start raises SandboxUnavailable with the reason."""
@@ -617,21 +625,22 @@ class InputBacklogTests(StarterTestCase):
         are written; past that, keystrokes are dropped and the user told once;
         once the buffer drains, keystrokes flow again."""
         sandbox, events, spawned = self.start()
-        producer = spawned.transport.producer
+        terminal = self.pipes.opened[sandbox.session]
+        producer = terminal.producer
         chunk = b"x" * 65536
         producer.pauseProducing()  # Twisted: more than bufferSize waits
         for _ in range(service.INPUT_BACKLOG_MAX // len(chunk)):
             sandbox.write(chunk)
-        self.assertEqual(len(spawned.transport.written), 16)
+        self.assertEqual(len(terminal.written), 16)
         sandbox.write(b"a")
         sandbox.write(b"\x03")
-        self.assertEqual(len(spawned.transport.written), 16)
+        self.assertEqual(len(terminal.written), 16)
         self.assertEqual(len(events.notices), 1)
         self.assertIn("not reading what you type", events.notices[0])
         producer.resumeProducing()  # drained
         sandbox.write(b"b")
-        self.assertEqual(spawned.transport.written[-1], b"b")
+        self.assertEqual(terminal.written[-1], b"b")
         producer.pauseProducing()
         sandbox.write(chunk * 17)
-        self.assertEqual(spawned.transport.written[-1], b"b")
+        self.assertEqual(terminal.written[-1], b"b")
         self.assertEqual(len(events.notices), 2)

@@ -91,10 +91,10 @@ class SandboxFakesTests(SynchronousTestCase):
         self.assertTrue(verifyClass(IOutputPipe, FakeOutputPipe))
         self.assertTrue(verifyObject(IOutputPipe, FakeOutputPipes().open("s1", print)[1]))
 
-    def test_real_fifo_reader(self):
-        """The real FifoReader provides IOutputPipe."""
-        from shellserver.sandbox.output import FifoReader
-        self.assertTrue(verifyClass(IOutputPipe, FifoReader))
+    def test_real_console_terminal(self):
+        """The real ConsoleTerminal provides IOutputPipe."""
+        from shellserver.sandbox.output import ConsoleTerminal
+        self.assertTrue(verifyClass(IOutputPipe, ConsoleTerminal))
 
     def test_running_sandbox(self):
         """The real RunningSandbox provides ISandbox."""
