@@ -35,7 +35,7 @@ import termios
 from collections.abc import Callable
 
 from twisted.internet import abstract, main
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -103,6 +103,9 @@ class ConsoleTerminal(abstract.FileDescriptor):
                  close: Callable[[int], None] = os.close,
                  ioctl: Callable[[int, int, bytes], object] = fcntl.ioctl) -> None:
         super().__init__(reactor)
+        # The same reactor, for its timers (FileDescriptor types its own
+        # attribute as the descriptor set only).
+        self._clock: IReactorTime = reactor
         self.fd = -1  # until init hands the master over
         self._deliver = deliver
         self._read, self._write, self._close, self._ioctl = read, write, close, ioctl
@@ -159,7 +162,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
             # Otherwise on until EAGAIN: a read that finds the master's buffer
             # empty first waits for the kernel's pending flush into it, so
             # EAGAIN means the console has written nothing more yet.
-        now = self.reactor.seconds()
+        now = self._clock.seconds()
         resting = False
         if got and now - self._last_read < STREAM_GAP:
             if got >= REST_FULL:
@@ -180,9 +183,9 @@ class ConsoleTerminal(abstract.FileDescriptor):
             self._cancel_flush()
         if resting:
             self.stopReading()
-            self._wait = self.reactor.callLater(RESTS[self._rest], self._rest_over)
+            self._wait = self._clock.callLater(RESTS[self._rest], self._rest_over)
         elif self._holding and self._flush is None:
-            self._flush = self.reactor.callLater(HOLD, self._flush_over)
+            self._flush = self._clock.callLater(HOLD, self._flush_over)
         return None
 
     def _flush_over(self) -> None:
@@ -200,7 +203,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
         self._wait = None
         if self.hung_up or self.finished:
             return
-        self._last_read = self.reactor.seconds()
+        self._last_read = self._clock.seconds()
         if not self.paused:
             self.startReading()
 
