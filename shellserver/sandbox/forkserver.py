@@ -256,14 +256,16 @@ def start_ipython(argv, env):
         sys.argv = [argv[0]] + list(argv[argv.index("IPython") + 1:])
         sys.dont_write_bytecode = True
         # The template's standard streams were not a terminal: new ones on
-        # the console's, as the interpreter makes them at start-up
-        # (PYTHONUNBUFFERED is set: write-through).
+        # the console's, as ``python -I`` makes them there (-I ignores
+        # PYTHONUNBUFFERED, which is for the console's own child programs):
+        # buffered and line-buffered, so a ``print`` is one write, not one
+        # for its text and one for its newline.
         sys.stdin = io.TextIOWrapper(open(0, "rb", closefd=False), encoding="utf-8",
                                      errors="surrogateescape", line_buffering=True)
-        sys.stdout = io.TextIOWrapper(open(1, "wb", 0, closefd=False), encoding="utf-8",
-                                      errors="surrogateescape", write_through=True)
-        sys.stderr = io.TextIOWrapper(open(2, "wb", 0, closefd=False), encoding="utf-8",
-                                      errors="backslashreplace", write_through=True)
+        sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), encoding="utf-8",
+                                      errors="surrogateescape", line_buffering=True)
+        sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), encoding="utf-8",
+                                      errors="backslashreplace", line_buffering=True)
         # typeshed declares these Final; the interpreter sets them at start-up
         # and so does a console's here.
         vars(sys).update(__stdin__=sys.stdin, __stdout__=sys.stdout, __stderr__=sys.stderr)

@@ -164,3 +164,26 @@ def test_classic_path_stays(classic):
     finally:
         client.close()
     assert wait_until(lambda: not processes_of_uids(uid, uid), timeout=15)
+
+
+STREAMS = ("import sys; print('STREAMS', *(f'{type(s.buffer).__name__}/{s.line_buffering}/"
+           "{s.write_through}/{s.errors}' for s in (sys.stdin, sys.stdout, sys.stderr)))")
+
+
+def console_streams(server) -> str:
+    client, uid = open_console(server)
+    try:
+        output = client.run(STREAMS, 3)
+    finally:
+        client.close()
+    assert wait_until(lambda: not processes_of_uids(uid, uid), timeout=15)
+    return re.search(r"STREAMS ([^\r\n]+)", output).group(1)
+
+
+def test_forked_console_streams_are_the_classic_ones(forking, classic):
+    """A forked console's standard streams are those `python -I` makes on a terminal
+    (buffered, line-buffered: a print is one write), as an exec'd console's are."""
+    forked = console_streams(forking)
+    assert forked == console_streams(classic)
+    assert forked.startswith("BufferedReader/True/False")
+    assert "BufferedWriter/True/False/surrogateescape" in forked
