@@ -11,12 +11,23 @@ the console runs, and only init ever sends on it.
 
 Reads are gathered: a console printing line by line (a print loop, IPython's
 ``!`` passing a pipeline on) would otherwise cost the server a wake-up and a
-message per write. While output keeps coming within STREAM_GAP, the terminal
-stops reading for a short rest after each read (RESTS, adapted to the
-console's pace: the PTY holds about 20 KB before the console blocks in its
-write), so that the writes gather in the PTY and cost one wake-up per rest. A
-lone write (an echo) is read at once. A flood (full reads without rests) is
-read on, and passed on once BATCH is together or nothing more came for HOLD.
+message per write. A lone write (an echo) is read and passed on at once.
+Output that keeps coming within STREAM_GAP is a stream, and its pace (bytes
+per second, measured over PACE_WINDOW) decides how it is read:
+
+- slow enough that the PTY would not fill within a rest (REST_TARGET bytes
+  take at least REST_MIN): the terminal stops reading for a rest after each
+  wake-up, sized from what the last rest gathered so that each wake-up reads
+  about REST_TARGET, and passes on what it read once per wake-up. The
+  reactor's timers have a resolution of 1 ms (epoll_wait's timeout), so a
+  rest is never shorter than that;
+- faster (or a rest found the PTY full, so the console had waited in its
+  write): no rests, the master is read as it delivers; full reads (a flood)
+  are passed on once BATCH is together or nothing more came for HOLD.
+
+A rest costs the console nothing as long as the PTY does not fill (about
+12 KB of output processed by the terminal, 20 KB raw): it writes on into
+the PTY meanwhile.
 
 Pausing (flow control) stops reading the master: the PTY fills and the
 console blocks in its write.
@@ -47,9 +58,11 @@ FLOOD_READ = 4000  # a read this long took a full PTY buffer: more is coming
 BATCH = 65536  # a flood is passed on in pieces of this much
 HOLD = 0.001  # seconds a flood's piece waits for more
 STREAM_GAP = 0.002  # output this close to the last is a stream
-RESTS = (0.0, 0.0005, 0.001, 0.002)  # seconds
-REST_FULL = 12288  # a read this long: the rest shortens
-REST_THIN = 3072  # a read shorter than this: the rest lengthens
+PACE_WINDOW = 0.002  # seconds a stream's pace is measured over, unrested
+REST_TARGET = 8192  # bytes a rest lets gather (the PTY holds about 12 KB cooked)
+REST_FULL = 12000  # a rest that gathered this much found the PTY full
+REST_MIN = 0.001  # seconds: the reactor's timer resolution
+REST_MAX = 0.004  # seconds: a slow stream's output waits at most this
 FLUSH_BYTES = 1 << 20  # what is passed on once the sandbox has ended, at most
 PTMX_MAJOR, PTMX_MINOR = 5, 2  # a PTY master's device (any devpts instance's)
 
@@ -118,8 +131,11 @@ class ConsoleTerminal(abstract.FileDescriptor):
         self._wait: IDelayedCall | None = None  # a rest: not reading
         self._flush: IDelayedCall | None = None  # a flood's piece passed on then
         self._holding = False
-        self._last_read = -STREAM_GAP
-        self._rest = 0  # index into RESTS, adapted to the console's pace
+        self._last_read = -STREAM_GAP  # the last read that got output (or a rest's end)
+        self._emptied = -STREAM_GAP  # when the last wake-up read the PTY empty
+        self._rest = 0.0  # seconds of rest after each wake-up (0: none)
+        self._window_start = 0.0  # the pace's measurement, while not resting
+        self._window_bytes = 0
 
     def fileno(self) -> int:
         return self.fd
@@ -164,14 +180,14 @@ class ConsoleTerminal(abstract.FileDescriptor):
             # EAGAIN means the console has written nothing more yet.
         now = self._clock.seconds()
         resting = False
-        if got and now - self._last_read < STREAM_GAP:
-            if got >= REST_FULL:
-                self._rest = max(0, self._rest - 1)
-            elif got < REST_THIN:
-                self._rest = min(len(RESTS) - 1, self._rest + 1)
-            resting = self._rest > 0
         if got:
+            if now - self._last_read < STREAM_GAP:
+                resting = self._paced(got, now)
+            else:  # a stream (perhaps) begins: measure its pace from here
+                self._rest = 0.0
+                self._window_start, self._window_bytes = now, 0
             self._last_read = now
+        self._emptied = now
         # Without a rest, a full read means a flood: pass it on once BATCH is
         # together (or nothing more came within HOLD), not at each 4 KiB. The
         # master stays read meanwhile: a console writing large pieces fills
@@ -183,10 +199,34 @@ class ConsoleTerminal(abstract.FileDescriptor):
             self._cancel_flush()
         if resting:
             self.stopReading()
-            self._wait = self._clock.callLater(RESTS[self._rest], self._rest_over)
+            self._wait = self._clock.callLater(self._rest, self._rest_over)
         elif self._holding and self._flush is None:
             self._flush = self._clock.callLater(HOLD, self._flush_over)
         return None
+
+    def _paced(self, got: int, now: float) -> bool:
+        """Whether to rest after this wake-up of a stream (and for how long:
+        ``_rest``), from what it read and the stream's pace."""
+        if self._rest:
+            # This wake-up ended a rest: ``got`` gathered since the last one
+            # emptied the PTY.
+            if got >= REST_FULL:  # the PTY filled: the console waited
+                self._rest = 0.0
+                self._window_start, self._window_bytes = now, 0
+                return False
+            elapsed = max(now - self._emptied, REST_MIN)
+            self._rest = min(REST_MAX, max(REST_MIN, elapsed * REST_TARGET / got))
+            return True
+        self._window_bytes += got
+        elapsed = now - self._window_start
+        if elapsed < PACE_WINDOW:
+            return False
+        rest = elapsed * REST_TARGET / self._window_bytes  # REST_TARGET's time at this pace
+        self._window_start, self._window_bytes = now, 0
+        if rest < REST_MIN:
+            return False  # the PTY would fill within the shortest rest
+        self._rest = min(REST_MAX, rest)
+        return True
 
     def _flush_over(self) -> None:
         self._flush = None

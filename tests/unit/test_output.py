@@ -10,7 +10,17 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from shellserver.sandbox import output
-from shellserver.sandbox.output import BATCH, HOLD, READ_SIZE, RESTS, ConsoleTerminal
+from shellserver.sandbox.output import (
+    BATCH,
+    HOLD,
+    PACE_WINDOW,
+    READ_SIZE,
+    REST_FULL,
+    REST_MAX,
+    REST_MIN,
+    REST_TARGET,
+    ConsoleTerminal,
+)
 
 
 class Terminal:
@@ -97,19 +107,69 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.assertEqual(self.delivered, [b"a"])
         self.assertIn(self.terminal, self.reactor.getReaders())
 
-    def test_a_stream_of_small_writes_rests_between_reads(self):
-        """Small reads close together make the terminal rest (not read) for a
-        while, so that further writes gather; it reads again after the rest."""
+    def stream(self, piece: bytes, gap: float, until: float) -> None:
+        """The console writes ``piece`` every ``gap`` seconds for ``until``
+        seconds, each read at once (the terminal is not resting)."""
+        for _ in range(round(until / gap) + 1):
+            self.pty.held = [piece]
+            self.terminal.doRead()
+            if self.terminal._wait is not None:
+                return
+            self.reactor.advance(gap)
+
+    def test_a_slow_stream_rests_between_reads(self):
+        """Small writes close together, at a pace that would not fill the PTY
+        within a rest, make the terminal rest (not read) after a wake-up; it
+        reads again after the rest, and every byte is delivered in order."""
         self.attach()
-        self.pty.held = [b"1\r\n"]
-        self.terminal.doRead()
-        self.reactor.advance(0.0001)
-        self.pty.held = [b"2\r\n"]
-        self.terminal.doRead()
-        self.assertEqual(self.delivered, [b"1\r\n", b"2\r\n"])
+        self.stream(b"1\r\n", 0.0001, PACE_WINDOW)
         self.assertNotIn(self.terminal, self.reactor.getReaders())
-        self.reactor.advance(RESTS[1])
+        self.assertEqual(b"".join(self.delivered), b"1\r\n" * len(self.delivered))
+        self.reactor.advance(REST_MAX)
         self.assertIn(self.terminal, self.reactor.getReaders())
+
+    def test_a_fast_stream_is_read_without_rests(self):
+        """A pace that would fill the PTY within the shortest rest is read as
+        it comes (the console would wait in its write during a rest)."""
+        self.attach()
+        per_gap = int(REST_TARGET * 0.0002 / REST_MIN) + 1000
+        self.stream(b"x" * min(per_gap, 3000), 0.0002, 3 * PACE_WINDOW)
+        self.assertIn(self.terminal, self.reactor.getReaders())
+        self.assertIsNone(self.terminal._wait)
+
+    def start_resting(self):
+        self.attach()
+        self.stream(b"1\r\n", 0.0001, PACE_WINDOW)
+        self.assertIsNotNone(self.terminal._wait)
+        return self.terminal._rest
+
+    def test_a_rest_that_found_the_pty_full_ends_the_rests(self):
+        """When a rest gathered about as much as the PTY holds, the terminal
+        stops resting and reads the stream as it comes."""
+        rest = self.start_resting()
+        self.reactor.advance(rest)
+        self.pty.held = [b"x" * 4095] * (REST_FULL // 4095 + 1)
+        self.terminal.doRead()
+        self.assertIsNone(self.terminal._wait)
+        self.assertIn(self.terminal, self.reactor.getReaders())
+
+    def test_a_rest_is_sized_by_what_it_gathered(self):
+        """A rest that gathered more than REST_TARGET is followed by a shorter
+        one, one that gathered less by a longer one (within REST_MIN and
+        REST_MAX); each wake-up after a rest delivers what it read at once."""
+        rest = self.start_resting()
+        self.reactor.advance(rest)
+        self.pty.held = [b"a" * 4095, b"b" * 4095, b"c" * 2000]
+        delivered = len(self.delivered)
+        self.terminal.doRead()
+        self.assertTrue(self.delivered[delivered:] == [b"a" * 4095 + b"b" * 4095 + b"c" * 2000])
+        shorter = self.terminal._rest
+        self.assertTrue(REST_MIN <= shorter < rest, (shorter, rest))
+        self.reactor.advance(shorter)
+        self.pty.held = [b"d" * (REST_TARGET // 4)]
+        self.terminal.doRead()
+        self.assertEqual(self.terminal._rest, min(REST_MAX, 4 * shorter))
+        self.assertNotIn(self.terminal, self.reactor.getReaders())
 
     def test_a_flood_is_held_until_a_batch_is_together(self):
         """Full reads are not delivered one by one: held (reading on) until
