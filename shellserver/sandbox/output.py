@@ -309,6 +309,20 @@ class ConsoleTerminal(abstract.FileDescriptor):
     def write(self, data: bytes) -> None:
         if self.finished or self.hung_up:
             return
+        if self.fd >= 0 and data and not self.dataBuffer and not self._tempDataBuffer:
+            # Nothing waits before these keystrokes: written now rather than
+            # at the reactor's next turn (an echo's round trip is mostly turns).
+            try:
+                written = self._write(self.fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as e:
+                if e.errno != errno.EINTR:
+                    return  # the console's side has gone: its keystrokes go nowhere
+                written = 0
+            data = data[written:]
+            if not data:
+                return
         super().write(data)
 
     def writeSomeData(self, data: bytes) -> int:

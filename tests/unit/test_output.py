@@ -171,6 +171,12 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.assertEqual(self.terminal._rest, min(REST_MAX, 4 * shorter))
         self.assertNotIn(self.terminal, self.reactor.getReaders())
 
+    def test_ctrl_c_written_during_a_rest(self):
+        """Keystrokes typed while the terminal rests reach the console at once."""
+        self.start_resting()
+        self.terminal.write(b"\x03")
+        self.assertEqual(bytes(self.pty.written), b"\x03")
+
     def test_a_flood_is_held_until_a_batch_is_together(self):
         """Full reads are not delivered one by one: held (reading on) until
         BATCH is together."""
@@ -259,6 +265,28 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.pty.room = 10
         self.terminal.doWrite()
         self.assertEqual(bytes(self.pty.written), b"abcdef")
+
+    def test_keystrokes_are_written_at_once(self):
+        """A keystroke with nothing waiting before it is written in the same
+        call, without waiting for the reactor's next turn."""
+        self.attach()
+        self.terminal.write(b"a")
+        self.assertEqual(bytes(self.pty.written), b"a")
+        self.assertEqual(self.reactor.getWriters(), [])
+
+    def test_keystrokes_behind_waiting_ones_keep_their_order(self):
+        """While keystrokes wait for room, later ones queue behind them; what
+        the terminal does not take at once waits for the reactor."""
+        self.attach()
+        self.pty.room = 2
+        self.terminal.write(b"abc")
+        self.assertEqual(bytes(self.pty.written), b"ab")
+        self.assertEqual(self.reactor.getWriters(), [self.terminal])
+        self.pty.room = 10
+        self.terminal.write(b"d")
+        self.assertEqual(bytes(self.pty.written), b"ab")
+        self.terminal.doWrite()
+        self.assertEqual(bytes(self.pty.written), b"abcd")
 
     def test_keystrokes_after_the_hang_up_are_dropped(self):
         """Once the console's side has gone, keystrokes are not buffered."""
