@@ -127,7 +127,10 @@ class ConsoleTerminal(abstract.FileDescriptor):
         self.hung_up = False  # the console's side has closed (init exited)
         self.finished = False
         self._size: tuple[int, int] | None = None
-        self._pending = bytearray()  # read, held to gather a flood
+        # Read, held to gather a flood: the reads themselves, joined once when
+        # passed on (a lone read is passed on as it is, without a copy).
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._wait: IDelayedCall | None = None  # a rest: not reading
         self._flush: IDelayedCall | None = None  # a flood's piece passed on then
         self._holding = False
@@ -158,7 +161,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
 
     def doRead(self):
         got = 0
-        while len(self._pending) < BATCH:
+        while self._pending_bytes < BATCH:
             try:
                 data = self._read(self.fd, READ_SIZE)
             except BlockingIOError:
@@ -171,7 +174,8 @@ class ConsoleTerminal(abstract.FileDescriptor):
             if not data:
                 self._pass_on()
                 return main.CONNECTION_DONE
-            self._pending += data
+            self._pending.append(data)
+            self._pending_bytes += len(data)
             got += len(data)
             if got < FLOOD_READ:
                 break  # a lone small write: a writer of small pieces is not chased
@@ -193,7 +197,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
         # master stays read meanwhile: a console writing large pieces fills
         # the PTY in well under HOLD and would wait for the server.
         self._holding = (not resting and got >= FLOOD_READ
-                         and len(self._pending) < BATCH)
+                         and self._pending_bytes < BATCH)
         if not self._holding and not (got == 0 and self._flush is not None):
             self._pass_on()
             self._cancel_flush()
@@ -253,8 +257,9 @@ class ConsoleTerminal(abstract.FileDescriptor):
 
     def _pass_on(self) -> None:
         if self._pending:
-            data = bytes(self._pending)
+            data = b"".join(self._pending)
             self._pending.clear()
+            self._pending_bytes = 0
             self._deliver(data)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -294,7 +299,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
                 break
             if not data:
                 break
-            self._pending += data
+            self._pending.append(data)
             total += len(data)
         self._pass_on()
         self._close(self.fd)

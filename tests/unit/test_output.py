@@ -117,6 +117,14 @@ class ConsoleTerminalTests(SynchronousTestCase):
                 return
             self.reactor.advance(gap)
 
+    def test_a_lone_read_is_passed_on_as_read(self):
+        """A wake-up's single read is delivered as the very bytes read (no copy)."""
+        self.attach()
+        echo = b"x" * 10
+        self.pty.held = [echo]
+        self.terminal.doRead()
+        self.assertIs(self.delivered[0], echo)
+
     def test_a_slow_stream_rests_between_reads(self):
         """Small writes close together, at a pace that would not fill the PTY
         within a rest, make the terminal rest (not read) after a wake-up; it
