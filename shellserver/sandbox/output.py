@@ -177,11 +177,14 @@ class ConsoleTerminal(abstract.FileDescriptor):
             self._pending.append(data)
             self._pending_bytes += len(data)
             got += len(data)
-            if got < FLOOD_READ:
-                break  # a lone small write: a writer of small pieces is not chased
-            # Otherwise on until EAGAIN: a read that finds the master's buffer
-            # empty first waits for the kernel's pending flush into it, so
-            # EAGAIN means the console has written nothing more yet.
+            if len(data) < FLOOD_READ:
+                # The master's buffer is drained: what the console writes from
+                # here on comes with the next wake-up. (Reading on until EAGAIN
+                # chases a writer of small pieces running beside the server, a
+                # few bytes per read: 22000 reads per MB of a print loop.)
+                break
+            # A full read: on, a read that finds the master's buffer empty first
+            # waits for the kernel's pending flush into it.
         now = self._clock.seconds()
         resting = False
         if got:
