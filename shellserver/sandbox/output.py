@@ -12,8 +12,9 @@ the console runs, and only init ever sends on it.
 Reads are gathered: a console printing line by line (a print loop, IPython's
 ``!`` passing a pipeline on) would otherwise cost the server a wake-up and a
 message per write. A lone write (an echo) is read and passed on at once.
-Output that keeps coming within STREAM_GAP is a stream, and its pace (bytes
-per second, measured over PACE_WINDOW) decides how it is read:
+Output that keeps coming within STREAM_GAP is a stream, and its pace (what
+a wake-up read over the time since the last one emptied the PTY) decides
+how it is read:
 
 - slow enough that the PTY would not fill within a rest (REST_TARGET bytes
   take at least REST_MIN): the terminal stops reading for a rest after each
@@ -58,7 +59,6 @@ FLOOD_READ = 4000  # a read this long took a full PTY buffer: more is coming
 BATCH = 65536  # a flood is passed on in pieces of this much
 HOLD = 0.001  # seconds a flood's piece waits for more
 STREAM_GAP = 0.002  # output this close to the last is a stream
-PACE_WINDOW = 0.002  # seconds a stream's pace is measured over, unrested
 REST_TARGET = 8192  # bytes a rest lets gather (the PTY holds about 12 KB cooked)
 REST_FULL = 12000  # a rest that gathered this much found the PTY full
 REST_MIN = 0.001  # seconds: the reactor's timer resolution
@@ -137,8 +137,6 @@ class ConsoleTerminal(abstract.FileDescriptor):
         self._last_read = -STREAM_GAP  # the last read that got output (or a rest's end)
         self._emptied = -STREAM_GAP  # when the last wake-up read the PTY empty
         self._rest = 0.0  # seconds of rest after each wake-up (0: none)
-        self._window_start = 0.0  # the pace's measurement, while not resting
-        self._window_bytes = 0
 
     def fileno(self) -> int:
         return self.fd
@@ -190,9 +188,8 @@ class ConsoleTerminal(abstract.FileDescriptor):
         if got:
             if now - self._last_read < STREAM_GAP:
                 resting = self._paced(got, now)
-            else:  # a stream (perhaps) begins: measure its pace from here
+            else:  # a lone write, or a stream's first
                 self._rest = 0.0
-                self._window_start, self._window_bytes = now, 0
             self._last_read = now
         self._emptied = now
         # Without a rest, a full read means a flood: pass it on once BATCH is
@@ -213,24 +210,16 @@ class ConsoleTerminal(abstract.FileDescriptor):
 
     def _paced(self, got: int, now: float) -> bool:
         """Whether to rest after this wake-up of a stream (and for how long:
-        ``_rest``), from what it read and the stream's pace."""
-        if self._rest:
-            # This wake-up ended a rest: ``got`` gathered since the last one
-            # emptied the PTY.
-            if got >= REST_FULL:  # the PTY filled: the console waited
-                self._rest = 0.0
-                self._window_start, self._window_bytes = now, 0
-                return False
-            elapsed = max(now - self._emptied, REST_MIN)
-            self._rest = min(REST_MAX, max(REST_MIN, elapsed * REST_TARGET / got))
-            return True
-        self._window_bytes += got
-        elapsed = now - self._window_start
-        if elapsed < PACE_WINDOW:
+        ``_rest``): ``got`` came since the last wake-up emptied the PTY, so
+        that is the console's pace, known at once (a print loop's tiny writes
+        cost a read each until the first rest)."""
+        if got >= REST_FULL:  # the PTY filled: the console waited in its write
+            self._rest = 0.0
             return False
-        rest = elapsed * REST_TARGET / self._window_bytes  # REST_TARGET's time at this pace
-        self._window_start, self._window_bytes = now, 0
+        elapsed = max(now - self._emptied, 0.0)
+        rest = elapsed * REST_TARGET / got  # REST_TARGET's time at this pace
         if rest < REST_MIN:
+            self._rest = 0.0
             return False  # the PTY would fill within the shortest rest
         self._rest = min(REST_MAX, rest)
         return True

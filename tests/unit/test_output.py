@@ -13,12 +13,12 @@ from shellserver.sandbox import output
 from shellserver.sandbox.output import (
     BATCH,
     HOLD,
-    PACE_WINDOW,
     READ_SIZE,
     REST_FULL,
     REST_MAX,
     REST_MIN,
     REST_TARGET,
+    STREAM_GAP,
     ConsoleTerminal,
 )
 
@@ -136,7 +136,7 @@ class ConsoleTerminalTests(SynchronousTestCase):
         within a rest, make the terminal rest (not read) after a wake-up; it
         reads again after the rest, and every byte is delivered in order."""
         self.attach()
-        self.stream(b"1\r\n", 0.0001, PACE_WINDOW)
+        self.stream(b"1\r\n", 0.0001, STREAM_GAP)
         self.assertNotIn(self.terminal, self.reactor.getReaders())
         self.assertEqual(b"".join(self.delivered), b"1\r\n" * len(self.delivered))
         self.reactor.advance(REST_MAX)
@@ -147,13 +147,27 @@ class ConsoleTerminalTests(SynchronousTestCase):
         it comes (the console would wait in its write during a rest)."""
         self.attach()
         per_gap = int(REST_TARGET * 0.0002 / REST_MIN) + 1000
-        self.stream(b"x" * min(per_gap, 3000), 0.0002, 3 * PACE_WINDOW)
+        self.stream(b"x" * min(per_gap, 3000), 0.0002, 3 * STREAM_GAP)
         self.assertIn(self.terminal, self.reactor.getReaders())
         self.assertIsNone(self.terminal._wait)
 
+    def test_small_writes_after_a_full_pty_rest_at_once(self):
+        """After a read that found the PTY full (the console resumed after a
+        pause), the stream's first small read already starts a rest: a print
+        loop's tiny writes do not cost a read each while its pace is learnt."""
+        self.attach()
+        self.pty.held = [b"x" * 4095] * 4
+        self.terminal.doRead()
+        self.assertIsNone(self.terminal._wait)
+        self.reactor.advance(0.00005)
+        self.pty.held = [b"7\r\n"]
+        self.terminal.doRead()
+        self.assertIsNotNone(self.terminal._wait)
+        self.assertEqual(self.terminal._rest, REST_MAX)
+
     def start_resting(self):
         self.attach()
-        self.stream(b"1\r\n", 0.0001, PACE_WINDOW)
+        self.stream(b"1\r\n", 0.0001, STREAM_GAP)
         self.assertIsNotNone(self.terminal._wait)
         return self.terminal._rest
 
