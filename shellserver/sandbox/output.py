@@ -13,8 +13,8 @@ Reads are gathered: a console printing line by line (a print loop, IPython's
 ``!`` passing a pipeline on) would otherwise cost the server a wake-up and a
 message per write. A lone write (an echo) is read and passed on at once.
 Output that keeps coming within STREAM_GAP is a stream, and its pace (what
-a wake-up read over the time since the last one emptied the PTY) decides
-how it is read:
+a wake-up read over the time since the last one emptied the PTY; for pieces
+of TINY_READ or more, over PACE_WINDOW) decides how it is read:
 
 - slow enough that the PTY would not fill within a rest (REST_TARGET bytes
   take at least REST_MIN): the terminal stops reading for a rest after each
@@ -59,6 +59,8 @@ FLOOD_READ = 4000  # a read this long took a full PTY buffer: more is coming
 BATCH = 65536  # a flood is passed on in pieces of this much
 HOLD = 0.001  # seconds a flood's piece waits for more
 STREAM_GAP = 0.002  # output this close to the last is a stream
+PACE_WINDOW = 0.002  # seconds a stream of larger pieces is measured over
+TINY_READ = 512  # a read shorter than this (a line): its own pace counts
 REST_TARGET = 8192  # bytes a rest lets gather (the PTY holds about 12 KB cooked)
 REST_FULL = 12000  # a rest that gathered this much found the PTY full
 REST_MIN = 0.001  # seconds: the reactor's timer resolution
@@ -137,6 +139,8 @@ class ConsoleTerminal(abstract.FileDescriptor):
         self._last_read = -STREAM_GAP  # the last read that got output (or a rest's end)
         self._emptied = -STREAM_GAP  # when the last wake-up read the PTY empty
         self._rest = 0.0  # seconds of rest after each wake-up (0: none)
+        self._window_start = 0.0  # a stream's pace measured, while not resting
+        self._window_bytes = 0
 
     def fileno(self) -> int:
         return self.fd
@@ -189,7 +193,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
             if now - self._last_read < STREAM_GAP:
                 resting = self._paced(got, now)
             else:  # a lone write, or a stream's first
-                self._rest = 0.0
+                self._unrested(now)
             self._last_read = now
         self._emptied = now
         # Without a rest, a full read means a flood: pass it on once BATCH is
@@ -210,19 +214,33 @@ class ConsoleTerminal(abstract.FileDescriptor):
 
     def _paced(self, got: int, now: float) -> bool:
         """Whether to rest after this wake-up of a stream (and for how long:
-        ``_rest``): ``got`` came since the last wake-up emptied the PTY, so
-        that is the console's pace, known at once (a print loop's tiny writes
-        cost a read each until the first rest)."""
+        ``_rest``). ``got`` came since the last wake-up emptied the PTY: after
+        a rest, or when it is a tiny write (a print loop's line), that is the
+        console's pace, known at once (a print loop resumed after a pause cost
+        a read per line while its pace was measured). Larger pieces (IPython's
+        ``!`` passing a pipeline on) come too unevenly for one interval to
+        tell: their pace is measured over PACE_WINDOW."""
         if got >= REST_FULL:  # the PTY filled: the console waited in its write
-            self._rest = 0.0
+            self._unrested(now)
             return False
-        elapsed = max(now - self._emptied, 0.0)
-        rest = elapsed * REST_TARGET / got  # REST_TARGET's time at this pace
-        if rest < REST_MIN:
-            self._rest = 0.0
-            return False  # the PTY would fill within the shortest rest
-        self._rest = min(REST_MAX, rest)
+        if self._rest or got < TINY_READ:
+            rest = max(now - self._emptied, 0.0) * REST_TARGET / got
+        else:
+            self._window_bytes += got
+            span = now - self._window_start
+            if span < PACE_WINDOW:
+                return False
+            rest = span * REST_TARGET / self._window_bytes
+            self._window_start, self._window_bytes = now, 0
+        if rest < REST_MIN:  # the PTY would fill within the shortest rest
+            self._unrested(now)
+            return False
+        self._rest = min(REST_MAX, rest)  # REST_TARGET's time at this pace
         return True
+
+    def _unrested(self, now: float) -> None:
+        self._rest = 0.0
+        self._window_start, self._window_bytes = now, 0
 
     def _flush_over(self) -> None:
         self._flush = None

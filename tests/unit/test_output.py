@@ -19,6 +19,7 @@ from shellserver.sandbox.output import (
     REST_MIN,
     REST_TARGET,
     STREAM_GAP,
+    TINY_READ,
     ConsoleTerminal,
 )
 
@@ -164,6 +165,19 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.terminal.doRead()
         self.assertIsNotNone(self.terminal._wait)
         self.assertEqual(self.terminal._rest, REST_MAX)
+
+    def test_larger_pieces_are_paced_over_a_window(self):
+        """Pieces of TINY_READ or more (a pipeline passed on by IPython, at an
+        uneven pace) do not start a rest from one interval: their pace is
+        measured over PACE_WINDOW first."""
+        self.attach()
+        self.pty.held = [b"x" * 3000]
+        self.terminal.doRead()
+        self.reactor.advance(0.0005)
+        self.pty.held = [b"y" * TINY_READ]
+        self.terminal.doRead()
+        self.assertIsNone(self.terminal._wait)
+        self.assertIn(self.terminal, self.reactor.getReaders())
 
     def start_resting(self):
         self.attach()
