@@ -60,7 +60,7 @@ BATCH = 65536  # a flood is passed on in pieces of this much
 HOLD = 0.001  # seconds a flood's piece waits for more
 STREAM_GAP = 0.002  # output this close to the last is a stream
 PACE_WINDOW = 0.002  # seconds a stream of larger pieces is measured over
-TINY_READ = 512  # a read shorter than this (a line): its own pace counts
+TINY_READ = 512  # two reads in a row shorter than this (lines): their own pace counts
 REST_TARGET = 8192  # bytes a rest lets gather (the PTY holds about 12 KB cooked)
 REST_FULL = 12000  # a rest that gathered this much found the PTY full
 REST_MIN = 0.001  # seconds: the reactor's timer resolution
@@ -140,6 +140,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
         self._emptied = -STREAM_GAP  # when the last wake-up read the PTY empty
         self._rest = 0.0  # seconds of rest after each wake-up (0: none)
         self._window_start = 0.0  # a stream's pace measured, while not resting
+        self._last_got = READ_SIZE  # what the last wake-up of the stream read
         self._window_bytes = 0
 
     def fileno(self) -> int:
@@ -194,6 +195,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
                 resting = self._paced(got, now)
             else:  # a lone write, or a stream's first
                 self._unrested(now)
+                self._last_got = got
             self._last_read = now
         self._emptied = now
         # Without a rest, a full read means a flood: pass it on once BATCH is
@@ -215,15 +217,18 @@ class ConsoleTerminal(abstract.FileDescriptor):
     def _paced(self, got: int, now: float) -> bool:
         """Whether to rest after this wake-up of a stream (and for how long:
         ``_rest``). ``got`` came since the last wake-up emptied the PTY: after
-        a rest, or when it is a tiny write (a print loop's line), that is the
-        console's pace, known at once (a print loop resumed after a pause cost
+        a rest, or at the second tiny write in a row (a print loop's lines),
+        that is the console's pace, known at once (a print loop resumed after a pause cost
         a read per line while its pace was measured). Larger pieces (IPython's
-        ``!`` passing a pipeline on) come too unevenly for one interval to
-        tell: their pace is measured over PACE_WINDOW."""
+        ``!`` passing a pipeline on, with a small one now and then) come too
+        unevenly for one interval to tell: their pace is measured over
+        PACE_WINDOW."""
+        tiny = got < TINY_READ and self._last_got < TINY_READ
+        self._last_got = got
         if got >= REST_FULL:  # the PTY filled: the console waited in its write
             self._unrested(now)
             return False
-        if self._rest or got < TINY_READ:
+        if self._rest or tiny:
             rest = max(now - self._emptied, 0.0) * REST_TARGET / got
         else:
             self._window_bytes += got

@@ -154,8 +154,9 @@ class ConsoleTerminalTests(SynchronousTestCase):
 
     def test_small_writes_after_a_full_pty_rest_at_once(self):
         """After a read that found the PTY full (the console resumed after a
-        pause), the stream's first small read already starts a rest: a print
-        loop's tiny writes do not cost a read each while its pace is learnt."""
+        pause), the stream's second small read in a row already starts a
+        rest: a print loop's tiny writes do not cost a read each while its
+        pace is learnt."""
         self.attach()
         self.pty.held = [b"x" * 4095] * 4
         self.terminal.doRead()
@@ -163,18 +164,24 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.reactor.advance(0.00005)
         self.pty.held = [b"7\r\n"]
         self.terminal.doRead()
+        self.reactor.advance(0.00005)
+        self.pty.held = [b"8\r\n"]
+        self.terminal.doRead()
         self.assertIsNotNone(self.terminal._wait)
         self.assertEqual(self.terminal._rest, REST_MAX)
 
     def test_larger_pieces_are_paced_over_a_window(self):
         """Pieces of TINY_READ or more (a pipeline passed on by IPython, at an
         uneven pace) do not start a rest from one interval: their pace is
-        measured over PACE_WINDOW first."""
+        measured over PACE_WINDOW first, as is a lone small one among them."""
         self.attach()
         self.pty.held = [b"x" * 3000]
         self.terminal.doRead()
         self.reactor.advance(0.0005)
         self.pty.held = [b"y" * TINY_READ]
+        self.terminal.doRead()
+        self.reactor.advance(0.0005)
+        self.pty.held = [b"z" * 100]
         self.terminal.doRead()
         self.assertIsNone(self.terminal._wait)
         self.assertIn(self.terminal, self.reactor.getReaders())
