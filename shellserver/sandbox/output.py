@@ -11,12 +11,24 @@ the console runs, and only init ever sends on it.
 
 Reads are gathered: a console printing line by line (a print loop, IPython's
 ``!`` passing a pipeline on) would otherwise cost the server a wake-up and a
-message per write. While output keeps coming within STREAM_GAP, the terminal
-stops reading for a short rest after each read (RESTS, adapted to the
-console's pace: the PTY holds about 20 KB before the console blocks in its
-write), so that the writes gather in the PTY and cost one wake-up per rest. A
-lone write (an echo) is read at once. A flood (full reads without rests) is
-read on, and passed on once BATCH is together or nothing more came for HOLD.
+message per write. A lone write (an echo) is read and passed on at once.
+Output that keeps coming within STREAM_GAP is a stream, and its pace (what
+a wake-up read over the time since the last one emptied the PTY; for pieces
+of TINY_READ or more, over PACE_WINDOW) decides how it is read:
+
+- slow enough that the PTY would not fill within a rest (REST_TARGET bytes
+  take at least REST_MIN): the terminal stops reading for a rest after each
+  wake-up, sized from what the last rest gathered so that each wake-up reads
+  about REST_TARGET, and passes on what it read once per wake-up. The
+  reactor's timers have a resolution of 1 ms (epoll_wait's timeout), so a
+  rest is never shorter than that;
+- faster (or a rest found the PTY full, so the console had waited in its
+  write): no rests, the master is read as it delivers; full reads (a flood)
+  are passed on once BATCH is together or nothing more came for HOLD.
+
+A rest costs the console nothing as long as the PTY does not fill (about
+12 KB of output processed by the terminal, 20 KB raw): it writes on into
+the PTY meanwhile.
 
 Pausing (flow control) stops reading the master: the PTY fills and the
 console blocks in its write.
@@ -47,9 +59,12 @@ FLOOD_READ = 4000  # a read this long took a full PTY buffer: more is coming
 BATCH = 65536  # a flood is passed on in pieces of this much
 HOLD = 0.001  # seconds a flood's piece waits for more
 STREAM_GAP = 0.002  # output this close to the last is a stream
-RESTS = (0.0, 0.0005, 0.001, 0.002)  # seconds
-REST_FULL = 12288  # a read this long: the rest shortens
-REST_THIN = 3072  # a read shorter than this: the rest lengthens
+PACE_WINDOW = 0.002  # seconds a stream of larger pieces is measured over
+TINY_READ = 512  # two reads in a row shorter than this (lines): their own pace counts
+REST_TARGET = 8192  # bytes a rest lets gather (the PTY holds about 12 KB cooked)
+REST_FULL = 12000  # a rest that gathered this much found the PTY full
+REST_MIN = 0.001  # seconds: the reactor's timer resolution
+REST_MAX = 0.004  # seconds: a slow stream's output waits at most this
 FLUSH_BYTES = 1 << 20  # what is passed on once the sandbox has ended, at most
 PTMX_MAJOR, PTMX_MINOR = 5, 2  # a PTY master's device (any devpts instance's)
 
@@ -114,12 +129,19 @@ class ConsoleTerminal(abstract.FileDescriptor):
         self.hung_up = False  # the console's side has closed (init exited)
         self.finished = False
         self._size: tuple[int, int] | None = None
-        self._pending = bytearray()  # read, held to gather a flood
+        # Read, held to gather a flood: the reads themselves, joined once when
+        # passed on (a lone read is passed on as it is, without a copy).
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._wait: IDelayedCall | None = None  # a rest: not reading
         self._flush: IDelayedCall | None = None  # a flood's piece passed on then
         self._holding = False
-        self._last_read = -STREAM_GAP
-        self._rest = 0  # index into RESTS, adapted to the console's pace
+        self._last_read = -STREAM_GAP  # the last read that got output (or a rest's end)
+        self._emptied = -STREAM_GAP  # when the last wake-up read the PTY empty
+        self._rest = 0.0  # seconds of rest after each wake-up (0: none)
+        self._window_start = 0.0  # a stream's pace measured, while not resting
+        self._last_got = READ_SIZE  # what the last wake-up of the stream read
+        self._window_bytes = 0
 
     def fileno(self) -> int:
         return self.fd
@@ -142,7 +164,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
 
     def doRead(self):
         got = 0
-        while len(self._pending) < BATCH:
+        while self._pending_bytes < BATCH:
             try:
                 data = self._read(self.fd, READ_SIZE)
             except BlockingIOError:
@@ -155,38 +177,75 @@ class ConsoleTerminal(abstract.FileDescriptor):
             if not data:
                 self._pass_on()
                 return main.CONNECTION_DONE
-            self._pending += data
+            self._pending.append(data)
+            self._pending_bytes += len(data)
             got += len(data)
-            if got < FLOOD_READ:
-                break  # a lone small write: a writer of small pieces is not chased
-            # Otherwise on until EAGAIN: a read that finds the master's buffer
-            # empty first waits for the kernel's pending flush into it, so
-            # EAGAIN means the console has written nothing more yet.
+            if len(data) < FLOOD_READ:
+                # The master's buffer is drained: what the console writes from
+                # here on comes with the next wake-up. (Reading on until EAGAIN
+                # chases a writer of small pieces running beside the server, a
+                # few bytes per read: 22000 reads per MB of a print loop.)
+                break
+            # A full read: on, a read that finds the master's buffer empty first
+            # waits for the kernel's pending flush into it.
         now = self._clock.seconds()
         resting = False
-        if got and now - self._last_read < STREAM_GAP:
-            if got >= REST_FULL:
-                self._rest = max(0, self._rest - 1)
-            elif got < REST_THIN:
-                self._rest = min(len(RESTS) - 1, self._rest + 1)
-            resting = self._rest > 0
         if got:
+            if now - self._last_read < STREAM_GAP:
+                resting = self._paced(got, now)
+            else:  # a lone write, or a stream's first
+                self._unrested(now)
+                self._last_got = got
             self._last_read = now
+        self._emptied = now
         # Without a rest, a full read means a flood: pass it on once BATCH is
         # together (or nothing more came within HOLD), not at each 4 KiB. The
         # master stays read meanwhile: a console writing large pieces fills
         # the PTY in well under HOLD and would wait for the server.
         self._holding = (not resting and got >= FLOOD_READ
-                         and len(self._pending) < BATCH)
+                         and self._pending_bytes < BATCH)
         if not self._holding and not (got == 0 and self._flush is not None):
             self._pass_on()
             self._cancel_flush()
         if resting:
             self.stopReading()
-            self._wait = self._clock.callLater(RESTS[self._rest], self._rest_over)
+            self._wait = self._clock.callLater(self._rest, self._rest_over)
         elif self._holding and self._flush is None:
             self._flush = self._clock.callLater(HOLD, self._flush_over)
         return None
+
+    def _paced(self, got: int, now: float) -> bool:
+        """Whether to rest after this wake-up of a stream (and for how long:
+        ``_rest``). ``got`` came since the last wake-up emptied the PTY: after
+        a rest, or at the second tiny write in a row (a print loop's lines),
+        that is the console's pace, known at once (a print loop resumed after a pause cost
+        a read per line while its pace was measured). Larger pieces (IPython's
+        ``!`` passing a pipeline on, with a small one now and then) come too
+        unevenly for one interval to tell: their pace is measured over
+        PACE_WINDOW."""
+        tiny = got < TINY_READ and self._last_got < TINY_READ
+        self._last_got = got
+        if got >= REST_FULL:  # the PTY filled: the console waited in its write
+            self._unrested(now)
+            return False
+        if self._rest or tiny:
+            rest = max(now - self._emptied, 0.0) * REST_TARGET / got
+        else:
+            self._window_bytes += got
+            span = now - self._window_start
+            if span < PACE_WINDOW:
+                return False
+            rest = span * REST_TARGET / self._window_bytes
+            self._window_start, self._window_bytes = now, 0
+        if rest < REST_MIN:  # the PTY would fill within the shortest rest
+            self._unrested(now)
+            return False
+        self._rest = min(REST_MAX, rest)  # REST_TARGET's time at this pace
+        return True
+
+    def _unrested(self, now: float) -> None:
+        self._rest = 0.0
+        self._window_start, self._window_bytes = now, 0
 
     def _flush_over(self) -> None:
         self._flush = None
@@ -213,8 +272,9 @@ class ConsoleTerminal(abstract.FileDescriptor):
 
     def _pass_on(self) -> None:
         if self._pending:
-            data = bytes(self._pending)
+            data = b"".join(self._pending)
             self._pending.clear()
+            self._pending_bytes = 0
             self._deliver(data)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -254,7 +314,7 @@ class ConsoleTerminal(abstract.FileDescriptor):
                 break
             if not data:
                 break
-            self._pending += data
+            self._pending.append(data)
             total += len(data)
         self._pass_on()
         self._close(self.fd)
@@ -269,6 +329,20 @@ class ConsoleTerminal(abstract.FileDescriptor):
     def write(self, data: bytes) -> None:
         if self.finished or self.hung_up:
             return
+        if self.fd >= 0 and data and not self.dataBuffer and not self._tempDataBuffer:
+            # Nothing waits before these keystrokes: written now rather than
+            # at the reactor's next turn (an echo's round trip is mostly turns).
+            try:
+                written = self._write(self.fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as e:
+                if e.errno != errno.EINTR:
+                    return  # the console's side has gone: its keystrokes go nowhere
+                written = 0
+            data = data[written:]
+            if not data:
+                return
         super().write(data)
 
     def writeSomeData(self, data: bytes) -> int:

@@ -10,7 +10,18 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from shellserver.sandbox import output
-from shellserver.sandbox.output import BATCH, HOLD, READ_SIZE, RESTS, ConsoleTerminal
+from shellserver.sandbox.output import (
+    BATCH,
+    HOLD,
+    READ_SIZE,
+    REST_FULL,
+    REST_MAX,
+    REST_MIN,
+    REST_TARGET,
+    STREAM_GAP,
+    TINY_READ,
+    ConsoleTerminal,
+)
 
 
 class Terminal:
@@ -81,13 +92,19 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.terminal.doWrite()
         self.assertEqual(bytes(self.pty.written), b"print(1)\r")
 
-    def test_a_flood_is_read_until_the_terminal_is_empty(self):
-        """After a full read, reading goes on past short reads until EAGAIN."""
+    def test_a_flood_is_read_while_reads_are_full(self):
+        """After a full read, reading goes on while reads are full; a short read
+        (the master's buffer drained) ends the wake-up, so that a writer of
+        small pieces is not chased a few bytes per read."""
         self.attach()
-        self.pty.held = [b"x" * 4096, b"y" * 100, b"z" * 4096]
+        self.pty.held = [b"x" * 4096, b"x" * 4096, b"y" * 100, b"z" * 4096]
+        self.terminal.doRead()
+        self.assertEqual(self.pty.reads, 3)
+        self.reactor.advance(HOLD)
+        self.assertEqual(b"".join(self.delivered), b"x" * 8192 + b"y" * 100)
         self.terminal.doRead()
         self.reactor.advance(HOLD)
-        self.assertEqual(b"".join(self.delivered), b"x" * 4096 + b"y" * 100 + b"z" * 4096)
+        self.assertEqual(b"".join(self.delivered), b"x" * 8192 + b"y" * 100 + b"z" * 4096)
 
     def test_a_lone_write_is_delivered_at_once(self):
         """A short read (an echo) is delivered in the same wake-up, without a rest."""
@@ -97,19 +114,117 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.assertEqual(self.delivered, [b"a"])
         self.assertIn(self.terminal, self.reactor.getReaders())
 
-    def test_a_stream_of_small_writes_rests_between_reads(self):
-        """Small reads close together make the terminal rest (not read) for a
-        while, so that further writes gather; it reads again after the rest."""
+    def stream(self, piece: bytes, gap: float, until: float) -> None:
+        """The console writes ``piece`` every ``gap`` seconds for ``until``
+        seconds, each read at once (the terminal is not resting)."""
+        for _ in range(round(until / gap) + 1):
+            self.pty.held = [piece]
+            self.terminal.doRead()
+            if self.terminal._wait is not None:
+                return
+            self.reactor.advance(gap)
+
+    def test_a_lone_read_is_passed_on_as_read(self):
+        """A wake-up's single read is delivered as the very bytes read (no copy)."""
         self.attach()
-        self.pty.held = [b"1\r\n"]
+        echo = b"x" * 10
+        self.pty.held = [echo]
         self.terminal.doRead()
-        self.reactor.advance(0.0001)
-        self.pty.held = [b"2\r\n"]
-        self.terminal.doRead()
-        self.assertEqual(self.delivered, [b"1\r\n", b"2\r\n"])
+        self.assertIs(self.delivered[0], echo)
+
+    def test_a_slow_stream_rests_between_reads(self):
+        """Small writes close together, at a pace that would not fill the PTY
+        within a rest, make the terminal rest (not read) after a wake-up; it
+        reads again after the rest, and every byte is delivered in order."""
+        self.attach()
+        self.stream(b"1\r\n", 0.0001, STREAM_GAP)
         self.assertNotIn(self.terminal, self.reactor.getReaders())
-        self.reactor.advance(RESTS[1])
+        self.assertEqual(b"".join(self.delivered), b"1\r\n" * len(self.delivered))
+        self.reactor.advance(REST_MAX)
         self.assertIn(self.terminal, self.reactor.getReaders())
+
+    def test_a_fast_stream_is_read_without_rests(self):
+        """A pace that would fill the PTY within the shortest rest is read as
+        it comes (the console would wait in its write during a rest)."""
+        self.attach()
+        per_gap = int(REST_TARGET * 0.0002 / REST_MIN) + 1000
+        self.stream(b"x" * min(per_gap, 3000), 0.0002, 3 * STREAM_GAP)
+        self.assertIn(self.terminal, self.reactor.getReaders())
+        self.assertIsNone(self.terminal._wait)
+
+    def test_small_writes_after_a_full_pty_rest_at_once(self):
+        """After a read that found the PTY full (the console resumed after a
+        pause), the stream's second small read in a row already starts a
+        rest: a print loop's tiny writes do not cost a read each while its
+        pace is learnt."""
+        self.attach()
+        self.pty.held = [b"x" * 4095] * 4
+        self.terminal.doRead()
+        self.assertIsNone(self.terminal._wait)
+        self.reactor.advance(0.00005)
+        self.pty.held = [b"7\r\n"]
+        self.terminal.doRead()
+        self.reactor.advance(0.00005)
+        self.pty.held = [b"8\r\n"]
+        self.terminal.doRead()
+        self.assertIsNotNone(self.terminal._wait)
+        self.assertEqual(self.terminal._rest, REST_MAX)
+
+    def test_larger_pieces_are_paced_over_a_window(self):
+        """Pieces of TINY_READ or more (a pipeline passed on by IPython, at an
+        uneven pace) do not start a rest from one interval: their pace is
+        measured over PACE_WINDOW first, as is a lone small one among them."""
+        self.attach()
+        self.pty.held = [b"x" * 3000]
+        self.terminal.doRead()
+        self.reactor.advance(0.0005)
+        self.pty.held = [b"y" * TINY_READ]
+        self.terminal.doRead()
+        self.reactor.advance(0.0005)
+        self.pty.held = [b"z" * 100]
+        self.terminal.doRead()
+        self.assertIsNone(self.terminal._wait)
+        self.assertIn(self.terminal, self.reactor.getReaders())
+
+    def start_resting(self):
+        self.attach()
+        self.stream(b"1\r\n", 0.0001, STREAM_GAP)
+        self.assertIsNotNone(self.terminal._wait)
+        return self.terminal._rest
+
+    def test_a_rest_that_found_the_pty_full_ends_the_rests(self):
+        """When a rest gathered about as much as the PTY holds, the terminal
+        stops resting and reads the stream as it comes."""
+        rest = self.start_resting()
+        self.reactor.advance(rest)
+        self.pty.held = [b"x" * 4095] * (REST_FULL // 4095 + 1)
+        self.terminal.doRead()
+        self.assertIsNone(self.terminal._wait)
+        self.assertIn(self.terminal, self.reactor.getReaders())
+
+    def test_a_rest_is_sized_by_what_it_gathered(self):
+        """A rest that gathered more than REST_TARGET is followed by a shorter
+        one, one that gathered less by a longer one (within REST_MIN and
+        REST_MAX); each wake-up after a rest delivers what it read at once."""
+        rest = self.start_resting()
+        self.reactor.advance(rest)
+        self.pty.held = [b"a" * 4095, b"b" * 4095, b"c" * 2000]
+        delivered = len(self.delivered)
+        self.terminal.doRead()
+        self.assertTrue(self.delivered[delivered:] == [b"a" * 4095 + b"b" * 4095 + b"c" * 2000])
+        shorter = self.terminal._rest
+        self.assertTrue(REST_MIN <= shorter < rest, (shorter, rest))
+        self.reactor.advance(shorter)
+        self.pty.held = [b"d" * (REST_TARGET // 4)]
+        self.terminal.doRead()
+        self.assertEqual(self.terminal._rest, min(REST_MAX, 4 * shorter))
+        self.assertNotIn(self.terminal, self.reactor.getReaders())
+
+    def test_ctrl_c_written_during_a_rest(self):
+        """Keystrokes typed while the terminal rests reach the console at once."""
+        self.start_resting()
+        self.terminal.write(b"\x03")
+        self.assertEqual(bytes(self.pty.written), b"\x03")
 
     def test_a_flood_is_held_until_a_batch_is_together(self):
         """Full reads are not delivered one by one: held (reading on) until
@@ -199,6 +314,28 @@ class ConsoleTerminalTests(SynchronousTestCase):
         self.pty.room = 10
         self.terminal.doWrite()
         self.assertEqual(bytes(self.pty.written), b"abcdef")
+
+    def test_keystrokes_are_written_at_once(self):
+        """A keystroke with nothing waiting before it is written in the same
+        call, without waiting for the reactor's next turn."""
+        self.attach()
+        self.terminal.write(b"a")
+        self.assertEqual(bytes(self.pty.written), b"a")
+        self.assertEqual(self.reactor.getWriters(), [])
+
+    def test_keystrokes_behind_waiting_ones_keep_their_order(self):
+        """While keystrokes wait for room, later ones queue behind them; what
+        the terminal does not take at once waits for the reactor."""
+        self.attach()
+        self.pty.room = 2
+        self.terminal.write(b"abc")
+        self.assertEqual(bytes(self.pty.written), b"ab")
+        self.assertEqual(self.reactor.getWriters(), [self.terminal])
+        self.pty.room = 10
+        self.terminal.write(b"d")
+        self.assertEqual(bytes(self.pty.written), b"ab")
+        self.terminal.doWrite()
+        self.assertEqual(bytes(self.pty.written), b"abcd")
 
     def test_keystrokes_after_the_hang_up_are_dropped(self):
         """Once the console's side has gone, keystrokes are not buffered."""
