@@ -54,7 +54,7 @@ from shellserver.sandbox.spec import console_env  # noqa: E402
 # This bench's own uids, apart from run.py's (240000-240499) and the tests'.
 bench_server.UID_MIN, bench_server.UID_MAX = 250000, 250499
 
-BEGIN, DONE = "BEGIN 42\r\n", "DONE 42\r\n"
+BEGIN, DONE = s.BEGIN, s.DONE
 BASE64_LINE = 76  # base64(1) wraps its output at 76 columns
 WORKLOADS = ("pipeline", "prints", "blocks")
 NS = 1e-9
@@ -112,50 +112,29 @@ def workload(name: str, megabytes: float) -> tuple[str, int, str]:
     return f"print('BEGIN',6*7); {body}; print('DONE',6*7)", length, digest.hexdigest()
 
 
-class HashVerifier:
-    """Hashes exactly ``length`` bytes after BEGIN, then expects DONE."""
+class HashVerifier(s.FloodVerifier):
+    """Hashes exactly ``length`` bytes after BEGIN, then expects DONE (the
+    flood's BEGIN/DONE framing; the body is any bytes, checked by sha256)."""
 
     def __init__(self, length: int, sha256: str) -> None:
+        super().__init__(None)
         self.length, self.sha256 = length, sha256
         self.digest = hashlib.sha256()
-        self.body = 0
-        self.state = "before"
-        self.head = ""
-        self.tail = ""
-        self.error: str | None = None
-        self.began_at = self.done_at = 0.0
-        loop = asyncio.get_running_loop()
-        self.began: asyncio.Future[float] = loop.create_future()
-        self.done: asyncio.Future[float] = loop.create_future()
 
-    def feed(self, text: str, at: float) -> None:
-        if self.state == "before":
-            joined = self.head + text
-            index = joined.find(BEGIN)
-            if index < 0:
-                self.head = joined[-len(BEGIN):]
-                return
-            self.state, self.began_at = "body", at
-            self.began.set_result(at)
-            text = joined[index + len(BEGIN):]
-        if self.state == "body":
-            data = text.encode()
-            take = min(len(data), self.length - self.body)
-            self.digest.update(data[:take])
-            self.body += take
-            if self.body < self.length:
-                return
-            self.state = "after"
-            text = data[take:].decode(errors="replace")
-        if self.state == "after" and text:
-            self.tail += text
-            if len(self.tail) >= len(DONE) or not DONE.startswith(self.tail):
-                if self.digest.hexdigest() != self.sha256:
-                    self.error = f"{self.body} bytes, but not the expected ones (sha256)"
-                elif not self.tail.startswith(DONE):
-                    self.error = f"after {self.body} bytes: {self.tail[:60]!r}, not DONE"
-                self.state, self.done_at = "finished", at
-                self.done.set_result(at)
+    def _body(self, text: str) -> str:
+        data = text.encode()
+        take = min(len(data), self.length - self.body)
+        self.digest.update(data[:take])
+        self.body += take
+        if self.body < self.length:
+            return ""
+        self.state = "after"
+        return data[take:].decode(errors="replace")
+
+    def _body_error(self) -> str | None:
+        if self.digest.hexdigest() != self.sha256:
+            return f"{self.body} bytes, but not the expected ones (sha256)"
+        return None
 
 
 # -- CPU per process -----------------------------------------------------------

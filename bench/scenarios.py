@@ -230,10 +230,16 @@ class FloodVerifier:
         if self.state == "after" and text:
             self.tail += text
             if len(self.tail) >= len(DONE) or not DONE.startswith(self.tail):
+                if self.error is None:
+                    self.error = self._body_error()
                 if not self.tail.startswith(DONE) and self.error is None:
                     self.error = f"after {self.body} bytes: expected DONE, got {self.tail[:80]!r}"
                 self.state, self.done_at = "finished", at
                 self.done.set_result(at)
+
+    def _body_error(self) -> str | None:
+        """What is wrong with the body as a whole, once DONE has come (a subclass's)."""
+        return None
 
     def _body(self, text: str) -> str:
         size = len(LINE_ON_WIRE)
