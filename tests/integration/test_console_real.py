@@ -189,7 +189,7 @@ def test_running_sandbox_waits_without_python(console, server):
     while not console.closed and time.monotonic() < deadline:
         console.pump(0.1)
     assert console.closed, console.display()
-    ended = re.compile(r"\(uid %d\) ended: status 7," % uid)
+    ended = re.compile(rf"\(uid {uid}\) ended: status 7,")
     assert wait_until(lambda: ended.search(server.log()), 10), server.log()[-2000:]
 
 
