@@ -163,8 +163,10 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
         RuntimeProblem,
         check_overlay_path,
         check_prebuilt,
+        has_waiter,
         runtime_is_ready,
     )
+    from shellserver.sandbox.spec import WAITER
     from shellserver.sandbox.uids import uids_in_use
     from shellserver.tls import ensure_self_signed
 
@@ -182,6 +184,11 @@ def prepare_state(config: Config, *, need_tls: bool) -> PreparedState:
             check_prebuilt(runtime, config.sandbox.packages)
         except (RuntimeProblem, OSError) as e:
             raise usage.UsageError(str(e)) from e
+        if not has_waiter(runtime):
+            notices.append(
+                f"sandbox.runtime {runtime} has no {WAITER} (built before it): each "
+                f"console keeps two waiting Python processes, a few MB more; rebuild it "
+                f"with python -m shellserver.sandbox.runtime {runtime}")
     else:
         runtime = config.runtime_dir
         # Rebuilt when sandbox.packages (or what a build installs) changed.

@@ -49,8 +49,8 @@ PR_SET_CHILD_SUBREAPER = 36
 # shared pages split among their sharers; the table is in docs/sandbox.md):
 # an idle console, everything counted (launcher, init, IPython, the server's
 # share), on each path; the template, once per server.
-FORKED_CONSOLE_MB = 14.6
-CLASSIC_CONSOLE_MB = 37.0
+FORKED_CONSOLE_MB = 10.0
+CLASSIC_CONSOLE_MB = 28.5
 TEMPLATE_MB = 41.0
 # What a console in use adds over an idle one, for sizing: completions
 # (jedi's caches), tracebacks, a few modules and some data. A console that

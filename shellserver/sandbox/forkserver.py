@@ -225,7 +225,7 @@ def run_launcher(launcher, listener, connection, slave, request):
     os.set_inheritable(status_fd, False)
     try:
         status = launcher.run(take_spec(request), console_entry=console_entry,
-                              close_in_init=(status_fd,))
+                              close_in_init=(status_fd,), status_fd=status_fd)
     except RunConsole as console:
         # Only what IPython needs: the launcher's frames, and the spec with
         # them, are gone once this block ends.

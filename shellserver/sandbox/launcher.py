@@ -342,7 +342,21 @@ def run_init(spec, go_fd, handoff_fd, console_entry=None):
     except OSError as e:
         os.write(2, f"\r\nshellserver: could not start {spec['argv'][0]}: {e}\r\n".encode())
         os._exit(SETUP_FAILED)
+    # From here init only reaps: the waiter does that without this
+    # interpreter's pages (the runtime is bound at the same path in here).
+    exec_waiter(spec, "init", str(console))
     os._exit(reap_until(console))
+
+
+def exec_waiter(spec, *args):
+    """Become the runtime's shellserver-waiter (waiter.c) with ``args``; if it
+    is not there (a runtime built before it), return and wait in Python."""
+    waiter = spec.get("waiter")
+    if waiter:
+        try:
+            os.execv(waiter, [waiter, *args])
+        except OSError:
+            pass
 
 
 def start_console(spec, handoff_fd, console_entry=None):
@@ -381,9 +395,10 @@ def start_console(spec, handoff_fd, console_entry=None):
                      .encode())
         os._exit(SETUP_FAILED)
     os.close(master)
-    # Init keeps the slave open (it is never closed): the master does not hang
-    # up while init runs, and what the console wrote before it exited can
-    # still be read by the server.
+    # Init keeps the slave open (it is never closed, and its waiter inherits
+    # it): the master does not hang up while init runs, and what the console
+    # wrote before it exited can still be read by the server.
+    os.set_inheritable(slave, True)
     return console
 
 
@@ -415,11 +430,14 @@ def main(argv):
     return run(json.loads(argv[1]))
 
 
-def run(spec, console_entry=None, close_in_init=()):
+def run(spec, console_entry=None, close_in_init=(), status_fd=None):
     """Build and run the sandbox; its exit status.
 
-    The fork server calls this in its forked child with its ``console_entry``
-    and the descriptors init must not keep (``close_in_init``).
+    The fork server calls this in its forked child with its ``console_entry``,
+    the descriptors init must not keep (``close_in_init``) and the
+    connection the exit status is written on (``status_fd``). Once init runs,
+    this process becomes the waiter and does not return; it returns only
+    when the sandbox could not be built, or the runtime has no waiter.
     """
     for sig in TERMINAL_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -475,6 +493,19 @@ def run(spec, console_entry=None, close_in_init=()):
         os.write(2, f"\r\nshellserver: the sandbox could not be built: {e}\r\n".encode())
         os.kill(pid, signal.SIGKILL)
     os.close(go_write)
+
+    # What is left is waiting for init and the teardown: the waiter does it
+    # (waiter.c, the same steps as below). A stop signal sent meanwhile stays
+    # pending across the exec and reaches the waiter's handler.
+    stop_signals = {signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    if status_fd is not None:
+        os.set_inheritable(status_fd, True)
+    exec_waiter(spec, "launcher", str(pid), str(-1 if status_fd is None else status_fd),
+                *(group["path"] for group in cgroups))
+    if status_fd is not None:
+        os.set_inheritable(status_fd, False)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
     while True:
         try:

@@ -17,14 +17,17 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
+from shellserver.sandbox.spec import waiter_path
+
 log = Logger()
 
 # Written last by a build: what the runtime was built with (its stamp).
 READY_MARKER = ".shellserver-runtime"
 PACKAGES = ("ipython",)
+C_COMPILER = "/usr/bin/cc"
 # Bumped when what a build puts into the runtime changes (the console
 # promises below), so that server-built runtimes are rebuilt.
-RUNTIME_FORMAT = 2
+RUNTIME_FORMAT = 3
 # Copied into the runtime's site-packages under this name (see
 # shellserver/sandbox/console_promises.py).
 PROMISES_MODULE = "shellserver_console"
@@ -92,9 +95,24 @@ def read_stamp(path: str) -> dict | None:
 
 def runtime_is_ready(path: str, packages: Sequence[str] = ()) -> bool:
     """Built, by this version's build, with exactly ``packages``."""
-    return read_stamp(path) == make_stamp(packages) and os.access(
-        os.path.join(path, "bin", "python"), os.X_OK
-    )
+    return (read_stamp(path) == make_stamp(packages)
+            and os.access(os.path.join(path, "bin", "python"), os.X_OK)
+            and has_waiter(path))
+
+
+def has_waiter(path: str) -> bool:
+    """The runtime has its waiter (without it, every running sandbox keeps
+    two Python processes that only wait: a few MB more per console)."""
+    return os.access(waiter_path(path), os.X_OK)
+
+
+def waiter_build_command(path: str) -> tuple[str, list[str]]:
+    """The C compiler's command line that builds the runtime's waiter.
+
+    Static: init runs it inside the sandbox, with no loader or libc path
+    promised there. Mode 0711 comes after (see waiter.c for why)."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "waiter.c")
+    return C_COMPILER, ["-O2", "-static", "-Wall", "-o", waiter_path(path), source]
 
 
 def check_prebuilt(path: str, packages: Sequence[str] = ()) -> None:
@@ -133,8 +151,14 @@ def build_runtime(reactor, path: str, system_python: str,
         if proxy in os.environ:
             env[proxy] = os.environ[proxy]
     python = os.path.join(path, "bin", "python")
+    compiler, compile_args = waiter_build_command(path)
+    if not os.access(compiler, os.X_OK):
+        raise RuntimeProblem(
+            f"building the console runtime needs a C compiler at {compiler} for its "
+            f"waiter (shellserver/sandbox/waiter.c): apt-get install gcc libc6-dev")
     steps = [
         (system_python, ["-m", "venv", path]),
+        (compiler, compile_args),
         # "--" so that no requirement is ever read as a pip option.
         (python,
          ["-m", "pip", "install", "--quiet", "--disable-pip-version-check",
@@ -142,6 +166,7 @@ def build_runtime(reactor, path: str, system_python: str,
         # Consoles have no network: pip goes, and a pip that says so replaces it.
         (python, ["-m", "pip", "uninstall", "--yes", "--quiet", "pip"]),
     ]
+    os.makedirs(os.path.dirname(waiter_path(path)), mode=0o755)
     for executable, args in steps:
         out, err, code = yield getProcessOutputAndValue(
             executable, args, env=env, reactor=reactor
@@ -152,8 +177,10 @@ def build_runtime(reactor, path: str, system_python: str,
                 f" exited with {code}: {err.decode(errors='replace')[-2000:]}"
             )
     install_promises(path)
-    # Make it readable by every session uid.
+    # Make it readable by every session uid; the waiter executable only.
     os.chmod(path, 0o755)
+    os.chmod(os.path.dirname(waiter_path(path)), 0o755)
+    os.chmod(waiter_path(path), 0o711)
     with open(os.path.join(path, READY_MARKER), "w") as f:
         json.dump(make_stamp(packages), f)
     log.info("console runtime ready in {path}", path=path)

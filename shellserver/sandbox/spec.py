@@ -95,6 +95,8 @@ class SandboxSpec:
     output: str = ""
     # The sandbox's /dev: PTYs of its devpts, bytes and inodes of /dev/shm.
     dev: Mapping[str, int] = field(factory=dict)
+    # What the launcher and init exec once the sandbox runs (waiter.c).
+    waiter: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -118,12 +120,23 @@ class SandboxSpec:
                 ],
                 "output": self.output,
                 "dev": dict(self.dev),
+                "waiter": self.waiter,
             },
             separators=(",", ":"),
         )
 
 
 FREEZE_START_UP = "__import__('gc').freeze()"
+
+
+# Built into each runtime by shellserver.sandbox.runtime from waiter.c.
+WAITER = "libexec/shellserver-waiter"
+
+
+def waiter_path(runtime: str) -> str:
+    """The runtime's waiter: the launcher and init exec it once the sandbox
+    runs (the same path inside the sandbox, where the runtime is bound)."""
+    return f"{runtime}/{WAITER}"
 
 
 def console_argv(runtime: str) -> tuple[str, ...]:
@@ -229,4 +242,5 @@ def build_spec(
         output=output,
         dev={"pts_max": limits.max_ptys, "shm_bytes": SHM_BYTES,
              "shm_inodes": inodes_for(SHM_BYTES)},
+        waiter=waiter_path(runtime),
     )

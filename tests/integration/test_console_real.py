@@ -12,6 +12,8 @@ import time
 
 import pytest
 from conftest import (
+    RUNTIME,
+    parent_of,
     processes_of_uids,
     sandbox_inits,
     sandbox_leftovers,
@@ -21,6 +23,8 @@ from conftest import (
     wait_until,
 )
 from console_client import ConsoleClient, fetch_token
+
+from shellserver.sandbox.spec import waiter_path
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +169,28 @@ def test_console_terminal_and_terminals(console, server):
     assert holders_of((st.st_dev, st.st_ino), consoles) == []
     tty = ask(console, "__import__('os').ttyname(1)", 3)
     assert tty == "/dev/pts/0"
+
+
+def test_running_sandbox_waits_without_python(console, server):
+    """Once the console runs, its init and its root launcher are the runtime's
+    waiter (waiter.c), not Python: one interpreter per running sandbox."""
+    uid = int(ask(console, "__import__('os').getuid()", 2))
+    (init,) = sandbox_inits(uid)
+    launcher = parent_of(init)
+    assert launcher is not None
+    waiter = waiter_path(RUNTIME)
+    assert os.readlink(f"/proc/{launcher}/exe") == waiter
+    # Init ran it inside the sandbox's root, where the runtime is bound.
+    assert os.readlink(f"/proc/{init}/exe") == f"{server.state_dir}/sandbox-root{waiter}"
+    # The console's status still comes back through both: _exit(7) ends the
+    # session with the console's own code in the server's log.
+    console.type("__import__('os')._exit(7)\r")
+    deadline = time.monotonic() + 20
+    while not console.closed and time.monotonic() < deadline:
+        console.pump(0.1)
+    assert console.closed, console.display()
+    ended = re.compile(rf"\(uid {uid}\) ended: status 7,")
+    assert wait_until(lambda: ended.search(server.log()), 10), server.log()[-2000:]
 
 
 def test_last_output_arrives_before_the_exit(server):

@@ -3,6 +3,8 @@ idle and maximum-age limits end consoles with a message."""
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 
 import pytest
@@ -37,13 +39,34 @@ def open_console(server, timeout: float = 240.0) -> ConsoleClient:
 
 
 def test_builds_its_runtime_on_first_start(fresh_server):
-    """With no runtime configured the server builds one, says so, then serves."""
+    """With no runtime configured the server builds one, says so, then serves;
+    the build compiled the runtime's waiter, executable but unreadable to
+    others, and the console's launcher runs it."""
     client = open_console(fresh_server)
+    runtime = fresh_server.state_dir / "runtime"
+    waiter = runtime / "libexec" / "shellserver-waiter"
+    assert stat.S_IMODE(waiter.stat().st_mode) == 0o711
+    launchers = [pid for pid in pids_running(str(waiter))
+                 if os.stat(f"/proc/{pid}").st_uid == 0]
+    assert launchers, "no launcher runs the waiter"
     client.close()
     log = fresh_server.log()
     assert "building the console runtime into" in log
     assert "console runtime ready" in log
-    assert (fresh_server.state_dir / "runtime" / ".shellserver-runtime").exists()
+    assert (runtime / ".shellserver-runtime").exists()
+
+
+def pids_running(program: str) -> list[int]:
+    """Host pids whose executable is ``program``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/exe") == program:
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
 
 
 def test_idle_console_is_ended(fresh_server):

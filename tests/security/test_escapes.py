@@ -485,6 +485,25 @@ def test_ptrace(console, hostile_server):
                       "/proc/1/environ": "ENOENT", "attach own child": "ok"}
 
 
+def test_init_program_runs_but_cannot_be_read_or_changed(console):
+    """Init runs the runtime's waiter: the console may run it (it only waits
+    for its own children) but can neither read it (so init stays undumpable
+    across its exec) nor write or replace it, and sees no path to init's."""
+    waiter = f"{RUNTIME}/libexec/shellserver-waiter"
+    result = console.run(f"""
+        out = {{
+            "read": attempt(lambda: open({waiter!r}, "rb").read(4)),
+            "append": attempt(open, {waiter!r}, "ab"),
+            "rename": attempt(os.rename, {waiter!r}, {waiter + ".x"!r}),
+            "init's exe": attempt(os.readlink, "/proc/1/exe"),
+            "run": subprocess.run([{waiter!r}, "init", "1"], capture_output=True).returncode,
+        }}
+        report(out)
+    """)
+    assert result == {"read": "EACCES", "append": "EROFS", "rename": "EROFS",
+                      "init's exe": "ENOENT", "run": 111}
+
+
 # -- network --------------------------------------------------------------------
 
 def test_network_egress(console, hostile_server):

@@ -9,7 +9,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shellserver.config import ConfigError, load_config
 from shellserver.sandbox import console_promises
-from shellserver.sandbox.runtime import RUNTIME_FORMAT, main, make_stamp, parse_stamp
+from shellserver.sandbox.runtime import (
+    RUNTIME_FORMAT,
+    main,
+    make_stamp,
+    parse_stamp,
+    waiter_build_command,
+)
 
 WHEEL = "demo @ file:///srv/wheels/demo-1.0-py3-none-any.whl"
 
@@ -137,3 +143,15 @@ class ConsolePromisesTests(SynchronousTestCase):
         with redirect_stdout(out):
             self.assertEqual(console_promises.pip_main(["list"]), 0)
         self.assertEqual(out.getvalue(), "ipython 9.0\n")
+
+
+class WaiterBuildTests(SynchronousTestCase):
+    def test_static_into_the_runtimes_libexec(self) -> None:
+        """The waiter is compiled static (init runs it inside the sandbox, with
+        no loader promised there) from the package's waiter.c, into the
+        runtime's libexec/."""
+        compiler, args = waiter_build_command("/srv/runtime")
+        self.assertEqual(compiler, "/usr/bin/cc")
+        self.assertIn("-static", args)
+        self.assertEqual(args[args.index("-o") + 1], "/srv/runtime/libexec/shellserver-waiter")
+        self.assertTrue(args[-1].endswith("shellserver/sandbox/waiter.c"))

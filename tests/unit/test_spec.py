@@ -176,6 +176,12 @@ class BuildSpecTests(SynchronousTestCase):
         argv = spec().argv
         self.assertEqual(argv[:4], (f"{RUNTIME}/bin/python", "-I", "-m", "IPython"))
 
+    def test_waiter_is_the_runtimes(self):
+        """The launcher and init exec the runtime's waiter, named in the JSON."""
+        built = spec()
+        self.assertEqual(built.waiter, f"{RUNTIME}/libexec/shellserver-waiter")
+        self.assertEqual(json.loads(built.to_json())["waiter"], built.waiter)
+
     def test_cgroups_from_layout(self):
         """The session's cgroups are the layout's, named after the session."""
         built = spec(session="sfeed")
