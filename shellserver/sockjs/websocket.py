@@ -55,6 +55,9 @@ _PING_WINDOW = 60.0
 
 # a close frame's payload is at most 125 bytes, two of them the code
 _MAX_CLOSE_REASON_BYTES = 123
+# RFC 6455 5.2: a server's final, unmasked text frame of fewer than 126 bytes
+# is these two bytes (FIN and opcode 1; the length) and the payload.
+_SHORT_TEXT_HEADERS = tuple(bytes((0x81, length)) for length in range(126))
 
 log = Logger()
 
@@ -274,7 +277,12 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     def _send_text(self, payload: bytes) -> bool:
         if self.state != self.STATE_OPEN:
             return False
-        if len(payload) <= self.maxMessagePayloadSize:
+        if len(payload) < len(_SHORT_TEXT_HEADERS):
+            # A keystroke's echo: framed here, as autobahn's sendMessage would
+            # (no compression is negotiated, server frames are not masked),
+            # without its per-message checks and counters.
+            self.sendData(_SHORT_TEXT_HEADERS[len(payload)] + payload)
+        elif len(payload) <= self.maxMessagePayloadSize:
             self.sendMessage(payload)
         else:
             # autobahn applies maxMessagePayloadSize to what it sends as well;

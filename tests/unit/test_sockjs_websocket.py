@@ -320,6 +320,24 @@ class FramedWebSocketTests(WebSocketTestsMixin, SynchronousTestCase):
         self.handlers[0].connection.send(big)
         self.assertEqual(client.texts(), [b'a["' + big.encode() + b'"]'])
 
+    def test_frame_lengths_around_the_short_header(self) -> None:
+        """
+        Frames of 0 to 130 payload bytes (short ones framed by the transport
+        itself, longer ones by autobahn) arrive whole as text frames.
+        """
+        client = self.connect()
+        client.received()
+        texts = ["z" * (length - 4) for length in range(4, 131)]  # a["..."]: 4 more
+        for text in texts:
+            self.handlers[0].connection.send(text)
+        frames = client.received()
+        self.assertEqual([opcode for opcode, _ in frames], [TEXT] * len(texts))
+        self.assertEqual([payload for _, payload in frames],
+                         [b'a["' + text.encode() + b'"]' for text in texts])
+        raw = client.transport.value()
+        self.assertIn(b"\x81\x7d" + b'a["' + b"z" * 120 + b'"]', raw)
+        self.assertIn(b"\x81\x7e\x00\x7e" + b'a["' + b"z" * 121 + b'"]', raw)
+
     def test_handler_exception(self) -> None:
         """
         A handler that raises is logged and its session closed with 1011;
