@@ -368,6 +368,14 @@ class SockJSConnection:
             return True
         if not self._held and self._slowed_since is not None and self._budget.is_full():
             self._slowed_since = None
+        if (len(messages) == 1 and not self._held and self._drain_call is None
+                and self._turn_count < DELIVER_PER_TURN and self._budget.allows()):
+            # One message (a keystroke) with nothing before it: handed over
+            # as _drain would, without holding it first.
+            self._count_in_turn()
+            self._budget.charge(_message_bytes(messages[0]))
+            self._deliver(messages)
+            return True
         item = _HeldInput(messages, None)
         self._held.append(item)
         if len(self._held) == 1 and self._drain_call is None:

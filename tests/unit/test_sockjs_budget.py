@@ -170,6 +170,20 @@ class DeliverPerTurnTests(SessionTestsMixin, SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual((len(self.handlers[0].messages), done), (count, [True]))
 
+    def test_single_message_after_a_full_turn_waits(self) -> None:
+        """
+        A single message after a turn's share has been handed over waits
+        for the next turn, behind what is held, in order.
+        """
+        connection = self.open()
+        done: list[bool] = []
+        self.assertFalse(connection._receive(["x"] * (DELIVER_PER_TURN + 1), done.append))
+        self.assertFalse(connection._receive(["last"], done.append))
+        self.assertEqual(len(self.handlers[0].messages), DELIVER_PER_TURN)
+        self.clock.advance(0)
+        self.assertEqual(self.handlers[0].messages[-2:], ["x", "last"])
+        self.assertEqual(done, [True, True])
+
     def test_lone_messages_cost_no_timer(self) -> None:
         """
         A message now and then (a keystroke) is handed over without starting
