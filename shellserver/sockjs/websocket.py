@@ -94,6 +94,7 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     transport_name = ""
     transport: IConnectionTransport
     maxMessagePayloadSize: int  # set by autobahn from the factory's options
+    logOctets: bool  # likewise
     # the client's address: of the upgrade request when the resource built
     # this connection (trusted proxies looked through), else the socket's peer
     client_host: str | None = None
