@@ -22,8 +22,9 @@ against the expected stream. CPU is per MB delivered, split by process:
 the server (twistd / terminado), init (today's relay), the launcher, the console's
 program (IPython and its children), the client (this process) and the whole
 machine (/proc/stat). Then keystroke echo: through a raw-mode read/write
-loop in IPython (``tty.setraw``, one byte in, the same byte out) and at
-IPython's prompt. See bench/README.md for the rows.
+loop in IPython (``tty.setraw``, one byte in, the same byte out), one console
+per target, in rounds taken target after target, and at IPython's prompt.
+See bench/README.md for the rows.
 """
 
 from __future__ import annotations
