@@ -22,8 +22,9 @@ against the expected stream. CPU is per MB delivered, split by process:
 the server (twistd / terminado), init (today's relay), the launcher, the console's
 program (IPython and its children), the client (this process) and the whole
 machine (/proc/stat). Then keystroke echo: through a raw-mode read/write
-loop in IPython (``tty.setraw``, one byte in, the same byte out) and at
-IPython's prompt. See bench/README.md for the rows.
+loop in IPython (``tty.setraw``, one byte in, the same byte out), one console
+per target, in rounds taken target after target, and at IPython's prompt.
+See bench/README.md for the rows.
 """
 
 from __future__ import annotations
@@ -417,29 +418,66 @@ RAW_ECHO = ("import os,tty,termios,time; a=termios.tcgetattr(0); tty.setraw(0); 
             "termios.tcsetattr(0,termios.TCSADRAIN,a)")
 
 
-async def raw_echo(target, count: int, gap: float = 0.003) -> dict:
-    """Echo through a raw-mode loop in IPython: one byte in, the same byte out."""
+ECHO_ROUNDS = 10  # the raw-mode echoes are taken in this many rounds, target after target
+
+
+async def start_raw_echo(target, count: int):
+    """A console of ``target`` running the raw-mode echo loop (``count`` bytes at most)."""
     console = await target.console()
     try:
         await console.quiet(0.2)
         ready = console.expect("RAW READY")
-        console.send_keys(RAW_ECHO.format(count=count + 1) + "\r")
+        console.send_keys(RAW_ECHO.format(count=count) + "\r")
         await ready.wait(10)
         await console.quiet(0.1)
-        samples = []
-        for i in range(count):
-            key = "abcdefghij"[i % 10]
-            arrival = console.expect(key)
-            sent = wire.now()
-            console.send_keys(key)
-            samples.append(await arrival.wait(5) - sent)
-            await asyncio.sleep(gap)
-        prompt = console.expect(wire.PROMPT)
-        console.send_keys("q")
-        await console.wait_prompt(10, prompt)
-    finally:
+    except BaseException:
         await target.finish([console])
-    return {"p50": s.percentile(samples, 50), "p99": s.percentile(samples, 99)}
+        raise
+    return console
+
+
+async def raw_echo_samples(console, count: int, gap: float = 0.003) -> list[float]:
+    """``count`` keystrokes through the raw-mode loop: seconds from send to echo."""
+    samples = []
+    for i in range(count):
+        key = "abcdefghij"[i % 10]
+        arrival = console.expect(key)
+        sent = wire.now()
+        console.send_keys(key)
+        samples.append(await arrival.wait(5) - sent)
+        await asyncio.sleep(gap)
+    return samples
+
+
+async def raw_echo(targets: list, count: int) -> dict[str, dict]:
+    """Echo through a raw-mode loop in IPython (one byte in, the same byte out),
+    one console per target, interleaved: ECHO_ROUNDS rounds of count/ECHO_ROUNDS
+    keystrokes, target after target, so that the machine's other load falls
+    on every target alike."""
+    consoles: dict[str, object] = {}
+    samples: dict[str, list[float]] = {t.label: [] for t in targets}
+    per_round = max(1, count // ECHO_ROUNDS)
+    try:
+        for target in targets:
+            consoles[target.label] = await start_raw_echo(target, count + 1)
+        for _ in range(ECHO_ROUNDS):
+            for target in targets:
+                samples[target.label] += await raw_echo_samples(consoles[target.label],
+                                                                per_round)
+        for target in targets:
+            console = consoles.pop(target.label)
+            prompt = console.expect(wire.PROMPT)
+            console.send_keys("q")
+            try:
+                await console.wait_prompt(10, prompt)
+            finally:
+                await target.finish([console])
+    finally:
+        for target in targets:
+            if target.label in consoles:
+                await target.finish([consoles.pop(target.label)])
+    return {label: {"p50": s.percentile(values, 50), "p99": s.percentile(values, 99)}
+            for label, values in samples.items()}
 
 
 # -- the run and its table ---------------------------------------------------------
@@ -516,9 +554,13 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
                     log(f"{target.label}: {name}, run {i + 1}")
                     results[target.label][name].append(await flood(target, name,
                                                                    *expected[name]))
+        if args.echo:
+            log(f"echo through the raw loop, {ECHO_ROUNDS} rounds over "
+                + ", ".join(labels))
+            raw = await raw_echo(targets, args.echo)
         for target in targets if args.echo else ():
-            log(f"{target.label}: echo (raw loop, then the prompt)")
-            echoes[target.label] = {"raw": await raw_echo(target, args.echo),
+            log(f"{target.label}: echo at the prompt")
+            echoes[target.label] = {"raw": raw[target.label],
                                     "prompt": await s.echo(target, args.echo // 2)}
     finally:
         pty.cleanup()

@@ -32,6 +32,11 @@ log = Logger()
 # Held input is handed to the application at most this many messages per
 # reactor turn, so that one session's backlog never keeps the others waiting.
 DELIVER_PER_TURN = 256
+# The count of messages handed over in a turn is reset by a call on the next
+# turn, started only once this many are counted: a keystroke now and then
+# costs no timer, and the count may include up to this many messages of
+# earlier turns (a turn may then hand over a few fewer, never more).
+COUNTED_BEFORE_TIMER = 32
 
 GO_AWAY = (3000, "Go away!")
 ANOTHER_CONNECTION_OPEN = (2010, "Another connection still open")
@@ -363,6 +368,14 @@ class SockJSConnection:
             return True
         if not self._held and self._slowed_since is not None and self._budget.is_full():
             self._slowed_since = None
+        if (len(messages) == 1 and not self._held and self._drain_call is None
+                and self._turn_count < DELIVER_PER_TURN and self._budget.allows()):
+            # One message (a keystroke) with nothing before it: handed over
+            # as _drain would, without holding it first.
+            self._count_in_turn()
+            self._budget.charge(_message_bytes(messages[0]))
+            self._deliver(messages)
+            return True
         item = _HeldInput(messages, None)
         self._held.append(item)
         if len(self._held) == 1 and self._drain_call is None:
@@ -406,9 +419,9 @@ class SockJSConnection:
     def _count_in_turn(self) -> None:
         # a raw websocket hands over one message per frame, each in its own
         # call: the count spans calls, until the reactor turns
-        if self._turn_count == 0:
-            self._turn_call = self._clock.callLater(0, self._next_turn)
         self._turn_count += 1
+        if self._turn_count >= COUNTED_BEFORE_TIMER and self._turn_call is None:
+            self._turn_call = self._clock.callLater(0, self._next_turn)
 
     def _next_turn(self) -> None:
         self._turn_call = None

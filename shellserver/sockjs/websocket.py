@@ -40,6 +40,7 @@ from .headers import (
     render_text,
 )
 from .options import SockJSOptions
+from .sending import write_through
 from .session import (
     BROKEN_FRAMING,
     MESSAGE_TOO_BIG,
@@ -54,6 +55,9 @@ _PING_WINDOW = 60.0
 
 # a close frame's payload is at most 125 bytes, two of them the code
 _MAX_CLOSE_REASON_BYTES = 123
+# RFC 6455 5.2: a server's final, unmasked text frame of fewer than 126 bytes
+# is these two bytes (FIN and opcode 1; the length) and the payload.
+_SHORT_TEXT_HEADERS = tuple(bytes((0x81, length)) for length in range(126))
 
 log = Logger()
 
@@ -90,6 +94,7 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     transport_name = ""
     transport: IConnectionTransport
     maxMessagePayloadSize: int  # set by autobahn from the factory's options
+    logOctets: bool  # likewise
     # the client's address: of the upgrade request when the resource built
     # this connection (trusted proxies looked through), else the socket's peer
     client_host: str | None = None
@@ -123,6 +128,67 @@ class _SockJSWebSocket(WebSocketServerProtocol):
                               self.client_host, "websocket")
         super().connectionMade()
         disable_nagle(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        # autobahn's adapter logs each read at debug level, formatting the
+        # log's fields before the level is checked: about a fifth of the
+        # websocket's cost per keystroke. The frames go to its parser as
+        # they would after that log, once the short ones at the start of
+        # the read have been taken (_take_short_texts).
+        taken = self._take_short_texts(data)
+        if taken < len(data):
+            self._dataReceived(data[taken:] if taken else data)
+
+    def _take_short_texts(self, data: bytes) -> int:
+        """
+        Hand over the short text messages (keystrokes) that C{data} starts
+        with, each a whole frame, and return how many bytes they took.
+
+        A keystroke is one masked, final text frame of fewer than 126
+        bytes; autobahn's frame parser costs it more than the rest of its
+        way to the console. Such a frame is unmasked and its UTF-8 checked
+        here, and handed to onMessage as autobahn would; anything else (any
+        other frame, a frame split across reads, invalid UTF-8, a fragmented
+        message or a ping awaiting its pong, input held over the budget, a
+        closing connection) stops this, and autobahn's parser takes the
+        rest, as before.
+        """
+        taken, size = 0, len(data)
+        while (size - taken >= 6 and data[taken] == 0x81 and data[taken + 1] & 0x80
+               and self.state == self.STATE_OPEN and not self.data
+               and self.current_frame is None and not self.inside_message
+               and not self._input_held and not self.autoPingTimeoutCall
+               and not self.logFrames and not self.logOctets
+               and self._perMessageCompress is None):
+            length = data[taken + 1] & 0x7F
+            end = taken + 6 + length
+            if length >= 126 or end > size or length > self._max_message_bytes:
+                break
+            payload = data[taken + 6:end]
+            if length:
+                mask = data[taken + 2:taken + 6] * (length // 4 + 1)
+                payload = (int.from_bytes(payload, "big")
+                           ^ int.from_bytes(mask[:length], "big")).to_bytes(length, "big")
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    break  # autobahn fails the connection with 1007
+            taken = end
+            self.onMessage(payload, False)
+        return taken
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # A frame of an open connection leaves in this call when nothing is
+        # queued before it (write_through), instead of on the reactor's next
+        # turn; autobahn's own queue (sync writes, chopped writes, the
+        # octets log) keeps its path. Its per-write debug log is skipped,
+        # as in dataReceived.
+        if (sync or chopsize or self.send_queue or self.logOctets
+                or self.state != self.STATE_OPEN):
+            super().sendData(data, sync, chopsize)
+            return
+        self.trafficStats.outgoingOctetsWireLevel += len(data)
+        write_through(self.transport, data)
 
     def onConnect(self, request: ConnectionRequest) -> None:
         self._origin = request.origin or None
@@ -253,7 +319,12 @@ class _SockJSWebSocket(WebSocketServerProtocol):
     def _send_text(self, payload: bytes) -> bool:
         if self.state != self.STATE_OPEN:
             return False
-        if len(payload) <= self.maxMessagePayloadSize:
+        if len(payload) < len(_SHORT_TEXT_HEADERS):
+            # A keystroke's echo: framed here, as autobahn's sendMessage would
+            # (no compression is negotiated, server frames are not masked),
+            # without its per-message checks and counters.
+            self.sendData(_SHORT_TEXT_HEADERS[len(payload)] + payload)
+        elif len(payload) <= self.maxMessagePayloadSize:
             self.sendMessage(payload)
         else:
             # autobahn applies maxMessagePayloadSize to what it sends as well;

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shellserver.sockjs import SockJSOptions
 from shellserver.sockjs.budget import InputBudget
 from shellserver.sockjs.receiver import MAX_HELD_SENDS
-from shellserver.sockjs.session import DELIVER_PER_TURN
+from shellserver.sockjs.session import COUNTED_BEFORE_TIMER, DELIVER_PER_TURN
 
 # 10 messages and 100 bytes a second, bursts of 5 and 50
 SMALL = SockJSOptions(
@@ -169,6 +169,51 @@ class DeliverPerTurnTests(SessionTestsMixin, SynchronousTestCase):
         self.assertEqual(connection._drain_call.getTime(), self.clock.seconds())
         self.clock.advance(0)
         self.assertEqual((len(self.handlers[0].messages), done), (count, [True]))
+
+    def test_single_message_after_a_full_turn_waits(self) -> None:
+        """
+        A single message after a turn's share has been handed over waits
+        for the next turn, behind what is held, in order.
+        """
+        connection = self.open()
+        done: list[bool] = []
+        self.assertFalse(connection._receive(["x"] * (DELIVER_PER_TURN + 1), done.append))
+        self.assertFalse(connection._receive(["last"], done.append))
+        self.assertEqual(len(self.handlers[0].messages), DELIVER_PER_TURN)
+        self.clock.advance(0)
+        self.assertEqual(self.handlers[0].messages[-2:], ["x", "last"])
+        self.assertEqual(done, [True, True])
+
+    def test_lone_messages_cost_no_timer(self) -> None:
+        """
+        A message now and then (a keystroke) is handed over without starting
+        a call for the next turn.
+        """
+        connection = self.open()
+        calls = len(self.clock.getDelayedCalls())
+        for _ in range(COUNTED_BEFORE_TIMER - 1):
+            self.assertTrue(connection._receive(["k"], lambda delivered: None))
+            self.assertEqual(len(self.clock.getDelayedCalls()), calls)
+            self.clock.advance(0.01)
+        self.assertEqual(len(self.handlers[0].messages), COUNTED_BEFORE_TIMER - 1)
+
+    def test_earlier_messages_never_raise_a_turns_share(self) -> None:
+        """
+        Messages counted in earlier turns may shorten a turn's share, by
+        fewer than COUNTED_BEFORE_TIMER, and never lengthen it.
+        """
+        connection = self.open()
+        for _ in range(COUNTED_BEFORE_TIMER - 1):
+            connection._receive(["k"], lambda delivered: None)
+            self.clock.advance(0.01)
+        before = len(self.handlers[0].messages)
+        self.assertFalse(connection._receive(["x"] * DELIVER_PER_TURN * 2, lambda d: None))
+        share = len(self.handlers[0].messages) - before
+        self.assertLessEqual(share, DELIVER_PER_TURN)
+        self.assertGreater(share, DELIVER_PER_TURN - COUNTED_BEFORE_TIMER)
+        # the next turn starts a count of its own
+        self.clock.advance(0)
+        self.assertEqual(len(self.handlers[0].messages) - before, DELIVER_PER_TURN * 2)
 
 
 class WebSocketBudgetTests(WebSocketTestsMixin, SynchronousTestCase):

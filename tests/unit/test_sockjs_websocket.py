@@ -3,6 +3,7 @@ Tests for the websocket transports of shellserver.sockjs: autobahn's
 twisted.web integration over a StringTransport, frames built by hand.
 """
 
+import json
 import struct
 
 from attrs import define, field
@@ -20,6 +21,8 @@ from shellserver.sockjs import SockJSConnection, SockJSOptions, SockJSResource
 TEXT = 0x1
 BINARY = 0x2
 CLOSE = 0x8
+PING = 0x9
+PONG = 0xA
 
 
 class NoDelayTransport(StringTransport):
@@ -49,6 +52,20 @@ def client_frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
     else:
         header = struct.pack("!BBQ", first, 0x80 | 127, length)
     return header + b"\x00\x00\x00\x00" + payload
+
+
+def masked_frame(payload: bytes, mask: bytes = b"\x5a\xc3\x0f\x96", opcode: int = TEXT,
+                 fin: bool = True, masked: bool = True) -> bytes:
+    """
+    A client frame of fewer than 126 payload bytes with a real mask (or
+    none, which clients must not send).
+    """
+    assert len(payload) < 126
+    first = (0x80 if fin else 0) | opcode
+    if not masked:
+        return struct.pack("!BB", first, len(payload)) + payload
+    body = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return struct.pack("!BB", first, 0x80 | len(payload)) + mask + body
 
 
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:
@@ -320,6 +337,91 @@ class FramedWebSocketTests(WebSocketTestsMixin, SynchronousTestCase):
         self.handlers[0].connection.send(big)
         self.assertEqual(client.texts(), [b'a["' + big.encode() + b'"]'])
 
+    def test_frame_lengths_around_the_short_header(self) -> None:
+        """
+        Frames of 0 to 130 payload bytes (short ones framed by the transport
+        itself, longer ones by autobahn) arrive whole as text frames.
+        """
+        client = self.connect()
+        client.received()
+        texts = ["z" * (length - 4) for length in range(4, 131)]  # a["..."]: 4 more
+        for text in texts:
+            self.handlers[0].connection.send(text)
+        frames = client.received()
+        self.assertEqual([opcode for opcode, _ in frames], [TEXT] * len(texts))
+        self.assertEqual([payload for _, payload in frames],
+                         [b'a["' + text.encode() + b'"]' for text in texts])
+        raw = client.transport.value()
+        self.assertIn(b"\x81\x7d" + b'a["' + b"z" * 120 + b'"]', raw)
+        self.assertIn(b"\x81\x7e\x00\x7e" + b'a["' + b"z" * 121 + b'"]', raw)
+
+    def test_short_frames_in_one_read(self) -> None:
+        """
+        Short masked text frames (keystrokes, any UTF-8), a frame of 126
+        bytes and a ping read at once are all taken, in order.
+        """
+        client = self.connect()
+        client.received()
+        texts = ["i" + key for key in ("a", "\u00e9", "\u20ac", "\U0001f600", "\x00")]
+        long_text = "i" + "y" * 119  # 126 bytes as ["..."]
+        data = b"".join(masked_frame(json.dumps([text]).encode(), mask=bytes((n, 7, 255, n)))
+                        for n, text in enumerate(texts))
+        data += client_frame(json.dumps([long_text]).encode())
+        data += masked_frame(b"p!", opcode=PING)
+        data += masked_frame(b'["last"]')
+        client.protocol.dataReceived(data)
+        self.assertEqual(self.handlers[0].messages, [*texts, long_text, "last"])
+        frames = client.received()
+        self.assertIn((PONG, b"p!"), frames)
+        self.assertEqual(len([f for f in frames if f[0] == TEXT]), len(texts) + 2)
+
+    def test_short_frame_split_across_reads(self) -> None:
+        """
+        A short frame that arrives a byte at a time is delivered once, whole.
+        """
+        client = self.connect()
+        frame = masked_frame(b'["split"]')
+        for index in range(len(frame)):
+            client.protocol.dataReceived(frame[index:index + 1])
+        client.protocol.dataReceived(masked_frame(b'["next"]'))
+        self.assertEqual(self.handlers[0].messages, ["split", "next"])
+
+    def test_short_frame_invalid_utf8(self) -> None:
+        """
+        A short text frame that is not UTF-8 fails the websocket with 1007
+        and is not delivered.
+        """
+        client = self.connect()
+        client.received()
+        client.protocol.dataReceived(masked_frame(b'["\xff"]'))
+        self.assertEqual(self.handlers[0].messages, [])
+        self.assertEqual([(opcode, payload[:2]) for opcode, payload in client.received()],
+                         [(CLOSE, struct.pack("!H", 1007))])
+
+    def test_short_frame_unmasked(self) -> None:
+        """
+        An unmasked short frame is a protocol violation (1002), not a message.
+        """
+        client = self.connect()
+        client.received()
+        client.protocol.dataReceived(masked_frame(b'["a"]', masked=False))
+        self.assertEqual(self.handlers[0].messages, [])
+        self.assertEqual([(opcode, payload[:2]) for opcode, payload in client.received()],
+                         [(CLOSE, struct.pack("!H", 1002))])
+
+    def test_short_frame_inside_fragmented_message(self) -> None:
+        """
+        A whole text frame while a fragmented message is open is a protocol
+        violation (1002), as autobahn has it.
+        """
+        client = self.connect()
+        client.received()
+        client.protocol.dataReceived(masked_frame(b'["par', fin=False))
+        client.protocol.dataReceived(masked_frame(b'["b"]'))
+        self.assertEqual(self.handlers[0].messages, [])
+        self.assertEqual([(opcode, payload[:2]) for opcode, payload in client.received()],
+                         [(CLOSE, struct.pack("!H", 1002))])
+
     def test_handler_exception(self) -> None:
         """
         A handler that raises is logged and its session closed with 1011;
@@ -363,6 +465,15 @@ class RawWebSocketTests(WebSocketTestsMixin, SynchronousTestCase):
         self.assertEqual(self.handlers[0].messages, ["Hello world!\uffff"])
         self.assertEqual(client.texts(), ["Hello world!\uffff".encode()])
         self.assertEqual(self.handlers[0].connection.transport_name, "websocket-raw")
+
+    def test_short_masked_messages(self) -> None:
+        """
+        Short masked messages read at once are each one message, in order.
+        """
+        client = self.connect("/sockjs/websocket")
+        texts = ["a", "\u00e9t\u00e9", "", "z" * 125]
+        client.protocol.dataReceived(b"".join(masked_frame(text.encode()) for text in texts))
+        self.assertEqual(self.handlers[0].messages, texts)
 
     def test_no_heartbeat_frames(self) -> None:
         """
