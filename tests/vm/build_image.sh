@@ -26,7 +26,7 @@ fi
 # The guest's packages: systemd and the distribution kernel, ssh for the
 # tests, and what setup.sh would install (so that it finds them present).
 packages=systemd,systemd-sysv,udev,dbus,linux-image-amd64,openssh-server,iproute2,procps,
-packages+=python3,python3-venv,python3-dev,ca-certificates,rsync
+packages+=python3,python3-venv,python3-dev,ca-certificates,rsync,gcc,libc6-dev
 # The base is keyed by what debootstrap and the guest's configuration put in
 # it; bump the recipe when build_base changes. The project itself is
 # (re)installed on top at every `image` with setup.sh, which skips what is
