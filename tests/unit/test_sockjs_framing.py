@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shellserver.sockjs import SockJSOptions
 from shellserver.sockjs.framing import (
     BROKEN_JSON,
+    LONG_LINE,
     PAYLOAD_EXPECTED,
     BrokenPayload,
     InvalidCallback,
@@ -84,6 +85,17 @@ class EncodeMessageTests(SynchronousTestCase):
         self.assertEqual(json.loads(encode_message(text)), text)
         self.assertEqual(encode_message(text), json.dumps(text).encode())
         self.assertEqual(json.loads(encode_message(text + "\x7f")), text + "\x7f")
+
+    def test_long_and_short_lines_encode_as_json_does(self) -> None:
+        """
+        ASCII output of long lines (orjson's) and of short ones (ujson's),
+        every ASCII character but DEL among them, is json's encoding.
+        """
+        characters = "".join(chr(code) for code in range(127))
+        long_lines = ("x" * LONG_LINE * 2 + characters + "\r\n") * 40
+        short_lines = "".join(f"{i}\r\n" for i in range(2000)) + characters
+        for text in (long_lines, short_lines, characters, "x"):
+            self.assertEqual(encode_message(text), json.dumps(text).encode(), text[:40])
 
     def test_escape_is_lowercase_hex(self) -> None:
         """
