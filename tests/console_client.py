@@ -327,10 +327,14 @@ class ConsoleClient:
                 return message[1:]
         return None
 
+    def has_started(self) -> bool:
+        """Whether the server said the console started (ready or resumed)."""
+        return any(m in ("sready", "sresumed") for m in self.messages)
+
     def close(self) -> None:
         """Close the console as the page's close button does: ``q`` ends it at
         once (a lost connection would leave it waiting for a reattach)."""
-        if not self.closed and any(m in ("sready", "sresumed") for m in self.messages):
+        if not self.closed and self.has_started():
             try:
                 self.send("q")
             except Exception:

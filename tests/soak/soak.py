@@ -182,22 +182,17 @@ class SoakClient(ConsoleClient):
         while not self.closed and time.monotonic() < deadline:
             self.pump(min(0.2, max(0.01, deadline - time.monotonic())))
 
+    def has_started(self) -> bool:
+        # Remembered apart from the message list, which is bounded here.
+        return self.started
+
     def close(self) -> None:
         """Close like a browser: the close handshake, then the TCP connection.
 
         websocket-client's close() does nothing once a close frame has been
         received (the server ended the console), leaving the socket open.
         """
-        # ConsoleClient.close, with the console's start remembered apart from
-        # the bounded message list: ``q`` ends the console at once instead of
-        # leaving it to wait out its reattach grace, holding a slot.
-        if not self.closed and self.started:
-            try:
-                self.send("q")
-            except Exception:
-                pass
-        self.wire.close()
-        self.closed = True
+        super().close()  # ``q`` first: it ends the console, which frees its slot
         self.ws.shutdown()
 
     def abort(self) -> None:
