@@ -7,6 +7,8 @@ import json
 import struct
 
 from attrs import define, field
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
@@ -534,3 +536,62 @@ class SessionLimitTests(WebSocketTestsMixin, SynchronousTestCase):
             [(CLOSE, struct.pack("!H", 1013) + b"Too many sessions from your address")],
         )
         self.assertEqual(len(self.handlers), 1)
+
+
+# Any short client frame: a text frame most often (a keystroke), with any
+# payload bytes (UTF-8 or not), any mask, sometimes unmasked, unfinished, or
+# another opcode, as a hostile client may send them; and text frames around
+# the short header's limit of 125 bytes.
+SHORT_FRAMES = st.lists(st.builds(
+    lambda payload, mask, opcode, fin, masked: masked_frame(
+        payload, mask=mask, opcode=opcode, fin=fin, masked=masked),
+    st.one_of(st.binary(max_size=125),
+              st.text(max_size=30).map(lambda t: json.dumps([t]).encode()[:125])),
+    st.binary(min_size=4, max_size=4),
+    st.sampled_from([TEXT, TEXT, TEXT, 0x0, BINARY, PING, 0x3]),
+    st.sampled_from([True, True, True, False]),
+    st.sampled_from([True, True, True, False]),
+) | st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=120,
+          max_size=130).map(lambda t: client_frame(t.encode())), max_size=8)
+
+
+SHORT_FRAME_PROPERTY = settings(
+    max_examples=300, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+class ShortFrameParserTests(WebSocketTestsMixin, SynchronousTestCase):
+    """The transport's own parser of short text frames (keystrokes) against
+    autobahn's: whatever a client sends, the same messages are delivered and
+    the same frames (echoes, close codes) come back."""
+
+    @SHORT_FRAME_PROPERTY
+    @given(frames=SHORT_FRAMES, cuts=st.lists(st.integers(0, 1200), max_size=3))
+    def test_any_short_frames_on_a_raw_websocket(self, frames, cuts):
+        """Any run of short frames on a raw websocket, read at once or cut
+        anywhere, gives the messages and replies autobahn's parser alone gives."""
+        self.assert_parsed_as_autobahn_does("/sockjs/websocket", frames, cuts)
+
+    @SHORT_FRAME_PROPERTY
+    @given(frames=SHORT_FRAMES, cuts=st.lists(st.integers(0, 1200), max_size=3))
+    def test_any_short_frames_on_a_framed_websocket(self, frames, cuts):
+        """The same on a SockJS framed websocket."""
+        self.assert_parsed_as_autobahn_does("/sockjs/000/s1/websocket", frames, cuts)
+
+    def assert_parsed_as_autobahn_does(self, path, frames, cuts):
+        data = b"".join(frames)
+        bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+        results = []
+        for parse in ("transport", "autobahn"):
+            self.handlers.clear()
+            client = self.connect(path)
+            client.received()
+            read = (client.protocol.dataReceived if parse == "transport"
+                    else client.protocol._dataReceived)
+            for start, end in zip(bounds, bounds[1:], strict=False):
+                if client.transport.disconnecting:
+                    break
+                read(data[start:end])
+            results.append((self.handlers[0].messages, client.received()))
+            client.lose_connection()
+        self.assertEqual(results[0], results[1])
