@@ -95,8 +95,11 @@ class SandboxSpec:
     output: str = ""
     # The sandbox's /dev: PTYs of its devpts, bytes and inodes of /dev/shm.
     dev: Mapping[str, int] = field(factory=dict)
-    # What the launcher and init exec once the sandbox runs (waiter.c).
-    waiter: str = ""
+
+    @property
+    def waiter(self) -> str:
+        """What the launcher and init exec once the sandbox runs (waiter.c)."""
+        return waiter_path(self.runtime)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -242,5 +245,4 @@ def build_spec(
         output=output,
         dev={"pts_max": limits.max_ptys, "shm_bytes": SHM_BYTES,
              "shm_inodes": inodes_for(SHM_BYTES)},
-        waiter=waiter_path(runtime),
     )
