@@ -372,9 +372,7 @@ class SockJSConnection:
                 and self._turn_count < DELIVER_PER_TURN and self._budget.allows()):
             # One message (a keystroke) with nothing before it: handed over
             # as _drain would, without holding it first.
-            self._count_in_turn()
-            self._budget.charge(_message_bytes(messages[0]))
-            self._deliver(messages)
+            self._hand_over(messages[0])
             return True
         item = _HeldInput(messages, None)
         self._held.append(item)
@@ -406,15 +404,20 @@ class SockJSConnection:
                     return
                 text = item.messages[item.delivered]
                 item.delivered += 1
-                self._count_in_turn()
-                self._budget.charge(_message_bytes(text))
-                self._deliver([text])
+                self._hand_over(text)
                 if self._state is not _State.OPEN:
                     # ending the session dropped what was held
                     return
             self._held.popleft()
             if item.done is not None:
                 item.done(True)
+
+    def _hand_over(self, text: str) -> None:
+        """One message to the application, counted in this turn and charged
+        to the input budget."""
+        self._count_in_turn()
+        self._budget.charge(_message_bytes(text))
+        self._deliver([text])
 
     def _count_in_turn(self) -> None:
         # a raw websocket hands over one message per frame, each in its own
