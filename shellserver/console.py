@@ -310,7 +310,7 @@ class ConsoleSession:
     # For the metrics: when the token was redeemed, whether the sandbox came
     # from the warm pool, and the first reason the console was ended for.
     _start_time: float | None = None
-    _start_source: str = "cold"
+    _start_source: str | None = None  # "cold" or "pool", once start() returned
     _end_reason: str | None = None
     # Reattach: the registry of secrets, the output sent and not yet
     # acknowledged (chunks of (units, text) from the count _retained_from on),
@@ -748,12 +748,15 @@ class ConsoleSession:
             self.state = "running"
             self._connection.send("sready")
             self._issue_secret()
+            # A console from the warm pool may be at its prompt already and
+            # hand its output over within start(), before start() returned
+            # its source: the starter's own word is current then.
+            source: str = (self._start_source if self._start_source is not None
+                           else getattr(self._sandboxes, "last_source", "cold"))
             log.info("console {console} started for {user} from {client} over {transport}",
-                     source=self._start_source,
-                     **self._lifecycle_fields("console_started"))
+                     source=source, **self._lifecycle_fields("console_started"))
             if self._metrics is not None and self._start_time is not None:
-                self._metrics.console_started(self._start_source,
-                                              self._clock.seconds() - self._start_time)
+                self._metrics.console_started(source, self._clock.seconds() - self._start_time)
         text = self._decoder.decode(data)
         if text and self.state != "ended":
             self._queue_output(text)

@@ -164,6 +164,21 @@ class ConsoleMetricsTests(SynchronousTestCase):
         self.assertEqual(self.value("shellserver_sandbox_failures_total", stage="unavailable"),
                          1)
 
+    def test_start_from_a_pool_console_at_its_prompt(self):
+        """A pooled console already at its prompt hands its output over within
+        the start: it still counts as a pool start, not a cold one."""
+        pool = SandboxPool(self.starter, self.clock, 1, metrics=self.metrics)
+        pool.start_filling()
+        self.clock.advance(0)
+        self.starter.started[0].events.output(PROMPT)
+        self.factory = ConsoleFactory(self.clock, self.tokens, pool, SETTINGS,
+                                      self.admission, metrics=self.metrics)
+        connection, session = self.open()
+        session.message_received(
+            "a" + self.tokens.mint(user_id="u1", origin=ORIGIN, client_address=CLIENT))
+        self.assertEqual(self.value("shellserver_consoles_started_total", source="pool"), 1)
+        self.assertEqual(self.value("shellserver_consoles_started_total", source="cold"), 0)
+
     def test_output_bytes_and_pauses_counted(self):
         """Output bytes are counted, and a flow-control pause counts under who asked."""
         connection, session, sandbox = self.running()
