@@ -31,7 +31,8 @@ say() { printf '==> %s\n' "$*"; }
 # 1. Debian packages.
 # nano: the consoles' editor for IPython's %edit and F2 (bound from /usr).
 # gcc, libc6-dev: the runtime's build compiles its waiter (waiter.c), static.
-packages=(python3 python3-venv python3-dev ca-certificates nano gcc libc6-dev)
+# socat: bench/efficiency.py's relay in C, the floor under any server (bench/README.md).
+packages=(python3 python3-venv python3-dev ca-certificates nano gcc libc6-dev socat)
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 if [ "$mode" = test ]; then
   packages+=(chromium fonts-dejavu-core)

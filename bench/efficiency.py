@@ -32,11 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import codecs
 import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +53,7 @@ import scenarios as s  # noqa: E402
 import server as bench_server  # noqa: E402
 import wire  # noqa: E402
 
-from shellserver.sandbox.spec import console_env  # noqa: E402
+from shellserver.sandbox.spec import console_argv, console_env  # noqa: E402
 
 # This bench's own uids, apart from run.py's (240000-240499) and the tests'.
 bench_server.UID_MIN, bench_server.UID_MAX = 250000, 250499
@@ -355,6 +358,149 @@ class TerminadoTarget(s.Target):
             self.process.wait(5)
 
 
+class RelayConsole(wire.Terminal):
+    """The same IPython on a PTY behind socat: a relay in C between one TCP
+    connection and the PTY, which does nothing else (no websocket, no framing,
+    no acknowledgements, no sandbox). What it costs is the floor under any
+    server that carries a PTY to a socket, on this machine."""
+
+    def __init__(self, home: Path, log: Path) -> None:
+        super().__init__()
+        self.home, self.log = home, log
+        self.name = "socat relay"
+        self.process: subprocess.Popen | None = None
+        self.transport: asyncio.Transport | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    async def open(self, cols: int = 100, rows: int = 30, timeout: float = 30.0) -> float:
+        """socat on a free port; connect (it then spawns IPython on a fresh PTY,
+        its controlling terminal): the seconds from connect to the first prompt."""
+        script = self.home / f"console-{cols}x{rows}.sh"
+        if not script.exists():
+            # the terminal's size, as the other targets set it, then the console
+            script.write_text(f"#!/bin/sh\n/bin/stty rows {rows} cols {cols}\n"
+                              f"exec {shlex.join(console_argv(bench_server.RUNTIME))}\n")
+            script.chmod(0o755)
+        env = console_env(bench_server.RUNTIME, os.getuid())
+        env.update(HOME=str(self.home), IPYTHONDIR=f"{self.home}/.ipython",
+                   MPLCONFIGDIR=str(self.home))
+        port = bench_server.free_port()
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,nodelay",
+                 f"EXEC:{script},pty,setsid,ctty,stderr"],
+                env=env, cwd=self.home, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + 10
+        while self.transport is None:
+            try:
+                self.transport, _ = await loop.create_connection(
+                    lambda: _RelayProtocol(self), "127.0.0.1", port)
+            except ConnectionRefusedError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"socat did not listen on port {port} "
+                                       f"(its log: {self.log})") from None
+                await asyncio.sleep(0.01)
+        expectation = self.expect(wire.PROMPT)
+        start = wire.now()
+        return await self.wait_prompt(timeout, expectation) - start
+
+    def _received(self, data: bytes) -> None:
+        text = self._decoder.decode(data)
+        if text:
+            self._output(text)
+
+    def send_keys(self, text: str) -> None:
+        self.transport.write(text.encode("utf-8"))
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Drop the connection: socat closes the PTY, and IPython gets SIGHUP."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._ended("closed by us")
+
+
+class _RelayProtocol(asyncio.Protocol):
+    def __init__(self, console: RelayConsole) -> None:
+        self.console = console
+
+    def data_received(self, data: bytes) -> None:
+        self.console._received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.console._ended("relay closed")
+
+
+class RelayTarget(s.Target):
+    """Consoles behind socat (Debian's package), one socat per console."""
+
+    name = "socat"
+    label = "socat relay"
+
+    def __init__(self, tmp: Path) -> None:
+        if shutil.which("socat") is None:
+            raise RuntimeError("socat is missing: apt-get install socat (./setup.sh install "
+                               "installs it)")
+        self.home = tmp / "relay-home"
+        self.home.mkdir()
+        self.log = tmp / "socat.log"
+        self.live: list[RelayConsole] = []
+
+    async def console(self, source: str | None = None) -> wire.Terminal:
+        console = RelayConsole(self.home, self.log)
+        self.live.append(console)
+        try:
+            console.open_seconds = await console.open()
+        except BaseException:
+            console.close()
+            raise
+        return console
+
+    def roles(self, console: RelayConsole) -> Roles:
+        pid = console.process.pid
+        tree = [p for p, _ in descendants(pid, children_map())]
+        return Roles({"server": [pid], "console": tree})
+
+    async def settle(self, timeout: float = 20.0) -> None:
+        """Until every closed console's socat and IPython have gone (killed at
+        the deadline)."""
+        deadline = time.monotonic() + timeout
+        for console in [c for c in self.live if c.closed.done()]:
+            tree = [console.process.pid] + [
+                p for p, _ in descendants(console.process.pid, children_map())]
+            while console.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            while any(os.path.exists(f"/proc/{p}") for p in tree[1:]) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            self._kill(console, tree)
+            self.live.remove(console)
+
+    def _kill(self, console: RelayConsole, tree: list[int]) -> None:
+        """Kill what of ``tree`` still runs (socat first), and reap socat."""
+        for pid in tree:
+            if os.path.exists(f"/proc/{pid}"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        console.process.wait(5)
+
+    def cleanup(self) -> None:
+        for console in self.live:
+            console.close()
+            if console.process is not None:
+                self._kill(console, [console.process.pid] + [
+                    p for p, _ in descendants(console.process.pid, children_map())])
+        self.live.clear()
+
+
 # -- measurements ----------------------------------------------------------------
 
 
@@ -524,14 +670,17 @@ def start_server(tmp: Path, uid_min: int, source: Path | None):
 async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
     notes: list[str] = []
     pty = PtyTarget()
+    relay = RelayTarget(tmp)
     log("starting terminado and shellserver (this checkout, and the baseline)")
     peer = TerminadoTarget(tmp)
-    targets: list = [pty, peer]
+    targets: list = [pty, relay, peer]
+    today = None
     if args.baseline:
         source = export_revision(args.baseline, tmp / "baseline-source")
         srv = start_server(tmp / "baseline", args.uid_min + UIDS_PER_SERVER, source)
         servers.append(srv)
-        targets.append(ShellserverTarget(srv, False, f"today ({args.baseline})",
+        today = f"today ({args.baseline})"
+        targets.append(ShellserverTarget(srv, False, today,
                                          (args.uid_min + UIDS_PER_SERVER,
                                           args.uid_min + 2 * UIDS_PER_SERVER - 1)))
         targets[-1].framed = args.framed
@@ -564,51 +713,55 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
                                     "prompt": await s.echo(target, args.echo // 2)}
     finally:
         pty.cleanup()
+        relay.cleanup()
         peer.cleanup()
     log("stopping the servers")
     for srv in servers:
         srv.stop()
 
-    today = labels[2] if len(labels) == 4 else None
+    # The last ratio column is the C relay's own, against the goal's reference:
+    # the floor of what any server reaches on this machine.
     header = ["row", *labels, "shellserver / PTY", "shellserver / terminado",
-              "shellserver / today", "goal"]
+              "shellserver / today", "socat relay, same ratio", "goal"]
     rows = [header]
 
     for name in workloads:
         med = {label: median_run(results[label][name]) for label in results}
-        p, t, o = med["raw PTY"], med["terminado"], med["shellserver"]
+        p, r, t, o = (med[label] for label in ("raw PTY", "socat relay", "terminado",
+                                               "shellserver"))
         b = med[today] if today else None
         mb = p["expected"] / 1e6
         goal = ">= 0.9x PTY" if name != "blocks" else ">= today"
         rows.append([f"{name} ({mb:.0f} MB): MB/s",
                      *(f"{med[label]['mb_per_s']:.1f}" for label in labels),
                      ratio(o["mb_per_s"], p["mb_per_s"]), ratio(o["mb_per_s"], t["mb_per_s"]),
-                     ratio(o["mb_per_s"], b["mb_per_s"]) if b else "—", goal])
+                     ratio(o["mb_per_s"], b["mb_per_s"]) if b else "—",
+                     ratio(r["mb_per_s"], p["mb_per_s"]), goal])
         rows.append([f"{name}: CPU ms/MB outside the console's program",
                      *("—" if label == "raw PTY" else f"{med[label]['cpu']['outside']:.1f}"
                        for label in labels), "",
                      ratio(o["cpu"]["outside"], t["cpu"]["outside"]),
                      ratio(o["cpu"]["outside"], b["cpu"]["outside"]) if b else "—",
-                     "<= 0.5x terminado"])
+                     ratio(r["cpu"]["outside"], t["cpu"]["outside"]), "<= 0.5x terminado"])
         for role in ("server", "relay", "launcher", "console", "client", "machine"):
             shown = "init (relay today)" if role == "relay" else role
             rows.append([f"  {name}: CPU ms/MB, {shown}",
                          *(f"{med[label]['cpu'][role]:.1f}" if role in med[label]["cpu"]
-                           else "—" for label in labels), "", "", "", ""])
+                           else "—" for label in labels), "", "", "", "", ""])
         for role in ("console", "relay", "server"):
             rows.append([f"  {name}: {'init' if role == 'relay' else role} "
                          "wake-ups / reads / writes per MB",
                          *("/".join(f"{v:.0f}" for v in med[label]["calls"][role])
                            if role in med[label]["calls"] else "—" for label in labels),
-                         "", "", "", ""])
+                         "", "", "", "", ""])
         rows.append([f"  {name}: messages to the client per MB",
                      *(f"{med[label]['messages'] / mb:.0f}" for label in labels),
-                     "", "", "", ""])
+                     "", "", "", "", ""])
         verified = {label: all(r["error"] is None and r["bytes"] == r["expected"]
                                for r in results[label][name]) for label in results}
         rows.append([f"  {name}: bytes verified (count + sha256, every run)",
                      *("exact" if verified[label] else "WRONG" for label in labels),
-                     "", "", "", "exact"])
+                     "", "", "", "", "exact"])
         for label in results:
             errors = [r["error"] for r in results[label][name] if r["error"]]
             if errors:
@@ -617,13 +770,15 @@ async def run(args, tmp: Path, servers: list) -> tuple[str, list[str]]:
                          + ", ".join(f"{r['mb_per_s']:.1f}" for r in results[label][name]))
     kinds = (("raw", "raw-mode echo loop"), ("prompt", "echo at the prompt"))
     for kind, what in kinds if echoes else ():
-        p, t, o = (echoes[label][kind] for label in ("raw PTY", "terminado", "shellserver"))
+        p, r, t, o = (echoes[label][kind] for label in ("raw PTY", "socat relay", "terminado",
+                                                        "shellserver"))
         b = echoes[today][kind] if today else None
         for q, goal in (("p50", "<= 2x PTY"), ("p99", "<= 3x PTY")):
             rows.append([f"{what} {q} (ms)",
                          *(f"{echoes[label][kind][q] * 1000:.2f}" for label in labels),
                          ratio(o[q], p[q]), ratio(o[q], t[q]),
-                         ratio(o[q], b[q]) if b else "—", goal if kind == "raw" else ""])
+                         ratio(o[q], b[q]) if b else "—", ratio(r[q], p[q]),
+                         goal if kind == "raw" else ""])
     return render(rows), notes
 
 
