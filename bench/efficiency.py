@@ -6,8 +6,9 @@
 Five targets, the same IPython behind each (the runtime's, with the argv
 and environment of shellserver.sandbox.spec): a raw PTY read by this process
 (no server), socat relaying the PTY to a TCP connection (a relay in C that
-does nothing else: the floor under any server on this machine), terminado (bench/terminado_peer.py: a fresh PTY per websocket,
-installed with the `bench` extra), shellserver at ``--baseline`` (default
+does nothing else: the floor under any server on this machine), terminado
+(bench/terminado_peer.py: a fresh PTY per websocket, installed with the
+`bench` extra), shellserver at ``--baseline`` (default
 main: "today", exported with git archive and run from there) and this
 checkout's shellserver (twistd on loopback, plain TCP, read by bench/wire.py
 acknowledging as the page does; uids from ``--uid-min``, 250 per server).
