@@ -333,13 +333,7 @@ class TerminadoTarget(s.Target):
                                "installed? pip install -e '.[bench]')")
 
     async def console(self, source: str | None = None) -> wire.Terminal:
-        console = TerminadoConsole(self.port)
-        try:
-            console.open_seconds = await console.open()
-        except BaseException:
-            console.close()
-            raise
-        return console
+        return await s.opened(TerminadoConsole(self.port))
 
     def roles(self, console: TerminadoConsole) -> Roles:
         children = children_map()
@@ -457,12 +451,7 @@ class RelayTarget(s.Target):
     async def console(self, source: str | None = None) -> wire.Terminal:
         console = RelayConsole(self.home, self.log)
         self.live.append(console)
-        try:
-            console.open_seconds = await console.open()
-        except BaseException:
-            console.close()
-            raise
-        return console
+        return await s.opened(console)
 
     def roles(self, console: RelayConsole) -> Roles:
         pid = console.process.pid

@@ -66,6 +66,17 @@ def cpu_self() -> float:
 # -- targets -------------------------------------------------------------------
 
 
+async def opened(console: wire.Terminal) -> wire.Terminal:
+    """``console`` at its first prompt (``open_seconds`` set), or closed and
+    the error raised."""
+    try:
+        console.open_seconds = await console.open()
+    except BaseException:
+        console.close()
+        raise
+    return console
+
+
 class Target:
     name = "?"
     server: BenchServer | None = None
@@ -99,14 +110,9 @@ class WireTarget(Target):
         self.name = "tls" if tls else "tcp"
 
     async def console(self, source: str | None = None) -> wire.Terminal:
-        console = wire.WireConsole("127.0.0.1", self.port, tls=self.tls, source=source,
-                                   name=f"{self.name} console", framed=self.framed)
-        try:
-            console.open_seconds = await console.open()
-        except BaseException:
-            console.close()
-            raise
-        return console
+        return await opened(wire.WireConsole("127.0.0.1", self.port, tls=self.tls,
+                                             source=source, name=f"{self.name} console",
+                                             framed=self.framed))
 
     def flooder_args(self) -> list[str]:
         return ["--port", str(self.port)] + (["--cert", self.server.cert] if self.tls else [])
