@@ -121,7 +121,15 @@ class XhrSession:
     def _poll(self) -> None:
         deadline = time.monotonic() + 120  # bounded, whatever happens
         while not self.ended and time.monotonic() < deadline:
-            _, body = self.post("xhr", b"")
+            try:
+                _, body = self.post("xhr", b"")
+            except (OSError, http.client.HTTPException) as e:
+                # A poll still open when the test ends meets the server going
+                # away; before that, the failure shows in the assertions' output.
+                if not self.ended:
+                    self.output += f"\n[the xhr poll failed: {e!r}]"
+                    self.ended = True
+                return
             for line in body.split(b"\n"):
                 if line.startswith(b"a"):
                     self.output += "".join(m[1:] for m in json.loads(line[1:])
