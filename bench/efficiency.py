@@ -190,6 +190,19 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def reaped_ns(pid: int) -> int:
+    """CPU time of the children ``pid`` has waited for (``cutime`` + ``cstime``
+    of /proc/PID/stat, in nanoseconds; 0 if gone): a pipeline's processes,
+    which IPython's ``!`` starts after the roles are listed and has reaped by
+    DONE."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) * 10**9 // bench_server.CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def activity(pid: int) -> tuple[int, int, int]:
     """(wake-ups, read calls, write calls) of ``pid`` so far, (0, 0, 0) if gone.
 
@@ -214,7 +227,10 @@ class Roles:
         self.roles = roles
 
     def sample(self) -> dict[str, int]:
-        return {role: sum(cpu_ns(pid) for pid in pids) for role, pids in self.roles.items()}
+        """On-CPU ns by role; the console's includes the children it has reaped."""
+        return {role: sum(cpu_ns(pid) + (reaped_ns(pid) if role == "console" else 0)
+                          for pid in pids)
+                for role, pids in self.roles.items()}
 
     def counts(self) -> dict[str, tuple[int, int, int]]:
         return {role: tuple(sum(c) for c in zip(*(activity(pid) for pid in pids),
